@@ -1,0 +1,424 @@
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use super::{EngineError, Result};
+
+/// Largest safetensors header nomoat reads (the JSON index of tensors).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;
+
+/// How quantized weights are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WeightMode {
+    /// Keep formats that have a fast CPU kernel (Q4_0, Q8_0, Q2_K..Q6_K);
+    /// repack the others (Q4_1, Q5_0, Q5_1, Q5_K, Q8_1) into Q8_0 at load time.
+    #[default]
+    Fast,
+    /// Keep every tensor in the format the file stores it in.
+    Exact,
+}
+
+impl std::str::FromStr for WeightMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fast" => Ok(Self::Fast),
+            "exact" => Ok(Self::Exact),
+            other => Err(format!("unknown weight mode `{other}`: use fast or exact")),
+        }
+    }
+}
+
+/// A weight as read from the file, before it becomes a layer.
+#[derive(Debug)]
+pub(crate) enum RawWeight {
+    /// A GGUF tensor (any ggml type).
+    Quant(QTensor),
+    /// A safetensors tensor, converted to f32.
+    Dense(Tensor),
+}
+
+impl RawWeight {
+    pub(crate) fn dims(&self) -> &[usize] {
+        match self {
+            Self::Quant(q) => q.shape().dims(),
+            Self::Dense(t) => t.dims(),
+        }
+    }
+
+    /// The weight as an f32 tensor.
+    pub(crate) fn dequantize(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Quant(q) => q.dequantize(&Device::Cpu)?,
+            Self::Dense(t) => t.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct SafetensorEntry {
+    file: usize,
+    dtype: String,
+    shape: Vec<usize>,
+    start: u64,
+    end: u64,
+}
+
+#[derive(Debug)]
+enum Backing {
+    Gguf {
+        content: gguf_file::Content,
+        file: Mutex<File>,
+    },
+    Safetensors {
+        files: Vec<(PathBuf, Mutex<File>)>,
+        entries: HashMap<String, SafetensorEntry>,
+        dir: PathBuf,
+    },
+}
+
+/// An opened model: its config and a way to read any tensor by name,
+/// without loading anything up front.
+#[derive(Debug)]
+pub struct ModelFile {
+    path: PathBuf,
+    config: ModelConfig,
+    backing: Backing,
+}
+
+impl ModelFile {
+    /// Opens a `.gguf` file, or a directory with `config.json` and
+    /// `*.safetensors` files.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            Self::open_safetensors_dir(path)
+        } else {
+            Self::open_gguf(path)
+        }
+    }
+
+    fn open_gguf(path: PathBuf) -> Result<Self> {
+        let io = |source| EngineError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::open(&path).map_err(io)?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let vocab_hint = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .and_then(|t| t.shape.dims().first().copied());
+        let mut config = ModelConfig::from_gguf(&content.metadata, vocab_hint)?;
+        config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+        let file_len = file.metadata().map_err(io)?.len();
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(bytes);
+            if end > file_len {
+                return Err(EngineError::Corrupt {
+                    path: path.clone(),
+                    reason: format!(
+                        "tensor `{name}` ends at byte {end} but the file has {file_len} bytes (truncated download?)"
+                    ),
+                });
+            }
+        }
+        let mut this = Self {
+            path,
+            config,
+            backing: Backing::Gguf {
+                content,
+                file: Mutex::new(file),
+            },
+        };
+        if this.has_tensor("rope_freqs.weight") {
+            let t = this.read("rope_freqs.weight")?.dequantize()?;
+            let f = t.flatten_all()?.to_vec1::<f32>()?;
+            this.config.rope_scaling = super::config::RopeScaling::Factors(f);
+            this.config = this.config.clone().validate()?;
+        }
+        Ok(this)
+    }
+
+    fn open_safetensors_dir(dir: PathBuf) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| EngineError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let config = ModelConfig::from_hf_json(&text)?;
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|source| EngineError::Io {
+                path: dir.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            return Err(EngineError::Corrupt {
+                path: dir,
+                reason: "no .safetensors files in the directory".into(),
+            });
+        }
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (idx, p) in names.into_iter().enumerate() {
+            let mut f = File::open(&p).map_err(|source| EngineError::Io {
+                path: p.clone(),
+                source,
+            })?;
+            for (name, entry) in read_safetensors_header(&p, &mut f, idx)? {
+                entries.insert(name, entry);
+            }
+            files.push((p, Mutex::new(f)));
+        }
+        let config = ModelConfig {
+            tie_word_embeddings: config.tie_word_embeddings
+                || !entries.contains_key("lm_head.weight"),
+            ..config
+        };
+        Ok(Self {
+            path: dir.clone(),
+            config,
+            backing: Backing::Safetensors {
+                files,
+                entries,
+                dir,
+            },
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Where the model was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// GGUF metadata, when the model is a GGUF file.
+    pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
+        match &self.backing {
+            Backing::Gguf { content, .. } => Some(&content.metadata),
+            Backing::Safetensors { .. } => None,
+        }
+    }
+
+    /// The directory of a safetensors model (where `tokenizer.json` lives).
+    pub fn directory(&self) -> Option<&Path> {
+        match &self.backing {
+            Backing::Gguf { .. } => None,
+            Backing::Safetensors { dir, .. } => Some(dir),
+        }
+    }
+
+    fn hf_name(name: &str) -> String {
+        fn map_block(rest: &str) -> &str {
+            match rest {
+                "attn_norm.weight" => "input_layernorm.weight",
+                "attn_q.weight" => "self_attn.q_proj.weight",
+                "attn_q.bias" => "self_attn.q_proj.bias",
+                "attn_k.weight" => "self_attn.k_proj.weight",
+                "attn_k.bias" => "self_attn.k_proj.bias",
+                "attn_v.weight" => "self_attn.v_proj.weight",
+                "attn_v.bias" => "self_attn.v_proj.bias",
+                "attn_output.weight" => "self_attn.o_proj.weight",
+                "ffn_norm.weight" => "post_attention_layernorm.weight",
+                "ffn_gate.weight" => "mlp.gate_proj.weight",
+                "ffn_up.weight" => "mlp.up_proj.weight",
+                "ffn_down.weight" => "mlp.down_proj.weight",
+                other => other,
+            }
+        }
+        match name {
+            "token_embd.weight" => "model.embed_tokens.weight".into(),
+            "output_norm.weight" => "model.norm.weight".into(),
+            "output.weight" => "lm_head.weight".into(),
+            _ => match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+                Some((idx, rest)) => format!("model.layers.{idx}.{}", map_block(rest)),
+                None => name.to_string(),
+            },
+        }
+    }
+
+    /// Whether the file holds a tensor (GGUF naming).
+    pub(crate) fn has_tensor(&self, name: &str) -> bool {
+        match &self.backing {
+            Backing::Gguf { content, .. } => content.tensor_infos.contains_key(name),
+            Backing::Safetensors { entries, .. } => entries.contains_key(&Self::hf_name(name)),
+        }
+    }
+
+    /// Reads one tensor (GGUF naming; safetensors names are mapped).
+    pub(crate) fn read(&self, name: &str) -> Result<RawWeight> {
+        match &self.backing {
+            Backing::Gguf { content, file } => {
+                let info = content
+                    .tensor_infos
+                    .get(name)
+                    .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+                check_ggml_dtype(name, info.ggml_dtype)?;
+                let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                let q = info
+                    .read(&mut *f, content.tensor_data_offset, &Device::Cpu)
+                    .map_err(|e| EngineError::Corrupt {
+                        path: self.path.clone(),
+                        reason: format!("tensor `{name}`: {e}"),
+                    })?;
+                Ok(RawWeight::Quant(q))
+            }
+            Backing::Safetensors { files, entries, .. } => {
+                let hf = Self::hf_name(name);
+                let e = entries
+                    .get(&hf)
+                    .ok_or_else(|| EngineError::MissingTensor(hf.clone()))?;
+                let (path, file) = &files[e.file];
+                let mut buf = vec![0u8; (e.end - e.start) as usize];
+                {
+                    let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+                    f.seek(SeekFrom::Start(e.start))
+                        .and_then(|_| f.read_exact(&mut buf))
+                        .map_err(|source| EngineError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                }
+                let dtype = match e.dtype.as_str() {
+                    "F32" => DType::F32,
+                    "F16" => DType::F16,
+                    "BF16" => DType::BF16,
+                    other => {
+                        return Err(EngineError::UnsupportedDType {
+                            tensor: hf,
+                            dtype: other.to_string(),
+                        })
+                    }
+                };
+                let t = Tensor::from_raw_buffer(&buf, dtype, &e.shape, &Device::Cpu)?
+                    .to_dtype(DType::F32)?;
+                Ok(RawWeight::Dense(t))
+            }
+        }
+    }
+}
+
+fn check_ggml_dtype(name: &str, dtype: GgmlDType) -> Result<()> {
+    use GgmlDType as G;
+    match dtype {
+        G::F32
+        | G::F16
+        | G::BF16
+        | G::Q4_0
+        | G::Q4_1
+        | G::Q5_0
+        | G::Q5_1
+        | G::Q8_0
+        | G::Q2K
+        | G::Q3K
+        | G::Q4K
+        | G::Q5K
+        | G::Q6K => Ok(()),
+        other => Err(EngineError::UnsupportedDType {
+            tensor: name.to_string(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+fn read_safetensors_header(
+    path: &Path,
+    f: &mut File,
+    file_idx: usize,
+) -> Result<Vec<(String, SafetensorEntry)>> {
+    let corrupt = |reason: String| EngineError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let io = |source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len_buf = [0u8; 8];
+    f.read_exact(&mut len_buf)
+        .map_err(|_| corrupt("shorter than a safetensors header".into()))?;
+    let header_len = u64::from_le_bytes(len_buf);
+    if header_len > MAX_SAFETENSORS_HEADER || 8 + header_len > file_len {
+        return Err(corrupt(format!(
+            "header length {header_len} does not fit the file of {file_len} bytes"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("header JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, v) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = v["dtype"]
+            .as_str()
+            .ok_or_else(|| corrupt(format!("`{name}` has no dtype")))?
+            .to_string();
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .ok_or_else(|| corrupt(format!("`{name}` has no shape")))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| corrupt(format!("`{name}` has a bad shape")))?;
+        let offs = v["data_offsets"]
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+            .ok_or_else(|| corrupt(format!("`{name}` has bad data_offsets")))?;
+        let elem = match dtype.as_str() {
+            "F32" => 4,
+            "F16" | "BF16" => 2,
+            _ => 1,
+        };
+        let expected = shape
+            .iter()
+            .try_fold(elem as u64, |a, &d| a.checked_mul(d as u64));
+        let (start, end) = (data_start + offs.0, data_start + offs.1);
+        if offs.1 < offs.0 || end > file_len || expected != Some(offs.1 - offs.0) {
+            return Err(corrupt(format!(
+                "`{name}` data [{}, {}) does not match its shape {shape:?} or the file size",
+                offs.0, offs.1
+            )));
+        }
+        out.push((
+            name,
+            SafetensorEntry {
+                file: file_idx,
+                dtype,
+                shape,
+                start,
+                end,
+            },
+        ));
+    }
+    Ok(out)
+}

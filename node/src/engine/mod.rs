@@ -1,0 +1,35 @@
+//! The span engine: llama-family decoder blocks on candle.
+//!
+//! * [`ModelFile`] opens a GGUF file or a safetensors directory and reads its
+//!   [`ModelConfig`] without loading any weights.
+//! * [`Span`] holds blocks `[a, b)` and nothing else; [`Head`] holds the token
+//!   embedding, the final norm and the LM head.
+//! * [`SpanCache`] is one session's KV cache for one span: multi-token
+//!   prefill, one-token decode and rollback to an earlier position. Weights
+//!   are immutable and shared, so one span serves many sessions at once.
+//! * [`Sampler`] turns logits into tokens; [`ChatTokenizer`] turns text into
+//!   ids and back; [`LocalModel`] chains a head and spans into a generator.
+
+mod config;
+mod error;
+mod file;
+mod kv;
+mod local;
+mod model;
+mod sampling;
+mod tokenizer;
+
+pub use config::{Arch, ModelConfig, RopeScaling, MAX_CONTEXT};
+pub use error::EngineError;
+pub use file::{ModelFile, WeightMode, MAX_SAFETENSORS_HEADER};
+pub use kv::{SpanCache, INITIAL_CACHE_POSITIONS};
+pub use local::{GenerateOptions, GenerationStats, LocalModel, LocalSession, DEFAULT_MAX_TOKENS};
+pub use model::{hidden_from_frame, hidden_to_frame, Head, Span};
+pub use sampling::{
+    Sampler, SamplingParams, DEFAULT_REPETITION_WINDOW, DEFAULT_SEED, DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+};
+pub use tokenizer::{ChatMessage, ChatTokenizer, TextStream};
+
+/// Result type of the engine.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
