@@ -123,9 +123,25 @@ impl ModelFile {
         config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
         let file_len = file.metadata().map_err(io)?.len();
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+            let block = info.ggml_dtype.block_size().max(1) as u64;
+            let bytes = elems
+                .filter(|e| e % block == 0)
+                .and_then(|e| (e / block).checked_mul(info.ggml_dtype.type_size() as u64));
+            let Some(bytes) = bytes else {
+                return Err(EngineError::Corrupt {
+                    path: path.clone(),
+                    reason: format!(
+                        "tensor `{name}` has an impossible shape {:?} for {:?}",
+                        info.shape.dims(),
+                        info.ggml_dtype
+                    ),
+                });
+            };
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)
