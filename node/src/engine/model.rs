@@ -34,6 +34,10 @@ fn prepare_qtensor(q: QTensor, mode: WeightMode) -> Result<QTensor> {
     let dtype = q.dtype();
     let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     let row = q.shape().dims().last().copied().unwrap_or(0);
+    if mode == WeightMode::F32 && dtype != GgmlDType::F32 {
+        let t = q.dequantize(&Device::Cpu)?;
+        return Ok(QTensor::quantize(&t, GgmlDType::F32)?);
+    }
     if mode == WeightMode::Fast && !float && !has_fast_kernel(dtype) && row % 32 == 0 {
         let t = q.dequantize(&Device::Cpu)?;
         return Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?);
