@@ -9,3 +9,4 @@
 
 pub mod catalog;
 pub mod engine;
+pub mod swarm;

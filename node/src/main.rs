@@ -1,5 +1,7 @@
 //! The `nomoat` command.
 
+mod cmd_swarm;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +30,10 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve a span of a model's blocks to the swarm.
+    Serve(cmd_swarm::ServeArgs),
+    /// Show which peers serve which blocks, their RTT, throughput and load.
+    Status(cmd_swarm::StatusArgs),
     /// List the models nomoat can fetch by name.
     Models,
     /// Fetch a catalog model into the cache and print its path.
@@ -86,6 +92,13 @@ struct GenerateArgs {
     /// Random seed.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     seed: u64,
+    /// Run the blocks on a swarm reached through this peer (repeatable; an
+    /// address ending in /p2p/<peer id>); the head runs here.
+    #[arg(long)]
+    swarm: Vec<libp2p::Multiaddr>,
+    /// Seconds a swarm step may take before the failing hop is reported.
+    #[arg(long, default_value_t = 30.0)]
+    step_timeout: f64,
 }
 
 #[derive(Debug, Args)]
@@ -122,9 +135,15 @@ fn open_model(args: &ModelArgs) -> Result<(ModelFile, ChatTokenizer, PathBuf)> {
     Ok((file, tokenizer, path))
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn generate(args: GenerateArgs) -> Result<()> {
-    let (file, tokenizer, _) = open_model(&args.model)?;
-    let model = LocalModel::load_whole(&file, args.model.weights)?;
+    let (file, tokenizer, path) = open_model(&args.model)?;
     let text = if args.chat {
         let mut messages = Vec::new();
         if let Some(sys) = &args.system {
@@ -148,10 +167,42 @@ fn generate(args: GenerateArgs) -> Result<()> {
         },
         stop_ids: tokenizer.stop_ids().to_vec(),
     };
+    let stats = if args.swarm.is_empty() {
+        generate_local(&file, &tokenizer, args.model.weights, &prompt, &opts)?
+    } else {
+        runtime()?.block_on(cmd_swarm::generate_swarm(
+            args.swarm.clone(),
+            &path,
+            &file,
+            &tokenizer,
+            args.model.weights,
+            prompt,
+            opts,
+            std::time::Duration::from_secs_f64(args.step_timeout.max(0.1)),
+        ))?
+    };
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s",
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_sec(),
+        stats.generated_tokens,
+        stats.decode_tokens_per_sec()
+    );
+    Ok(())
+}
+
+fn generate_local(
+    file: &ModelFile,
+    tokenizer: &ChatTokenizer,
+    weights: WeightMode,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<nomoat_node::engine::GenerationStats> {
+    let model = LocalModel::load_whole(file, weights)?;
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
-    let (_, stats) = model.generate(&prompt, &opts, |id| {
-        if let Some(piece) = stream.push(&tokenizer, id)? {
+    let (_, stats) = model.generate(prompt, opts, |id| {
+        if let Some(piece) = stream.push(tokenizer, id)? {
             // A closed stdout (e.g. `| head`) ends the generation quietly.
             if stdout
                 .write_all(piece.as_bytes())
@@ -164,14 +215,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         Ok(true)
     })?;
     let _ = writeln!(stdout);
-    eprintln!(
-        "prompt: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s",
-        stats.prompt_tokens,
-        stats.prompt_tokens_per_sec(),
-        stats.generated_tokens,
-        stats.decode_tokens_per_sec()
-    );
-    Ok(())
+    Ok(stats)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -407,6 +451,8 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine(args),
+        Command::Serve(args) => runtime()?.block_on(cmd_swarm::serve(args)),
+        Command::Status(args) => runtime()?.block_on(cmd_swarm::status(args)),
         Command::Models => {
             let home = catalog::home();
             for e in catalog::CATALOG {

@@ -75,6 +75,8 @@ pub enum ErrorCode {
     Replayed = 10,
     /// The request needs a version or feature the peer does not support.
     Unsupported = 11,
+    /// The request names a model the peer does not serve.
+    WrongModel = 12,
 }
 
 impl ErrorCode {
@@ -92,6 +94,7 @@ impl ErrorCode {
             9 => Self::ContextFull,
             10 => Self::Replayed,
             11 => Self::Unsupported,
+            12 => Self::WrongModel,
             _ => return None,
         })
     }
@@ -126,7 +129,7 @@ mod tests {
     use super::*;
 
     /// Every code, in wire order.
-    const ALL: [ErrorCode; 11] = [
+    const ALL: [ErrorCode; 12] = [
         ErrorCode::Internal,
         ErrorCode::Malformed,
         ErrorCode::TooLarge,
@@ -138,6 +141,7 @@ mod tests {
         ErrorCode::ContextFull,
         ErrorCode::Replayed,
         ErrorCode::Unsupported,
+        ErrorCode::WrongModel,
     ];
 
     #[test]
@@ -150,7 +154,7 @@ mod tests {
 
     #[test]
     fn unknown_codes_read_as_none() {
-        for wire in [0, 12, 100, u16::MAX] {
+        for wire in [0, 13, 100, u16::MAX] {
             assert_eq!(ErrorCode::from_u16(wire), None, "{wire}");
         }
     }

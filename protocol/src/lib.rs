@@ -1,26 +1,250 @@
-//! The nomoat wire contract: tensor frames, their limits and the wire's error codes.
+//! The nomoat wire contract: protocols, messages, tensor frames, limits and error codes.
 //!
-//! nomoat serves a large language model from a swarm of peers. Each peer runs a
+//! nomoat serves a large language model from a swarm of peers. Each server runs a
 //! contiguous span of the model's transformer blocks; a client pushes the hidden
-//! states of a sequence through a chain of peers whose spans, taken in order, cover
-//! every block. Between two peers the hidden states travel as a **tensor frame**,
-//! specified here. The messages that carry frames are defined in
-//! `proto/nomoat/v1/*.proto`; this crate and those files are the whole contract.
+//! states of a sequence through a chain of servers whose spans, taken in order, cover
+//! every block. This crate specifies everything those peers say to each other: the
+//! stream protocols and their flows, the messages, the **tensor frame** that carries
+//! hidden states, the limits and the error codes. The messages' fields are defined in
+//! `proto/nomoat/v1/*.proto`; those files and this page are the whole contract.
 //!
 //! This crate performs no I/O. It turns bytes into checked values and back, and
-//! nothing else: which stream a frame arrives on, and when, is the caller's concern.
+//! nothing else: opening streams, timing and retries are the caller's concern. The
+//! protobuf types are private; every message is read into a checked domain type
+//! ([`InferMessage`], [`ServerInfo`]) that holds only values the rules below allow.
 //!
 //! # Participants
 //!
-//! - The **sender** (a client, or the peer running the previous span) builds a
-//!   [`TensorFrame`] with [`TensorFrame::new`] or [`TensorFrame::from_f32`] and
-//!   writes [`TensorFrame::encode`].
-//! - The **receiver** (the peer running the next span) reads a length-delimited
-//!   message, calls [`TensorFrame::decode`] on the tensor bytes, then
-//!   [`TensorFrame::expect`] with the dtype and shape its span needs. On any error it
-//!   answers with the [`ErrorCode`] that [`ErrorCode::from`] gives for the error.
+//! - The **client** holds the token embeddings, the final norm and the LM head. It
+//!   turns tokens into hidden states, picks a route, drives the session and samples
+//!   the next token from the final hidden states. Raw tokens and logits never leave it.
+//! - The **hops** are the servers of the session's route, numbered `0..k` in route
+//!   order. Hop `i` runs the blocks [`Hop::blocks`] the route gives it; the blocks of
+//!   consecutive hops chain, so together they run `route[0].start..route[k-1].end`.
+//!
+//! Peers are libp2p peers: streams run over authenticated, encrypted connections,
+//! and a peer id names the key that authenticates the other end.
+//!
+//! | protocol                               | carried by                | messages                      |
+//! |----------------------------------------|---------------------------|-------------------------------|
+//! | `/nomoat/infer/1` ([`INFER_PROTOCOL`]) | streams, one per session  | [`InferMessage`]              |
+//! | `/nomoat/info/1` ([`INFO_PROTOCOL`])   | a stream per query        | `InfoRequest`, `InfoResponse` |
+//! | topic `nomoat/v1/servers/<model id>`   | gossipsub                 | [`ServerInfo`]                |
+//!
+//! # Message framing
+//!
+//! Every message on a stream is a `u32` little-endian length, then that many bytes of
+//! protobuf. The length excludes the 4 prefix bytes and is at most
+//! [`MAX_MESSAGE_BYTES`]: a receiver reads the prefix, calls [`check_message_len`],
+//! and only then allocates and reads the body. A longer prefix is answered with
+//! [`ErrorCode::TooLarge`] and the stream is closed (its framing can no longer be
+//! trusted). [`InferMessage::encode_framed`] writes prefix and body in one buffer;
+//! the other `encode*` functions write the body only.
+//!
+//! A gossipsub message carries one body without a prefix: gossipsub frames it.
+//!
+//! # The inference protocol, `/nomoat/infer/1`
+//!
+//! Every message on an inference stream is one `InferFrame`, read as an
+//! [`InferMessage`]. A stream carries one session: its first frame is
+//! [`InferMessage::Open`] (client to hop) or [`InferMessage::Attach`] (hop to next
+//! hop), and every later frame names the same [`SessionId`], 16 random bytes chosen
+//! by the client.
+//!
+//! ## Opening a session
+//!
+//! 1. The client opens one stream to each hop of the route and sends it an
+//!    [`OpenSession`]: the session id, the model id, the whole route, the receiver's
+//!    `hop_index`, and `max_length`, the most positions the session will hold.
+//! 2. Hops are opened from the last to the first: the client opens hop `k - 1`, waits
+//!    for its [`InferMessage::Opened`], then opens hop `k - 2`, and so on to hop 0.
+//! 3. A hop that is not the last opens a **push stream** to the next hop of the route
+//!    and sends [`InferMessage::Attach`] with its own hop index as `from_hop`. As the
+//!    next hop was opened first, it already holds the session; it accepts the push
+//!    stream only from the peer that the route names as hop `from_hop`, where
+//!    `from_hop + 1` is its own index.
+//! 4. When its session is ready and its push stream attached, a hop answers the
+//!    client with [`InferMessage::Opened`], echoing its `hop_index` and giving the
+//!    `max_length` it will hold (at most the one asked for).
+//!
+//! A hop refuses an `OpenSession` with an [`ErrorFrame`]: [`ErrorCode::WrongModel`] for
+//! a model it does not serve, [`ErrorCode::WrongBlocks`] for blocks it does not hold,
+//! [`ErrorCode::Busy`] when it has no room for another session.
+//!
+//! ## Steps
+//!
+//! A [`Step`] carries the hidden states of positions `start_pos..start_pos + t`, as a
+//! tensor frame of shape `[t, hidden]`.
+//!
+//! ```text
+//! client --Step--> hop 0 --Step--> hop 1 --Step--> ... --Step--> hop k-1
+//!   ^                |               |                             |
+//!   +------Copy------+------Copy-----+--------Copy, Result---------+
+//! ```
+//!
+//! - The client sends each step to hop 0, on its stream to hop 0.
+//! - Hop `i` runs its blocks on the step's hidden states and sends the output as a
+//!   `Step` with the same session id, `seq` and `start_pos` on its push stream to
+//!   hop `i + 1`.
+//! - The last hop answers the client with [`InferMessage::Result`], the step's final
+//!   hidden states, on the client's stream to it.
+//! - Every hop also sends the client an [`InferMessage::Copy`] of its output on the
+//!   client's stream to it, after forwarding the step: off the critical path. The
+//!   client thus holds every span's input, which it replays to a replacement when a
+//!   hop fails, and recomputes elsewhere to spot-check a hop.
+//!
+//! A step therefore crosses `k + 1` network legs on its critical path, not `2k`.
+//!
+//! ## Sequence numbers and positions
+//!
+//! Every answer is correlated with its step by `seq`.
+//!
+//! - `seq` increases within a session. A hop answers a step whose `seq` is not above
+//!   the highest it has processed with [`ErrorCode::Replayed`], and does not run it:
+//!   a duplicate never changes the session.
+//! - A session's length is the number of positions its hops hold. A step with
+//!   `start_pos` equal to the length appends; a `start_pos` below the length
+//!   **rewinds** the session to `start_pos` first (dropping the later positions), then
+//!   appends. A `start_pos` past the length would leave a gap and is refused.
+//! - A step that would take the session past its `max_length` is refused with
+//!   [`ErrorCode::ContextFull`].
+//! - A hop checks the frame against its span with [`TensorFrame::expect`]: the
+//!   session's dtype, `t >= 1` and the model's hidden size. A mismatch is
+//!   [`ErrorCode::BadDType`] or [`ErrorCode::BadShape`].
+//!
+//! ## Errors
+//!
+//! A hop reports a failure to the client as an [`InferMessage::Error`] on the client's
+//! stream to it: an [`ErrorCode`], a message for people, the session, the step's `seq`
+//! (0 when the error is not about a step) and the reporting hop's index. Errors never
+//! travel up a push stream; a hop whose push stream to the next hop fails reports
+//! that to the client too. A frame naming a session the receiver does not hold is
+//! answered with [`ErrorCode::UnknownSession`].
+//!
+//! After an error about one step the session stays open: the client may retry,
+//! rewind or close. A frame whose body does not decode is answered with
+//! [`ErrorCode::Malformed`] and the stream stays usable (the length prefix keeps
+//! the framing intact); after an oversized length prefix the receiver sends
+//! [`ErrorCode::TooLarge`] and closes the stream. Messages other than `Step`,
+//! `Result` and `Copy` are at most [`MAX_CONTROL_BYTES`], and repeated fields are
+//! counted against their limits before anything is allocated for them.
+//!
+//! ## Closing
+//!
+//! [`InferMessage::Close`] ends the session on the receiver, which frees its KV cache
+//! and closes its push stream and the stream. The client sends it to every hop. A hop
+//! that shuts down tells each client with an [`ErrorCode::Internal`] error; a session
+//! idle past the server's timeout is dropped, and a later step is answered with
+//! [`ErrorCode::UnknownSession`]. A stream that ends without `Close` ends the session
+//! too.
+//!
+//! ## Validation of a message
+//!
+//! [`InferMessage::decode`] never panics, and accepts a message only if:
+//!
+//! - it is at most [`MAX_MESSAGE_BYTES`] long, is valid protobuf and carries a message;
+//! - every session id is [`SESSION_ID_LEN`] bytes (an error frame's may be empty: the
+//!   error is about no session);
+//! - an `OpenSession` route has 1 to [`MAX_ROUTE_HOPS`] hops, each with a peer id of
+//!   1 to 128 bytes and a non-empty block range; consecutive hops' blocks chain
+//!   (`route[i].end == route[i + 1].start`); `hop_index` is within the route; and
+//!   `max_length` is at least 1;
+//! - every hidden state is a valid tensor frame ([`TensorFrame::decode`]);
+//! - an error code fits in a `u16` (an unknown code is kept in
+//!   [`ErrorFrame::raw_code`], with [`ErrorFrame::code`] `None`);
+//! - every text (model id, error message) is at most [`MAX_TEXT_BYTES`] bytes.
+//!
+//! Checks against the receiver's own state (model, blocks, session, dtype, shape,
+//! positions) are the receiver's, with the codes given above.
+//!
+//! ## Example: a step
+//!
+//! ```
+//! use nomoat_protocol::{
+//!     check_message_len, DType, ErrorCode, ErrorFrame, InferMessage, SessionId, Step,
+//!     TensorFrame,
+//! };
+//!
+//! // The client sends one token's hidden state, of width 2, at position 5.
+//! let session_id = SessionId([7; 16]);
+//! let step = InferMessage::Step(Step {
+//!     session_id,
+//!     seq: 6,
+//!     start_pos: 5,
+//!     hidden: TensorFrame::from_f32(vec![1, 2], &[1.0, -2.0], DType::F32)?,
+//! });
+//! let framed = step.encode_framed();
+//!
+//! // Hop 0 reads the length prefix, checks it, then decodes the body.
+//! let len = u32::from_le_bytes(framed[..4].try_into()?) as usize;
+//! check_message_len(len)?;
+//! let received = InferMessage::decode(&framed[4..4 + len])?;
+//! assert_eq!(received, step);
+//! let InferMessage::Step(s) = &received else {
+//!     unreachable!("a step was sent")
+//! };
+//! // Its span takes f32 states of width 2, any number of tokens.
+//! s.hidden.expect(Some(DType::F32), &[None, Some(2)])?;
+//!
+//! // The same step again is a replay: hop 0 answers with a typed error.
+//! let answer = InferMessage::Error(ErrorFrame::new(
+//!     ErrorCode::Replayed,
+//!     "step 6 already processed",
+//!     Some(session_id),
+//!     s.seq,
+//!     0,
+//! ));
+//! let InferMessage::Error(e) = InferMessage::decode(&answer.encode())? else {
+//!     unreachable!("an error was sent")
+//! };
+//! assert_eq!((e.code, e.seq, e.hop_index), (Some(ErrorCode::Replayed), 6, 0));
+//!
+//! // A damaged message is an error with a wire code, never a panic.
+//! let err = InferMessage::decode(&framed[4..4 + len - 1]).unwrap_err();
+//! assert_eq!(ErrorCode::from(&err), ErrorCode::Malformed);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # The information protocol, `/nomoat/info/1`
+//!
+//! Any peer may ask another which servers it knows. The asker opens a stream and sends
+//! one `InfoRequest` ([`encode_info_request`]) naming a model id, or empty for every
+//! model. The answerer sends one `InfoResponse` ([`encode_info_response`]): every live
+//! [`ServerInfo`] it knows for that model, at most [`MAX_INFO_SERVERS`], its own
+//! included when it is a server. Then the stream closes. Both messages are framed as
+//! above, and [`decode_info_response`] rejects the whole answer if any entry is
+//! invalid.
+//!
+//! # Server heartbeats
+//!
+//! A server publishes its [`ServerInfo`] ([`ServerInfo::encode`]) at a regular
+//! interval on the gossipsub topic `nomoat/v1/servers/<model id>`. Gossipsub signs
+//! each message with the publisher's peer key; a receiver drops a heartbeat whose
+//! `peer_id` is not the message's signed source, and forgets a server whose
+//! heartbeats stop. Self-reported numbers (throughput, load, free KV positions) are
+//! hints: routing trusts its own measurements over them.
+//!
+//! [`ServerInfo::decode`] accepts a heartbeat only if it is at most
+//! [`MAX_MESSAGE_BYTES`] long, its peer id is 1 to 128 bytes, its block range is
+//! non-empty and ends at or before `num_blocks`, throughput and load are finite and
+//! not negative, it has at most [`MAX_ADDRS`] addresses, and every text and address
+//! is at most [`MAX_TEXT_BYTES`] bytes. An unknown reachability reads as
+//! [`Reachability::Unknown`].
 //!
 //! # The tensor frame, version 1
+//!
+//! Between peers, hidden states travel as a tensor frame in the `hidden` field of a
+//! `Step`, a `StepResult` or a `SpanOutput`.
+//!
+//! - The **sender** (the client, or the hop running the previous span) builds a
+//!   [`TensorFrame`] with [`TensorFrame::new`] or [`TensorFrame::from_f32`] and
+//!   writes [`TensorFrame::encode`].
+//! - The **receiver** decodes it ([`InferMessage::decode`] calls
+//!   [`TensorFrame::decode`]), then calls [`TensorFrame::expect`] with the dtype and
+//!   shape its span needs. On any error it answers with the [`ErrorCode`] that
+//!   [`ErrorCode::from`] gives for the error.
+//!
+//! ## Layout
 //!
 //! A frame is a fixed 8-byte header, the dimensions, then the data. All integers and
 //! all elements are little-endian.
@@ -38,7 +262,7 @@
 //! The header is therefore `8 + 4 * rank` bytes, and the data is
 //! `product(dims) * dtype.size_in_bytes()` bytes. Rank 0 is a scalar: one element.
 //!
-//! # Validation
+//! ## Validation of a frame
 //!
 //! [`TensorFrame::decode`] accepts a frame only if all of these hold, and never panics
 //! on any input:
@@ -55,29 +279,7 @@
 //! `TensorFrame` can be encoded and every encoding decodes to an equal frame. Each
 //! frame has exactly one encoding.
 //!
-//! # Limits
-//!
-//! - [`MAX_TENSOR_BYTES`]: 64 MiB of data per frame. A receiver may read at most
-//!   `8 + 4 * MAX_TENSOR_RANK + MAX_TENSOR_BYTES` bytes for one frame.
-//! - [`MAX_TENSOR_RANK`]: 4 axes.
-//!
-//! # Errors on the wire
-//!
-//! Local failures are [`TensorError`]s; the wire carries only [`ErrorCode`], a
-//! `u16` namespace shared by every nomoat message. [`ErrorCode::from`] is the one
-//! mapping from tensor errors to codes. Codes never change meaning; unknown codes
-//! read as `None` from [`ErrorCode::from_u16`].
-//!
-//! # Non-goals
-//!
-//! - No strides, offsets or views: data is always dense and row-major.
-//! - No compression and no checksum: the transport (QUIC with TLS) already protects
-//!   integrity, and hidden states compress poorly.
-//! - No big-endian data and no integer dtypes.
-//! - No streaming of a single frame: a frame is at most [`MAX_TENSOR_BYTES`] and is
-//!   decoded from one contiguous buffer.
-//!
-//! # Example
+//! ## Example: a tensor frame
 //!
 //! One token's hidden state of width 2, shaped `[batch, tokens, hidden]`, sent as f16:
 //!
@@ -118,11 +320,68 @@
 //! ));
 //! # Ok::<(), TensorError>(())
 //! ```
+//!
+//! # Limits
+//!
+//! Every read is bounded before anything is allocated.
+//!
+//! | limit                 | value           | bounds                                         |
+//! |-----------------------|-----------------|------------------------------------------------|
+//! | [`MAX_MESSAGE_BYTES`] | 64 MiB + 64 KiB | one message body, length prefix excluded       |
+//! | [`MAX_TENSOR_BYTES`]  | 64 MiB          | the data of one tensor frame                   |
+//! | [`MAX_TENSOR_RANK`]   | 4               | the axes of one tensor frame                   |
+//! | [`MAX_ROUTE_HOPS`]    | 64              | the hops of one route                          |
+//! | [`MAX_INFO_SERVERS`]  | 4096            | the entries of one information answer          |
+//! | [`MAX_ADDRS`]         | 32              | the addresses of one `ServerInfo`              |
+//! | [`MAX_TEXT_BYTES`]    | 4096            | a model id, error message, version or address  |
+//! | [`SESSION_ID_LEN`]    | 16              | a session id, exactly                          |
+//! | peer id               | 1 to 128 bytes  | a peer id in a route or a `ServerInfo`         |
+//!
+//! A receiver may read at most `8 + 4 * MAX_TENSOR_RANK + MAX_TENSOR_BYTES` bytes for
+//! one tensor frame; [`MAX_MESSAGE_BYTES`] leaves room for one frame and its envelope.
+//! Limits on state (sessions per server, positions per session, concurrent streams
+//! per peer) are each server's own, reported with [`ErrorCode::Busy`] and
+//! [`ErrorCode::ContextFull`].
+//!
+//! # Errors on the wire
+//!
+//! Local failures are [`TensorError`]s and [`MessageError`]s; the wire carries only
+//! [`ErrorCode`], a `u16` namespace shared by every nomoat message. [`ErrorCode::from`]
+//! is the one mapping from either to codes: a tensor error maps by its kind, an
+//! oversized message to [`ErrorCode::TooLarge`], any other invalid message to
+//! [`ErrorCode::Malformed`]. Codes never change meaning; unknown codes read as `None`
+//! from [`ErrorCode::from_u16`], and a receiver treats them as
+//! [`ErrorCode::Internal`].
+//!
+//! # Non-goals
+//!
+//! - No tokens, logits, code or compute graphs on the wire: servers receive hidden
+//!   states and run their own blocks.
+//! - No encryption, signatures or peer authentication in this layer: libp2p's
+//!   transports and gossipsub's signed messages provide them.
+//! - No version negotiation inside a protocol: an incompatible change gets a new
+//!   protocol id (`/nomoat/infer/2`); fields are only added, and removed field
+//!   numbers are `reserved`.
+//! - No several sessions on one stream, and no batching of sessions in one step.
+//! - No flow control of its own: a stream's back-pressure is the transport's.
+//! - For tensor frames: no strides, offsets or views (data is always dense and
+//!   row-major); no compression and no checksum (the transport already protects
+//!   integrity, and hidden states compress poorly); no big-endian data and no integer
+//!   dtypes; no streaming of a single frame (a frame is at most [`MAX_TENSOR_BYTES`]
+//!   and is decoded from one contiguous buffer).
 
 mod error;
+mod messages;
 mod tensor;
 
 pub use error::{ErrorCode, TensorError};
+pub use messages::{
+    check_message_len, decode_info_request, decode_info_response, encode_info_request,
+    encode_info_response, Blocks, ErrorFrame, Hop, InferMessage, MessageError, OpenSession,
+    Reachability, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL, MAX_ADDRS,
+    MAX_CONTROL_BYTES, MAX_INFO_BYTES, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS,
+    MAX_TEXT_BYTES, SESSION_ID_LEN,
+};
 pub use tensor::{DType, TensorFrame};
 
 /// Largest data section of one tensor frame, in bytes (64 MiB).

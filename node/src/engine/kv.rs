@@ -75,17 +75,25 @@ impl LayerCache {
 #[derive(Debug)]
 pub struct SpanCache {
     pub(crate) layers: Vec<LayerCache>,
+    first_block: usize,
     len: usize,
     max_len: usize,
 }
 
 impl SpanCache {
-    pub(crate) fn new(num_layers: usize, max_len: usize) -> Self {
+    /// A cache for blocks `first_block .. first_block + num_layers`.
+    pub(crate) fn new(first_block: usize, num_layers: usize, max_len: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| LayerCache::new()).collect(),
+            first_block,
             len: 0,
             max_len,
         }
+    }
+
+    /// The blocks this cache belongs to, `(start, end)`.
+    pub fn blocks(&self) -> (usize, usize) {
+        (self.first_block, self.first_block + self.layers.len())
     }
 
     /// Positions held.

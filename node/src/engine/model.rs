@@ -394,10 +394,29 @@ impl Span {
 
     /// A fresh KV cache for one session on this span.
     pub fn new_cache(&self) -> SpanCache {
-        SpanCache::new(self.blocks.len(), self.config.max_seq_len)
+        SpanCache::new(self.start, self.blocks.len(), self.config.max_seq_len)
     }
 
-    /// Runs the span on hidden states `x` of shape `(1, t, hidden)` for
+    /// A fresh KV cache for a session that runs only blocks `[start, end)`
+    /// of this span, holding at most `max_len` positions (capped at the
+    /// model's context).
+    pub fn new_cache_range(&self, start: usize, end: usize, max_len: usize) -> Result<SpanCache> {
+        if start >= end || start < self.start || end > self.end {
+            return Err(EngineError::BadSpan {
+                start,
+                end,
+                num_blocks: self.config.num_blocks,
+            });
+        }
+        Ok(SpanCache::new(
+            start,
+            end - start,
+            max_len.min(self.config.max_seq_len),
+        ))
+    }
+
+    /// Runs the cache's blocks (the whole span, or the sub-range the cache
+    /// was made for) on hidden states `x` of shape `(1, t, hidden)` for
     /// positions `pos..pos + t`, appending them to `cache`.
     ///
     /// `pos` must equal the cache's length: roll the cache back first to
@@ -416,7 +435,15 @@ impl Span {
                 x.dtype()
             )));
         }
-        if pos != cache.len() || cache.layers.len() != self.blocks.len() {
+        let (first, last) = cache.blocks();
+        if first < self.start || last > self.end || first >= last {
+            return Err(EngineError::BadSpan {
+                start: first,
+                end: last,
+                num_blocks: self.config.num_blocks,
+            });
+        }
+        if pos != cache.len() {
             return Err(EngineError::BadHidden(format!(
                 "step at position {pos} but the session's cache holds {} positions",
                 cache.len()
@@ -431,7 +458,8 @@ impl Span {
             });
         }
         let mut h = x.clone();
-        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+        let blocks = &self.blocks[first - self.start..last - self.start];
+        for (block, layer) in blocks.iter().zip(cache.layers.iter_mut()) {
             h = block.forward(&h, pos, &self.rope, layer, max)?;
         }
         cache.set_len(pos + t);

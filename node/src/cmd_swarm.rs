@@ -1,0 +1,342 @@
+//! The swarm commands of the `nomoat` binary: serve, status, and the swarm
+//! side of generate.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use libp2p::{Multiaddr, PeerId};
+use nomoat_node::engine::{
+    ChatTokenizer, GenerateOptions, GenerationStats, Head, ModelFile, Span, TextStream, WeightMode,
+};
+use nomoat_node::swarm::client::{discover, generate_remote, simple_route, RemoteSession};
+use nomoat_node::swarm::executor::{
+    Executor, ExecutorConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_KV_TOKENS, DEFAULT_MAX_SESSIONS,
+};
+use nomoat_node::swarm::model_file_id;
+use nomoat_node::swarm::net::{self, NetConfig};
+use nomoat_node::swarm::server::{run_server, ServerConfig};
+use nomoat_protocol::ServerInfo;
+use nomoat_scheduler::{coverage_gaps, BlockRange};
+use tokio_util::sync::CancellationToken;
+
+/// Network flags shared by every swarm command.
+#[derive(Debug, Args)]
+pub(crate) struct NetArgs {
+    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/udp/4001/quic-v1.
+    #[arg(long, default_value = "/ip4/127.0.0.1/udp/0/quic-v1")]
+    listen: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    #[arg(long)]
+    mdns: bool,
+    /// Relay traffic for peers that cannot be reached directly.
+    #[arg(long)]
+    relay_server: bool,
+    /// Listen through this relay too (a relay's address ending in /p2p/<id>),
+    /// for nodes behind NAT.
+    #[arg(long)]
+    relay: Vec<Multiaddr>,
+    /// Seconds between announcements.
+    #[arg(long, default_value_t = 2.0)]
+    heartbeat: f64,
+}
+
+impl NetArgs {
+    fn config(&self, bootstrap: Vec<Multiaddr>) -> NetConfig {
+        NetConfig {
+            listen: self.listen.clone(),
+            bootstrap,
+            mdns: self.mdns,
+            relay_server: self.relay_server,
+            heartbeat: Duration::from_secs_f64(self.heartbeat.max(0.1)),
+            ..NetConfig::default()
+        }
+    }
+}
+
+/// `nomoat serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// A catalog name, a .gguf file or a safetensors directory.
+    #[arg(long, env = "NOMOAT_MODEL")]
+    model: String,
+    /// Blocks to serve, e.g. 0..10.
+    #[arg(long)]
+    blocks: BlockRange,
+    /// Peers to join (repeatable), addresses ending in /p2p/<peer id>.
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    #[command(flatten)]
+    net: NetArgs,
+    /// Most sessions at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+    /// KV-cache budget, in positions over all sessions.
+    #[arg(long, default_value_t = DEFAULT_KV_TOKENS)]
+    kv_tokens: usize,
+    /// Seconds after which an idle session is dropped.
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
+    idle_timeout: u64,
+    /// fast, exact or f32 (see `nomoat generate --help`).
+    #[arg(long, default_value = "fast")]
+    weights: WeightMode,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
+    let path = nomoat_node::catalog::resolve(&args.model, true)?;
+    let file = ModelFile::open(&path)?;
+    let n = file.config().num_blocks as u32;
+    args.blocks
+        .check_within(n)
+        .with_context(|| format!("the model has blocks 0..{n}"))?;
+    let model_id = model_file_id(&path).with_context(|| format!("hashing {}", path.display()))?;
+    let span = Arc::new(Span::load(
+        &file,
+        args.blocks.start as usize,
+        args.blocks.end as usize,
+        args.weights,
+    )?);
+    let exec = Executor::start(
+        span,
+        ExecutorConfig {
+            max_sessions: args.max_sessions,
+            kv_tokens: args.kv_tokens,
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+        },
+    )?;
+    let net = net::start(args.net.config(args.bootstrap.clone())).await?;
+    for relay in &args.net.relay {
+        net.dial(relay.clone()).await?;
+        net.listen_on(relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
+            .await?;
+    }
+    let listen = net
+        .wait_listening(
+            args.net.listen.len() + args.net.relay.len(),
+            Duration::from_secs(10),
+        )
+        .await;
+    if listen.is_empty() {
+        bail!("could not listen on {:?}", args.net.listen);
+    }
+    let hello = serde_json::json!({
+        "peer_id": net.peer_id().to_string(),
+        "listen": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "model_id": model_id,
+        "blocks": args.blocks.to_string(),
+    });
+    println!("{hello}");
+    std::io::stdout().flush()?;
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(run_server(
+        net.clone(),
+        exec.clone(),
+        ServerConfig { model_id },
+        shutdown.clone(),
+    ));
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    exec.shutdown();
+    net.shutdown().await;
+    Ok(())
+}
+
+/// Generates through the swarm: the head here, the blocks on servers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn generate_swarm(
+    bootstrap: Vec<Multiaddr>,
+    path: &std::path::Path,
+    file: &ModelFile,
+    tokenizer: &ChatTokenizer,
+    weights: WeightMode,
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    step_timeout: Duration,
+) -> Result<GenerationStats> {
+    let model_id = model_file_id(path)?;
+    let head = Arc::new(Head::load(file, weights)?);
+    let net = net::start(NetConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+        ..NetConfig::default()
+    })
+    .await?;
+    net.subscribe(&model_id).await;
+    let servers = discover(&net, &bootstrap, &model_id).await?;
+    let n = file.config().num_blocks as u32;
+    let route = simple_route(&model_id, n, &servers)?;
+    let max_len = file
+        .config()
+        .max_seq_len
+        .min(prompt.len() + opts.max_tokens + 1) as u32;
+    let mut session = RemoteSession::open(&net, &model_id, route, max_len, step_timeout).await?;
+    let mut stream = TextStream::default();
+    let mut stdout = std::io::stdout().lock();
+    let result = generate_remote(head, &mut session, &prompt, &opts, |id| {
+        if let Some(piece) = stream.push(tokenizer, id)? {
+            if stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .is_err()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await;
+    let _ = writeln!(stdout);
+    drop(stdout);
+    session.close().await;
+    net.shutdown().await;
+    Ok(result?.1)
+}
+
+/// `nomoat status`.
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// A peer of the swarm (repeatable), ending in /p2p/<peer id>.
+    #[arg(long, required = true)]
+    swarm: Vec<Multiaddr>,
+    /// Only this model id.
+    #[arg(long, default_value = "")]
+    model_id: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn status(args: StatusArgs) -> Result<()> {
+    let net = net::start(NetConfig::default()).await?;
+    let servers = discover(&net, &args.swarm, &args.model_id).await?;
+    // Connect to each server so ping measures its RTT.
+    let mut rows = Vec::new();
+    for s in &servers {
+        let Ok(peer) = PeerId::from_bytes(&s.peer_id) else {
+            continue;
+        };
+        let addr = s
+            .addrs
+            .iter()
+            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+            .next();
+        if let Some(addr) = addr {
+            let _ = net.dial(addr.with_p2p(peer).unwrap_or_else(|a| a)).await;
+        }
+        rows.push((peer, s.clone()));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline && rows.iter().any(|(p, _)| net.rtt(p).is_none()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut models: Vec<(String, u32)> = servers
+        .iter()
+        .map(|s| (s.model_id.clone(), s.num_blocks))
+        .collect();
+    models.sort();
+    models.dedup();
+    let gaps = |model: &str, n: u32| -> Vec<BlockRange> {
+        let ranges: Vec<BlockRange> = servers
+            .iter()
+            .filter(|s| s.model_id == model)
+            .map(|s| BlockRange {
+                start: s.blocks.start,
+                end: s.blocks.end,
+            })
+            .collect();
+        coverage_gaps(n, &ranges)
+    };
+    if args.json {
+        let json = serde_json::json!({
+            "servers": rows.iter().map(|(p, s)| server_json(p, s, net.rtt(p))).collect::<Vec<_>>(),
+            "models": models.iter().map(|(m, n)| serde_json::json!({
+                "model_id": m,
+                "num_blocks": n,
+                "gaps": gaps(m, *n).iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{json}");
+    } else {
+        if rows.is_empty() {
+            println!("no servers known to {:?}", args.swarm);
+        }
+        for (m, n) in &models {
+            let g = gaps(m, *n);
+            let cover = if g.is_empty() {
+                "all blocks covered".to_string()
+            } else {
+                format!(
+                    "GAPS: blocks {} not served",
+                    g.iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            println!("model {} ({n} blocks): {cover}", short(m));
+            println!(
+                "  {:<54} {:>8} {:>9} {:>10} {:>6} {:>9}",
+                "peer", "blocks", "rtt ms", "tokens/s", "load", "sessions"
+            );
+            for (p, s) in rows.iter().filter(|(_, s)| &s.model_id == m) {
+                let rtt = net
+                    .rtt(p)
+                    .map(|d| format!("{:.2}", d.as_secs_f64() * 1e3))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "  {:<54} {:>8} {:>9} {:>10.1} {:>6.2} {:>9}",
+                    p.to_string(),
+                    s.blocks.to_string(),
+                    rtt,
+                    s.throughput,
+                    s.load,
+                    s.active_sessions
+                );
+            }
+        }
+    }
+    net.shutdown().await;
+    Ok(())
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(16)]
+}
+
+fn server_json(peer: &PeerId, s: &ServerInfo, rtt: Option<Duration>) -> serde_json::Value {
+    serde_json::json!({
+        "peer_id": peer.to_string(),
+        "model_id": s.model_id,
+        "blocks": s.blocks.to_string(),
+        "num_blocks": s.num_blocks,
+        "rtt_ms": rtt.map(|d| d.as_secs_f64() * 1e3),
+        "throughput": s.throughput,
+        "load": s.load,
+        "active_sessions": s.active_sessions,
+        "free_kv_tokens": s.free_kv_tokens,
+        "version": s.version,
+        "reachability": format!("{:?}", s.reachability).to_lowercase(),
+        "addrs": s.addrs.iter().filter_map(|a| Multiaddr::try_from(a.clone()).ok()).map(|a| a.to_string()).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,12 @@
+//! Compiles `proto/nomoat/v1/*.proto` with protox (no system protoc).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let files = ["nomoat/v1/infer.proto", "nomoat/v1/info.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+    let fds = protox::compile(files, [&root])?;
+    prost_build::Config::new().compile_fds(fds)?;
+    Ok(())
+}
