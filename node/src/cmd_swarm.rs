@@ -41,6 +41,10 @@ pub(crate) struct NetArgs {
     /// Seconds between announcements.
     #[arg(long, default_value_t = 2.0)]
     heartbeat: f64,
+    /// An address others can reach this node at (repeatable), e.g. a public
+    /// IP or a forwarded port.
+    #[arg(long)]
+    external: Vec<Multiaddr>,
 }
 
 impl NetArgs {
@@ -51,6 +55,7 @@ impl NetArgs {
             mdns: self.mdns,
             relay_server: self.relay_server,
             heartbeat: Duration::from_secs_f64(self.heartbeat.max(0.1)),
+            external: self.external.clone(),
             ..NetConfig::default()
         }
     }

@@ -7,6 +7,8 @@
 //! biases, Q/K rows permuted for llama as llama.cpp's converter does) and as a
 //! Hugging Face safetensors directory with `config.json`.
 
+pub mod harness;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -381,8 +381,13 @@ impl RemoteSession {
                     }
                 }
                 Some(InferMessage::Error(e)) if e.seq == seq || e.seq == 0 => {
+                    // The frame names the hop to blame (a hop reports its
+                    // unreachable successor); fall back to the reporter.
+                    let blamed = (e.hop_index as usize).min(self.route.len() - 1);
+                    let blamed = if blamed >= hop { blamed } else { hop };
+                    let (peer, blocks) = self.route[blamed];
                     return Err(SwarmError::Hop {
-                        hop,
+                        hop: blamed,
                         peer,
                         blocks,
                         code: e.code,

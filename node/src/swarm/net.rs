@@ -32,6 +32,8 @@ pub const COMMAND_QUEUE: usize = 256;
 /// How long a dial waits for the connection.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many past connections the view remembers.
+const MAX_SEEN_CONNECTIONS: usize = 256;
 /// The Kademlia protocol of nomoat's DHT.
 const KAD_PROTOCOL: &str = "/nomoat/kad/1";
 /// The identify protocol version string.
@@ -52,6 +54,9 @@ pub struct NetConfig {
     pub relay_server: bool,
     /// Heartbeat interval of `ServerInfo` announcements.
     pub heartbeat: Duration,
+    /// Addresses others can reach this node at (a public IP, a port
+    /// forward); a relay must have one to hand out reservations.
+    pub external: Vec<Multiaddr>,
 }
 
 impl Default for NetConfig {
@@ -65,6 +70,7 @@ impl Default for NetConfig {
             mdns: false,
             relay_server: false,
             heartbeat: DEFAULT_HEARTBEAT,
+            external: Vec::new(),
         }
     }
 }
@@ -120,6 +126,8 @@ struct View {
     listen: Vec<Multiaddr>,
     external: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
+    /// Every connection's remote address, oldest first (bounded).
+    seen: Vec<(PeerId, Multiaddr)>,
     own: Option<ServerInfo>,
     reachability: Option<Reachability>,
 }
@@ -285,6 +293,17 @@ impl NetHandle {
         self.view().connected.get(peer).cloned()
     }
 
+    /// The remote addresses of every connection to `peer` so far (recent
+    /// history, oldest first): shows whether a peer was reached via a relay.
+    pub fn connection_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.view()
+            .seen
+            .iter()
+            .filter(|(p, _)| p == peer)
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
     /// What AutoNAT concluded about this node.
     pub fn reachability(&self) -> Reachability {
         self.view().reachability.unwrap_or(Reachability::Unknown)
@@ -346,7 +365,15 @@ fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetErr
             Ok(Behaviour {
                 relay_client,
                 relay_server: relay_server
-                    .then(|| relay::Behaviour::new(peer_id, relay::Config::default()))
+                    .then(|| {
+                        // Sessions may run over a circuit until DCUtR upgrades it.
+                        let cfg = relay::Config {
+                            max_circuit_duration: Duration::from_secs(3600),
+                            max_circuit_bytes: 1 << 30,
+                            ..relay::Config::default()
+                        };
+                        relay::Behaviour::new(peer_id, cfg)
+                    })
                     .into(),
                 dcutr: dcutr::Behaviour::new(peer_id),
                 autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
@@ -384,6 +411,9 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
                 reason: e.to_string(),
             })?;
     }
+    for addr in &cfg.external {
+        swarm.add_external_address(addr.clone());
+    }
     let control = swarm.behaviour().stream.new_control();
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let view = Arc::new(Mutex::new(View::default()));
@@ -402,6 +432,7 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
         own: None,
         subscribed: Vec::new(),
         heartbeat: cfg.heartbeat,
+        relay_server: cfg.relay_server,
     };
     tokio::spawn(actor.run());
     let mut joined = false;
@@ -425,6 +456,7 @@ struct Actor {
     own: Option<ServerInfo>,
     subscribed: Vec<String>,
     heartbeat: Duration,
+    relay_server: bool,
 }
 
 impl Actor {
@@ -474,10 +506,14 @@ impl Actor {
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Dial { addr, reply } => {
-                let peer = addr.iter().find_map(|p| match p {
-                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                    _ => None,
-                });
+                // The last /p2p/ is the target (earlier ones name a relay).
+                let peer = addr
+                    .iter()
+                    .filter_map(|p| match p {
+                        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                        _ => None,
+                    })
+                    .last();
                 let Some(peer) = peer else {
                     let _ = reply.send(Err(NetError::Dial {
                         addr: addr.to_string(),
@@ -557,6 +593,15 @@ impl Actor {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
+                // A relay hands its addresses out in reservations: a specific
+                // (not wildcard) listen address of a relay is taken as external.
+                let wildcard = address.iter().any(|p| {
+                    matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
+                        || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified())
+                });
+                if self.relay_server && !wildcard {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.view().listen.push(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
@@ -572,9 +617,15 @@ impl Actor {
                 peer_id, endpoint, ..
             } => {
                 debug!(%peer_id, addr = %endpoint.get_remote_address(), "connected");
-                self.view()
-                    .connected
-                    .insert(peer_id, endpoint.get_remote_address().clone());
+                let addr = endpoint.get_remote_address().clone();
+                {
+                    let mut v = self.view();
+                    v.connected.insert(peer_id, addr.clone());
+                    if v.seen.len() >= MAX_SEEN_CONNECTIONS {
+                        v.seen.remove(0);
+                    }
+                    v.seen.push((peer_id, addr));
+                }
                 for reply in self.pending_dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(peer_id));
                 }

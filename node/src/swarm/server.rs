@@ -518,15 +518,13 @@ async fn run_step(exec: &Executor, sessions: &Sessions, step: Step) {
                         hidden: out.clone(),
                     });
                     if push.send(next).await.is_err() {
+                        // Blame the next hop: its end of the push stream is gone.
+                        let next_hop = ctx.hop_index + 1;
+                        let msg =
+                            format!("hop {next_hop} is unreachable: the push stream to it closed");
                         let _ = ctx
                             .client
-                            .send(error(
-                                ErrorCode::Internal,
-                                "the push stream to the next hop closed",
-                                Some(id),
-                                seq,
-                                ctx.hop_index,
-                            ))
+                            .send(error(ErrorCode::Internal, msg, Some(id), seq, next_hop))
                             .await;
                     }
                 }

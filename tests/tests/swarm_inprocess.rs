@@ -1,0 +1,481 @@
+//! Swarms of servers in one process, on 127.0.0.1 QUIC, with a tiny
+//! random-weight model: the swarm against the whole model, bad input against
+//! a live server, a server that dies mid-session, and a relayed connection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
+use futures::AsyncReadExt;
+use libp2p::{PeerId, StreamProtocol};
+use nomoat_node::engine::{
+    hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, WeightMode,
+};
+use nomoat_node::swarm::client::{simple_route, RemoteSession, SwarmError};
+use nomoat_node::swarm::executor::ExecutorConfig;
+use nomoat_node::swarm::wire::{read_message, write_frame, write_message};
+use nomoat_protocol::{
+    Blocks, DType, ErrorCode, Hop, InferMessage, OpenSession, SessionId, Step, TensorFrame,
+    INFER_PROTOCOL, MAX_MESSAGE_BYTES,
+};
+use nomoat_tests::harness::{client_net, discover_n, TestServer};
+use nomoat_tests::{max_abs_diff, TinyArch, TinyModel, TinySpec};
+
+const MODEL: &str = "tiny-test-model";
+const PROMPT: [u32; 7] = [3, 17, 42, 5, 88, 1, 60];
+const DECODE: [u32; 6] = [9, 31, 77, 2, 50, 11];
+
+fn tiny(dir: &std::path::Path) -> Result<ModelFile> {
+    let path = TinyModel::generate(TinySpec::new(TinyArch::Llama))?
+        .write_gguf(&dir.join("tiny.gguf"), GgmlDType::F32)?;
+    Ok(ModelFile::open(path)?)
+}
+
+/// Logits of the whole model for the prompt and then each decode token.
+fn local_trace(file: &ModelFile) -> Result<Vec<Tensor>> {
+    let model = LocalModel::load_whole(file, WeightMode::Fast)?;
+    let mut s = model.new_session();
+    let mut out = vec![model.forward_logits(&mut s, &PROMPT)?];
+    for t in DECODE {
+        out.push(model.forward_logits(&mut s, &[t])?);
+    }
+    Ok(out)
+}
+
+/// The same trace through a remote session.
+async fn remote_trace(head: &Head, session: &mut RemoteSession) -> Result<Vec<Tensor>> {
+    let hidden = head.config().hidden_size;
+    let mut pos = 0u32;
+    let mut out = Vec::new();
+    let inputs: Vec<Vec<u32>> = std::iter::once(PROMPT.to_vec())
+        .chain(DECODE.iter().map(|t| vec![*t]))
+        .collect();
+    for tokens in inputs {
+        let frame = hidden_to_frame(&head.embed(&tokens)?)?;
+        let h = session.step(pos, frame).await?;
+        out.push(head.logits(&hidden_from_frame(&h, hidden)?)?);
+        pos += tokens.len() as u32;
+    }
+    Ok(out)
+}
+
+async fn three_servers(file: &ModelFile, cfg: ExecutorConfig) -> Result<Vec<TestServer>> {
+    let s3 = TestServer::start(file, MODEL, 4, 6, cfg.clone(), vec![]).await?;
+    let s2 = TestServer::start(file, MODEL, 2, 4, cfg.clone(), vec![s3.addr.clone()]).await?;
+    let s1 = TestServer::start(file, MODEL, 0, 2, cfg, vec![s3.addr.clone()]).await?;
+    Ok(vec![s1, s2, s3])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_give_the_whole_models_logits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let expected = local_trace(&file)?;
+    let servers = three_servers(&file, ExecutorConfig::default()).await?;
+    let client = client_net().await?;
+    let boot = vec![servers[2].addr.clone()];
+    let found = discover_n(&client, &boot, MODEL, 3).await?;
+    let route = simple_route(MODEL, 6, &found)?;
+    assert_eq!(route.len(), 3, "{route:?}");
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let mut session =
+        RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?;
+    let got = remote_trace(&head, &mut session).await?;
+    for (step, (a, b)) in expected.iter().zip(&got).enumerate() {
+        let d = max_abs_diff(a, b)?;
+        assert!(
+            d <= 1e-5,
+            "step {step}: swarm differs from the whole model by {d}"
+        );
+    }
+    // Every hop's input was kept: hop i+1's inputs are hop i's outputs.
+    let history = session.history();
+    assert_eq!(history.len(), 3);
+    assert!(history.iter().all(|h| h.len() == 1 + DECODE.len()));
+    // A rewind: back to the prompt's end, the same tokens give the same logits.
+    let frame = hidden_to_frame(&head.embed(&DECODE[..1])?)?;
+    let h = session.step(PROMPT.len() as u32, frame).await?;
+    let again = head.logits(&hidden_from_frame(&h, 64)?)?;
+    assert!(max_abs_diff(&again, &expected[1])? <= 1e-5);
+    session.close().await;
+    for s in &servers {
+        s.kill().await;
+    }
+    Ok(())
+}
+
+/// A raw `/nomoat/infer/1` stream to a server, for sending bad input.
+struct Raw {
+    r: futures::io::ReadHalf<libp2p::Stream>,
+    w: futures::io::WriteHalf<libp2p::Stream>,
+}
+
+impl Raw {
+    async fn open(client: &nomoat_node::swarm::net::NetHandle, peer: PeerId) -> Result<Self> {
+        let s = client
+            .control()
+            .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
+            .await?;
+        let (r, w) = s.split();
+        Ok(Self { r, w })
+    }
+
+    async fn send(&mut self, m: &InferMessage) -> Result<()> {
+        Ok(write_message(&mut self.w, m).await?)
+    }
+
+    async fn recv(&mut self) -> Result<Option<InferMessage>> {
+        Ok(tokio::time::timeout(Duration::from_secs(10), read_message(&mut self.r)).await??)
+    }
+
+    /// Expects an error frame with `code`.
+    async fn expect_error(&mut self, code: ErrorCode) -> Result<()> {
+        match self.recv().await? {
+            Some(InferMessage::Error(e)) => {
+                assert_eq!(e.code, Some(code), "{e}");
+                Ok(())
+            }
+            other => panic!("expected a {code:?} error, got {other:?}"),
+        }
+    }
+}
+
+fn open_msg(id: SessionId, model: &str, peer: PeerId, blocks: Blocks) -> InferMessage {
+    InferMessage::Open(OpenSession {
+        session_id: id,
+        model_id: model.to_string(),
+        route: vec![Hop {
+            peer_id: peer.to_bytes(),
+            blocks,
+        }],
+        hop_index: 0,
+        max_length: 64,
+    })
+}
+
+fn step_msg(id: SessionId, seq: u64, pos: u32, frame: TensorFrame) -> InferMessage {
+    InferMessage::Step(Step {
+        session_id: id,
+        seq,
+        start_pos: pos,
+        hidden: frame,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let expected = local_trace(&file)?;
+    let cfg = ExecutorConfig {
+        max_sessions: 3,
+        ..ExecutorConfig::default()
+    };
+    // The server under attack holds 0..4; a second one holds 4..6.
+    let tail = TestServer::start(&file, MODEL, 4, 6, cfg.clone(), vec![]).await?;
+    let target = TestServer::start(&file, MODEL, 0, 4, cfg, vec![tail.addr.clone()]).await?;
+    let peer = target.net.peer_id();
+    let client = client_net().await?;
+    let boot = vec![tail.addr.clone()];
+    let found = discover_n(&client, &boot, MODEL, 2).await?;
+    client.dial(target.addr.clone()).await?;
+    let head = Arc::new(Head::load(&file, WeightMode::Fast)?);
+
+    // The good session runs its whole trace, slowly, while the attacks go on.
+    let good = {
+        let (client, head, found) = (client.clone(), head.clone(), found.clone());
+        tokio::spawn(async move {
+            let route = simple_route(MODEL, 6, &found)?;
+            let mut session =
+                RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?;
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                session
+                    .step(0, hidden_to_frame(&head.embed(&PROMPT)?)?)
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            out.extend(remote_trace(&head, &mut session).await?);
+            session.close().await;
+            anyhow::Ok(out)
+        })
+    };
+
+    let hidden =
+        |tokens: &[u32]| -> Result<TensorFrame> { Ok(hidden_to_frame(&head.embed(tokens)?)?) };
+    let id = SessionId([7; 16]);
+    let mut raw = Raw::open(&client, peer).await?;
+    raw.send(&open_msg(id, MODEL, peer, Blocks { start: 0, end: 4 }))
+        .await?;
+    assert!(matches!(
+        raw.recv().await?,
+        Some(InferMessage::Opened { .. })
+    ));
+
+    // A malformed frame: answered, and the stream stays usable.
+    write_frame(&mut raw.w, b"\xff\xff not protobuf").await?;
+    raw.expect_error(ErrorCode::Malformed).await?;
+    raw.send(&step_msg(id, 1, 0, hidden(&PROMPT)?)).await?;
+    assert!(matches!(
+        raw.recv().await?,
+        Some(InferMessage::Result { seq: 1, .. })
+    ));
+    assert!(matches!(
+        raw.recv().await?,
+        Some(InferMessage::Copy { seq: 1, .. })
+    ));
+
+    // Wrong hidden size.
+    let narrow = TensorFrame::from_f32(vec![1, 32], &[0.5; 32], DType::F32)?;
+    raw.send(&step_msg(id, 2, 7, narrow)).await?;
+    raw.expect_error(ErrorCode::BadShape).await?;
+    // An unknown dtype byte inside the tensor frame.
+    let mut bad = hidden(&[1])?.encode();
+    bad[3] = 9;
+    let mut body = Vec::new();
+    {
+        // Step { session_id, seq: 3, start_pos: 7, hidden: bad } by hand.
+        let step = [
+            vec![0x0a, 16],
+            id.0.to_vec(),
+            vec![0x10, 3, 0x18, 7, 0x22],
+            varint(bad.len()),
+            bad,
+        ]
+        .concat();
+        body.extend([0x1a]);
+        body.extend(varint(step.len()));
+        body.extend(step);
+    }
+    write_frame(&mut raw.w, &body).await?;
+    raw.expect_error(ErrorCode::BadDType).await?;
+    // A replayed sequence number.
+    raw.send(&step_msg(id, 1, 0, hidden(&PROMPT)?)).await?;
+    raw.expect_error(ErrorCode::Replayed).await?;
+    // A step that would leave a gap in the positions.
+    raw.send(&step_msg(id, 4, 40, hidden(&[1])?)).await?;
+    raw.expect_error(ErrorCode::Malformed).await?;
+    // A session this stream does not carry.
+    raw.send(&step_msg(SessionId([9; 16]), 5, 0, hidden(&[1])?))
+        .await?;
+    raw.expect_error(ErrorCode::UnknownSession).await?;
+    // After all that the session still works.
+    raw.send(&step_msg(id, 6, 7, hidden(&[9])?)).await?;
+    assert!(matches!(
+        raw.recv().await?,
+        Some(InferMessage::Result { seq: 6, .. })
+    ));
+
+    // A push stream for a session nobody opened.
+    let mut stray = Raw::open(&client, peer).await?;
+    stray
+        .send(&InferMessage::Attach {
+            session_id: SessionId([3; 16]),
+            from_hop: 0,
+        })
+        .await?;
+    stray.expect_error(ErrorCode::UnknownSession).await?;
+    // Blocks the server does not hold, and another model.
+    let mut wrong = Raw::open(&client, peer).await?;
+    wrong
+        .send(&open_msg(
+            SessionId([4; 16]),
+            MODEL,
+            peer,
+            Blocks { start: 2, end: 6 },
+        ))
+        .await?;
+    wrong.expect_error(ErrorCode::WrongBlocks).await?;
+    let mut other = Raw::open(&client, peer).await?;
+    other
+        .send(&open_msg(
+            SessionId([5; 16]),
+            "another-model",
+            peer,
+            Blocks { start: 0, end: 4 },
+        ))
+        .await?;
+    other.expect_error(ErrorCode::WrongModel).await?;
+    // A frame over the size limit: answered, then the stream is closed.
+    let mut big = Raw::open(&client, peer).await?;
+    big.send(&open_msg(
+        SessionId([6; 16]),
+        MODEL,
+        peer,
+        Blocks { start: 0, end: 4 },
+    ))
+    .await?;
+    assert!(matches!(
+        big.recv().await?,
+        Some(InferMessage::Opened { .. })
+    ));
+    futures::AsyncWriteExt::write_all(&mut big.w, &((MAX_MESSAGE_BYTES + 1) as u32).to_le_bytes())
+        .await?;
+    futures::AsyncWriteExt::flush(&mut big.w).await?;
+    big.expect_error(ErrorCode::TooLarge).await?;
+    assert!(big.recv().await?.is_none(), "the stream should close");
+    // Too many sessions: the good one and `id` are open; the cap is 3.
+    let mut third = Raw::open(&client, peer).await?;
+    third
+        .send(&open_msg(
+            SessionId([10; 16]),
+            MODEL,
+            peer,
+            Blocks { start: 0, end: 4 },
+        ))
+        .await?;
+    assert!(matches!(
+        third.recv().await?,
+        Some(InferMessage::Opened { .. })
+    ));
+    let mut fourth = Raw::open(&client, peer).await?;
+    fourth
+        .send(&open_msg(
+            SessionId([11; 16]),
+            MODEL,
+            peer,
+            Blocks { start: 0, end: 4 },
+        ))
+        .await?;
+    match fourth.recv().await? {
+        Some(InferMessage::Error(e)) => {
+            assert_eq!(e.code, Some(ErrorCode::Busy));
+            assert!(e.message.contains("busy"), "{e}");
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+
+    // The good session was never disturbed.
+    let got = good.await??;
+    for (step, (a, b)) in expected.iter().zip(&got).enumerate() {
+        let d = max_abs_diff(a, b)?;
+        assert!(d <= 1e-5, "good session step {step} differs by {d}");
+    }
+    target.kill().await;
+    tail.kill().await;
+    Ok(())
+}
+
+fn varint(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_dying_mid_session_is_named_within_the_step_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let servers = three_servers(&file, ExecutorConfig::default()).await?;
+    let client = client_net().await?;
+    let boot = vec![servers[2].addr.clone()];
+    let found = discover_n(&client, &boot, MODEL, 3).await?;
+    let route = simple_route(MODEL, 6, &found)?;
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let timeout = Duration::from_secs(3);
+    let mut session = RemoteSession::open(&client, MODEL, route, 64, timeout).await?;
+    session
+        .step(0, hidden_to_frame(&head.embed(&PROMPT)?)?)
+        .await?;
+    let middle = servers[1].net.peer_id();
+    servers[1].kill().await;
+    let t = Instant::now();
+    let err = session
+        .step(PROMPT.len() as u32, hidden_to_frame(&head.embed(&[5])?)?)
+        .await
+        .unwrap_err();
+    let elapsed = t.elapsed();
+    match &err {
+        SwarmError::Hop { hop, peer, .. } | SwarmError::HopFailed { hop, peer, .. } => {
+            assert_eq!((*hop, *peer), (1, middle), "{err}");
+        }
+        other => panic!("expected a hop failure, got {other}"),
+    }
+    assert!(err.to_string().contains(&middle.to_string()));
+    assert!(
+        elapsed <= timeout + Duration::from_secs(1),
+        "reported after {elapsed:?}"
+    );
+    servers[0].kill().await;
+    servers[2].kill().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_reach_each_other_through_a_relay() -> Result<()> {
+    use nomoat_node::swarm::net::{start, NetConfig};
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let expected = local_trace(&file)?;
+    let relay = start(NetConfig {
+        relay_server: true,
+        ..NetConfig::default()
+    })
+    .await?;
+    let relay_addr = relay
+        .wait_listening(1, Duration::from_secs(10))
+        .await
+        .remove(0);
+    // The server listens only through the relay's circuit.
+    let server = TestServer::start(
+        &file,
+        MODEL,
+        0,
+        6,
+        ExecutorConfig::default(),
+        vec![relay_addr.clone()],
+    )
+    .await?;
+    let circuit = relay_addr
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2pCircuit);
+    server.net.listen_on(circuit.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .net
+        .listen_addrs()
+        .iter()
+        .any(|a| a.to_string().contains("p2p-circuit"))
+    {
+        assert!(Instant::now() < deadline, "no relayed listen address");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = client_net().await?;
+    let via_relay = circuit
+        .with_p2p(server.net.peer_id())
+        .map_err(|a| anyhow::anyhow!("{a}"))?;
+    let peer = client.dial(via_relay).await?;
+    assert_eq!(peer, server.net.peer_id());
+    let first = client.connection_addrs(&peer);
+    assert!(
+        first
+            .first()
+            .is_some_and(|a| a.to_string().contains("p2p-circuit")),
+        "first connection {first:?} should be relayed"
+    );
+    // A whole session over the relayed connection (or its DCUtR upgrade).
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let route = vec![Hop {
+        peer_id: peer.to_bytes(),
+        blocks: Blocks { start: 0, end: 6 },
+    }];
+    let mut session =
+        RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?;
+    let got = remote_trace(&head, &mut session).await?;
+    for (a, b) in expected.iter().zip(&got) {
+        assert!(max_abs_diff(a, b)? <= 1e-5);
+    }
+    session.close().await;
+    server.kill().await;
+    relay.shutdown().await;
+    Ok(())
+}
