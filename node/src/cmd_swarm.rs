@@ -345,3 +345,182 @@ fn server_json(peer: &PeerId, s: &ServerInfo, rtt: Option<Duration>) -> serde_js
         "addrs": s.addrs.iter().filter_map(|a| Multiaddr::try_from(a.clone()).ok()).map(|a| a.to_string()).collect::<Vec<_>>(),
     })
 }
+
+/// `nomoat bench swarm`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchSwarmArgs {
+    /// A catalog name, a .gguf file or a safetensors directory.
+    #[arg(long)]
+    model: String,
+    /// Swarm sizes to measure, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    nodes: Vec<usize>,
+    /// Tokens to decode per measurement.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// fast, exact or f32.
+    #[arg(long, default_value = "fast")]
+    weights: WeightMode,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Decode step times (seconds) through a remote session, greedy from `prompt`.
+async fn swarm_decode(
+    head: &Arc<Head>,
+    session: &mut RemoteSession,
+    prompt: &[u32],
+    tokens: usize,
+) -> Result<(Vec<f64>, Vec<u32>)> {
+    use nomoat_node::engine::{hidden_from_frame, hidden_to_frame, Sampler, SamplingParams};
+    let hidden = head.config().hidden_size;
+    let greedy = |l: &[f32]| Sampler::new(SamplingParams::greedy()).sample(l, &[]);
+    let h = session
+        .step(0, hidden_to_frame(&head.embed(prompt)?)?)
+        .await?;
+    let mut next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
+    let mut pos = prompt.len() as u32;
+    let mut times = Vec::with_capacity(tokens);
+    let mut out = vec![next];
+    for _ in 0..tokens {
+        let t = std::time::Instant::now();
+        let frame = hidden_to_frame(&head.embed(&[next])?)?;
+        let h = session.step(pos, frame).await?;
+        next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
+        times.push(t.elapsed().as_secs_f64());
+        out.push(next);
+        pos += 1;
+    }
+    Ok((times, out))
+}
+
+pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
+    use nomoat_node::engine::{LocalModel, Sampler, SamplingParams};
+    use nomoat_node::swarm::process::ServeProcess;
+    let path = nomoat_node::catalog::resolve(&args.model, true)?;
+    let file = ModelFile::open(&path)?;
+    let tokenizer = match file.gguf_metadata() {
+        Some(md) => ChatTokenizer::from_gguf(md)?,
+        None => ChatTokenizer::from_dir(file.directory().context("no tokenizer")?)?,
+    };
+    let prompt =
+        tokenizer.encode(
+            &tokenizer.chat_prompt(&[nomoat_node::engine::ChatMessage::new(
+                "user",
+                "Tell me about the history of Paris.",
+            )]),
+        )?;
+    let n_blocks = file.config().num_blocks;
+    let model_id = model_file_id(&path)?;
+    let path_str = path.to_string_lossy().to_string();
+    let weights = format!("{:?}", args.weights).to_lowercase();
+
+    // The local engine, in this process, same prompt and tokens.
+    let local = LocalModel::load_whole(&file, args.weights)?;
+    let greedy = |l: &[f32]| Sampler::new(SamplingParams::greedy()).sample(l, &[]);
+    let mut s = local.new_session();
+    let mut next = greedy(&local.forward_last(&mut s, &prompt)?);
+    let mut local_tokens = vec![next];
+    let mut local_times = Vec::new();
+    for _ in 0..args.tokens {
+        let t = std::time::Instant::now();
+        next = greedy(&local.forward_last(&mut s, &[next])?);
+        local_times.push(t.elapsed().as_secs_f64());
+        local_tokens.push(next);
+    }
+    drop(local);
+    let local_step = median(local_times);
+    println!(
+        "local engine: {:.1} tokens/s ({:.0} us per token)",
+        1.0 / local_step,
+        local_step * 1e6
+    );
+
+    let head = Arc::new(Head::load(&file, args.weights)?);
+    let bin = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for &n in &args.nodes {
+        anyhow::ensure!(
+            n >= 1 && n <= n_blocks,
+            "--nodes must be between 1 and {n_blocks}"
+        );
+        let splits = nomoat_scheduler::even_splits(n_blocks as u32, n as u32)?;
+        let mut procs: Vec<ServeProcess> = Vec::new();
+        for (i, r) in splits.iter().enumerate().rev() {
+            let blocks = r.to_string();
+            let mut a = vec![
+                "--model",
+                path_str.as_str(),
+                "--blocks",
+                blocks.as_str(),
+                "--weights",
+                weights.as_str(),
+                "--heartbeat",
+                "0.5",
+            ];
+            let boot = procs.first().map(|p| p.addr());
+            if let Some(b) = &boot {
+                a.extend(["--bootstrap", b.as_str()]);
+            }
+            let p = ServeProcess::spawn(&bin, &a, Duration::from_secs(120))?;
+            eprintln!("started server {} of {n}: blocks {blocks}", i + 1);
+            procs.insert(0, p);
+        }
+        let boot: Vec<Multiaddr> = vec![procs.last().context("a server")?.addr().parse()?];
+        let net = net::start(NetConfig::default()).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let servers = loop {
+            let found = discover(&net, &boot, &model_id).await?;
+            if found.len() >= n {
+                break found;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} servers announced",
+                found.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let route = simple_route(&model_id, n_blocks as u32, &servers)?;
+        let hops = route.len();
+        let max_len = (prompt.len() + args.tokens + 2) as u32;
+        let mut session =
+            RemoteSession::open(&net, &model_id, route, max_len, Duration::from_secs(30)).await?;
+        let (times, tokens) = swarm_decode(&head, &mut session, &prompt, args.tokens).await?;
+        session.close().await;
+        net.shutdown().await;
+        drop(procs);
+        let step = median(times);
+        let overhead_us = (step - local_step) / hops as f64 * 1e6;
+        let same = tokens == local_tokens;
+        println!(
+            "{n} node(s), {hops} hop(s): {:.1} tokens/s = {:.3}x local; per-hop overhead {:.0} us; tokens match local: {same}",
+            1.0 / step,
+            local_step / step,
+            overhead_us
+        );
+        rows.push(serde_json::json!({
+            "nodes": n,
+            "hops": hops,
+            "decode_tokens_per_s": 1.0 / step,
+            "ratio_vs_local": local_step / step,
+            "per_hop_overhead_us": overhead_us,
+            "tokens_match_local": same,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "swarm",
+            "model": args.model,
+            "weights": weights,
+            "decode_tokens": args.tokens,
+            "local_decode_tokens_per_s": 1.0 / local_step,
+            "swarms": rows,
+        })
+    );
+    Ok(())
+}

@@ -47,6 +47,9 @@ enum Command {
 enum BenchCommand {
     /// Prefill and decode speed of the local engine.
     Engine(BenchEngineArgs),
+    /// Decode speed of local swarms of 1, 2, 3... server processes on
+    /// loopback against the local engine, measured in the same run.
+    Swarm(cmd_swarm::BenchSwarmArgs),
 }
 
 #[derive(Debug, Args)]
@@ -451,6 +454,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine(args),
+        Command::Bench(BenchCommand::Swarm(args)) => {
+            runtime()?.block_on(cmd_swarm::bench_swarm(args))
+        }
         Command::Serve(args) => runtime()?.block_on(cmd_swarm::serve(args)),
         Command::Status(args) => runtime()?.block_on(cmd_swarm::status(args)),
         Command::Models => {

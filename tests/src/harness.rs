@@ -1,9 +1,7 @@
 //! Swarm harness: servers in this process on 127.0.0.1 QUIC, and real
 //! `nomoat` processes started and killed by tests.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,71 +119,10 @@ pub fn nomoat_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// A `nomoat` process, killed when dropped.
-#[derive(Debug)]
-pub struct Proc {
-    /// The process.
-    pub child: Child,
-    /// The JSON object of its first stdout line (for `serve`).
-    pub hello: serde_json::Value,
-}
+/// A `nomoat serve` process, killed when dropped.
+pub type Proc = nomoat_node::swarm::process::ServeProcess;
 
-impl Proc {
-    /// Starts `nomoat serve ARGS` and waits for its first stdout line.
-    pub fn serve(args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(nomoat_bin()?)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) if !l.is_empty() => l,
-            _ => {
-                let _ = child.kill();
-                let out = child.wait_with_output()?;
-                bail!(
-                    "nomoat serve {args:?} printed no JSON line; stderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        };
-        let hello = serde_json::from_str(&line).with_context(|| format!("first line {line:?}"))?;
-        Ok(Self { child, hello })
-    }
-
-    /// The first listen address.
-    pub fn addr(&self) -> String {
-        self.hello["listen"][0]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    /// The peer id.
-    pub fn peer_id(&self) -> String {
-        self.hello["peer_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    /// Kills the process at once (SIGKILL).
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts `nomoat serve ARGS` and waits for its first stdout line.
+pub fn serve(args: &[&str]) -> Result<Proc> {
+    Proc::spawn(&nomoat_bin()?, args, Duration::from_secs(60))
 }

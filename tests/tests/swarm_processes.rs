@@ -7,12 +7,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use nomoat_tests::harness::{nomoat_bin, Proc};
+use nomoat_tests::harness::{nomoat_bin, serve, Proc};
 
 /// Starts the three servers (last first, the others bootstrapping from it)
 /// and waits until `nomoat status` shows every block covered.
 fn three_servers() -> Result<Vec<Proc>> {
-    let s3 = Proc::serve(&[
+    let s3 = serve(&[
         "--model",
         "smollm2-135m",
         "--blocks",
@@ -21,7 +21,7 @@ fn three_servers() -> Result<Vec<Proc>> {
         "0.5",
     ])?;
     let boot = s3.addr();
-    let s2 = Proc::serve(&[
+    let s2 = serve(&[
         "--model",
         "smollm2-135m",
         "--blocks",
@@ -31,7 +31,7 @@ fn three_servers() -> Result<Vec<Proc>> {
         "--heartbeat",
         "0.5",
     ])?;
-    let s1 = Proc::serve(&[
+    let s1 = serve(&[
         "--model",
         "smollm2-135m",
         "--blocks",

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod executor;
 pub mod net;
+pub mod process;
 pub mod server;
 pub mod wire;
 
