@@ -87,6 +87,10 @@ pub(crate) struct ServeArgs {
     /// fast, exact or f32 (see `nomoat generate --help`).
     #[arg(long, default_value = "fast")]
     weights: WeightMode,
+    /// Compute threads (default: every core). Several servers on one
+    /// machine should share the cores rather than each take all of them.
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
 }
 
 async fn shutdown_signal() {
@@ -382,17 +386,15 @@ async fn swarm_decode(
         .step(0, hidden_to_frame(&head.embed(prompt)?)?)
         .await?;
     let mut next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
-    let mut pos = prompt.len() as u32;
     let mut times = Vec::with_capacity(tokens);
     let mut out = vec![next];
-    for _ in 0..tokens {
+    for pos in (prompt.len() as u32..).take(tokens) {
         let t = std::time::Instant::now();
         let frame = hidden_to_frame(&head.embed(&[next])?)?;
         let h = session.step(pos, frame).await?;
         next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
         times.push(t.elapsed().as_secs_f64());
         out.push(next);
-        pos += 1;
     }
     Ok((times, out))
 }
@@ -448,6 +450,10 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
             "--nodes must be between 1 and {n_blocks}"
         );
         let splits = nomoat_scheduler::even_splits(n_blocks as u32, n as u32)?;
+        // The servers share this machine's cores, as they would share nothing
+        // on separate machines.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let threads = (cores / n).max(1).to_string();
         let mut procs: Vec<ServeProcess> = Vec::new();
         for (i, r) in splits.iter().enumerate().rev() {
             let blocks = r.to_string();
@@ -460,6 +466,8 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
                 weights.as_str(),
                 "--heartbeat",
                 "0.5",
+                "--threads",
+                threads.as_str(),
             ];
             let boot = procs.first().map(|p| p.addr());
             if let Some(b) = &boot {
