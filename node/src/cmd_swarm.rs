@@ -34,7 +34,7 @@ pub(crate) struct NetArgs {
     /// Relay traffic for peers that cannot be reached directly.
     #[arg(long)]
     relay_server: bool,
-    /// Listen through this relay too (a relay's address ending in /p2p/<id>),
+    /// Listen through this relay too (a relay's address ending in /p2p/PEER_ID),
     /// for nodes behind NAT.
     #[arg(long)]
     relay: Vec<Multiaddr>,
@@ -70,7 +70,7 @@ pub(crate) struct ServeArgs {
     /// Blocks to serve, e.g. 0..10.
     #[arg(long)]
     blocks: BlockRange,
-    /// Peers to join (repeatable), addresses ending in /p2p/<peer id>.
+    /// Peers to join (repeatable), addresses ending in /p2p/PEER_ID.
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
     #[command(flatten)]
@@ -225,7 +225,7 @@ pub(crate) async fn generate_swarm(
 /// `nomoat status`.
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
-    /// A peer of the swarm (repeatable), ending in /p2p/<peer id>.
+    /// A peer of the swarm (repeatable), ending in /p2p/PEER_ID.
     #[arg(long, required = true)]
     swarm: Vec<Multiaddr>,
     /// Only this model id.

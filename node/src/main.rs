@@ -96,7 +96,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = DEFAULT_SEED)]
     seed: u64,
     /// Run the blocks on a swarm reached through this peer (repeatable; an
-    /// address ending in /p2p/<peer id>); the head runs here.
+    /// address ending in /p2p/PEER_ID); the head runs here.
     #[arg(long)]
     swarm: Vec<libp2p::Multiaddr>,
     /// Seconds a swarm step may take before the failing hop is reported.

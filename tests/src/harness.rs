@@ -23,7 +23,7 @@ pub struct TestServer {
     pub exec: Executor,
     /// Cancels its server task.
     pub shutdown: CancellationToken,
-    /// Its first listen address, with `/p2p/<id>`.
+    /// Its first listen address, with `/p2p/PEER_ID`.
     pub addr: Multiaddr,
 }
 

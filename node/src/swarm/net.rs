@@ -46,7 +46,7 @@ pub struct NetConfig {
     pub keypair: Option<Keypair>,
     /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
-    /// Peers to connect to at start (with `/p2p/<id>`).
+    /// Peers to connect to at start (with `/p2p/PEER_ID`).
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the local network with mDNS.
     pub mdns: bool,
@@ -192,7 +192,7 @@ impl NetHandle {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Addresses the node listens on, each ending in `/p2p/<peer id>`.
+    /// Addresses the node listens on, each ending in `/p2p/PEER_ID`.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         let v = self.view();
         v.listen
@@ -214,7 +214,7 @@ impl NetHandle {
         }
     }
 
-    /// Connects to `addr` (which should end in `/p2p/<peer id>`) and returns
+    /// Connects to `addr` (which should end in `/p2p/PEER_ID`) and returns
     /// the peer's id once connected.
     pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
         let (reply, rx) = oneshot::channel();

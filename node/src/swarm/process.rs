@@ -49,7 +49,7 @@ impl ServeProcess {
         Ok(Self { child, hello })
     }
 
-    /// The first listen address (with `/p2p/<id>`).
+    /// The first listen address (with `/p2p/PEER_ID`).
     pub fn addr(&self) -> String {
         self.hello["listen"][0]
             .as_str()
