@@ -404,17 +404,21 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
     use nomoat_node::swarm::process::ServeProcess;
     let path = nomoat_node::catalog::resolve(&args.model, true)?;
     let file = ModelFile::open(&path)?;
-    let tokenizer = match file.gguf_metadata() {
-        Some(md) => ChatTokenizer::from_gguf(md)?,
-        None => ChatTokenizer::from_dir(file.directory().context("no tokenizer")?)?,
+    let tokenizer = match (file.gguf_metadata(), file.directory()) {
+        (Some(md), _) => ChatTokenizer::from_gguf(md).ok(),
+        (None, Some(dir)) => ChatTokenizer::from_dir(dir).ok(),
+        _ => None,
     };
-    let prompt =
-        tokenizer.encode(
-            &tokenizer.chat_prompt(&[nomoat_node::engine::ChatMessage::new(
-                "user",
-                "Tell me about the history of Paris.",
-            )]),
-        )?;
+    // A chat prompt, or fixed ids for a model without a tokenizer.
+    let prompt = match &tokenizer {
+        Some(t) => t.encode(&t.chat_prompt(&[nomoat_node::engine::ChatMessage::new(
+            "user",
+            "Tell me about the history of Paris.",
+        )]))?,
+        None => (1..17)
+            .map(|i| i % file.config().vocab_size as u32)
+            .collect(),
+    };
     let n_blocks = file.config().num_blocks;
     let model_id = model_file_id(&path)?;
     let path_str = path.to_string_lossy().to_string();
@@ -452,8 +456,13 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         let splits = nomoat_scheduler::even_splits(n_blocks as u32, n as u32)?;
         // The servers share this machine's cores, as they would share nothing
         // on separate machines.
+        // RAYON_NUM_THREADS, when set, applies to every process of the run.
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-        let threads = (cores / n).max(1).to_string();
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or((cores / n).max(1))
+            .to_string();
         let mut procs: Vec<ServeProcess> = Vec::new();
         for (i, r) in splits.iter().enumerate().rev() {
             let blocks = r.to_string();
