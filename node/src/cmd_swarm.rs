@@ -203,16 +203,7 @@ pub(crate) async fn generate_swarm(
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
     let result = generate_remote(head, &mut session, &prompt, &opts, |id| {
-        if let Some(piece) = stream.push(tokenizer, id)? {
-            if stdout
-                .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush())
-                .is_err()
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        Ok(stream.write_to(tokenizer, id, &mut stdout)?)
     })
     .await;
     let _ = writeln!(stdout);

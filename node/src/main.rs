@@ -207,17 +207,7 @@ fn generate_local(
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
     let (_, stats) = model.generate(prompt, opts, |id| {
-        if let Some(piece) = stream.push(tokenizer, id)? {
-            // A closed stdout (e.g. `| head`) ends the generation quietly.
-            if stdout
-                .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush())
-                .is_err()
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        stream.write_to(tokenizer, id, &mut stdout)
     })?;
     let _ = writeln!(stdout);
     Ok(stats)

@@ -190,46 +190,96 @@ impl LocalModel {
         opts: &GenerateOptions,
         mut on_token: impl FnMut(u32) -> Result<bool>,
     ) -> Result<(Vec<u32>, GenerationStats)> {
+        let mut tokens = TokenLoop::new(prompt, opts, self.head.config().max_seq_len)?;
+        let mut session = self.new_session();
+        let mut logits = self.forward_last(&mut session, prompt)?;
+        while let Some(next) = tokens.next(&logits, &mut on_token)? {
+            logits = self.forward_last(&mut session, &[next])?;
+        }
+        Ok(tokens.finish())
+    }
+}
+
+/// The sampling side of a generation, shared by local and swarm generation:
+/// picks tokens from logits, applies stop tokens and limits, and times the
+/// prompt and the decode.
+#[derive(Debug)]
+pub struct TokenLoop {
+    sampler: Sampler,
+    history: Vec<u32>,
+    out: Vec<u32>,
+    stats: GenerationStats,
+    started: Instant,
+    decode_start: Option<Instant>,
+    max_tokens: usize,
+    stop_ids: Vec<u32>,
+    /// Positions the model holds once the next token is fed.
+    fed: usize,
+    limit: usize,
+}
+
+impl TokenLoop {
+    /// Checks the prompt against the context `limit` and starts the clock.
+    pub fn new(prompt: &[u32], opts: &GenerateOptions, limit: usize) -> Result<Self> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let limit = self.head.config().max_seq_len;
         if prompt.len() >= limit {
             return Err(EngineError::ContextFull {
                 requested: prompt.len() + 1,
                 limit,
             });
         }
-        let mut session = self.new_session();
-        let mut sampler = Sampler::new(opts.sampling.clone());
-        let mut history = prompt.to_vec();
-        let mut out = Vec::new();
-        let mut stats = GenerationStats {
-            prompt_tokens: prompt.len(),
-            ..Default::default()
-        };
-        let t0 = Instant::now();
-        let mut logits = self.forward_last(&mut session, prompt)?;
-        let mut decode_start = None;
-        while out.len() < opts.max_tokens {
-            let next = sampler.sample(&logits, &history);
-            if decode_start.is_none() {
-                stats.prompt_time = t0.elapsed();
-                decode_start = Some(Instant::now());
-            }
-            if opts.stop_ids.contains(&next) {
-                stats.stopped = true;
-                break;
-            }
-            out.push(next);
-            history.push(next);
-            if !on_token(next)? || out.len() >= opts.max_tokens || session.len() + 1 > limit {
-                break;
-            }
-            logits = self.forward_last(&mut session, &[next])?;
+        Ok(Self {
+            sampler: Sampler::new(opts.sampling.clone()),
+            history: prompt.to_vec(),
+            out: Vec::new(),
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                ..Default::default()
+            },
+            started: Instant::now(),
+            decode_start: None,
+            max_tokens: opts.max_tokens,
+            stop_ids: opts.stop_ids.clone(),
+            fed: prompt.len(),
+            limit,
+        })
+    }
+
+    /// Takes the logits of the last position; returns the token to feed
+    /// next, or `None` when the generation is over (a stop token, the token
+    /// limit, the context, or `on_token` returning `false`).
+    pub fn next<E>(
+        &mut self,
+        logits: &[f32],
+        on_token: &mut impl FnMut(u32) -> std::result::Result<bool, E>,
+    ) -> std::result::Result<Option<u32>, E> {
+        if self.out.len() >= self.max_tokens {
+            return Ok(None);
         }
-        stats.generated_tokens = out.len();
-        stats.decode_time = decode_start.map(|s| s.elapsed()).unwrap_or_default();
-        Ok((out, stats))
+        let next = self.sampler.sample(logits, &self.history);
+        if self.decode_start.is_none() {
+            self.stats.prompt_time = self.started.elapsed();
+            self.decode_start = Some(Instant::now());
+        }
+        if self.stop_ids.contains(&next) {
+            self.stats.stopped = true;
+            return Ok(None);
+        }
+        self.out.push(next);
+        self.history.push(next);
+        if !on_token(next)? || self.out.len() >= self.max_tokens || self.fed + 1 > self.limit {
+            return Ok(None);
+        }
+        self.fed += 1;
+        Ok(Some(next))
+    }
+
+    /// The generated tokens and the figures.
+    pub fn finish(mut self) -> (Vec<u32>, GenerationStats) {
+        self.stats.generated_tokens = self.out.len();
+        self.stats.decode_time = self.decode_start.map(|s| s.elapsed()).unwrap_or_default();
+        (self.out, self.stats)
     }
 }

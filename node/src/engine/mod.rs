@@ -23,7 +23,9 @@ pub use config::{Arch, ModelConfig, RopeScaling, MAX_CONTEXT};
 pub use error::EngineError;
 pub use file::{ModelFile, WeightMode, MAX_SAFETENSORS_HEADER};
 pub use kv::{SpanCache, INITIAL_CACHE_POSITIONS};
-pub use local::{GenerateOptions, GenerationStats, LocalModel, LocalSession, DEFAULT_MAX_TOKENS};
+pub use local::{
+    GenerateOptions, GenerationStats, LocalModel, LocalSession, TokenLoop, DEFAULT_MAX_TOKENS,
+};
 pub use model::{hidden_from_frame, hidden_to_frame, Head, Span};
 pub use sampling::{
     Sampler, SamplingParams, DEFAULT_REPETITION_WINDOW, DEFAULT_SEED, DEFAULT_TEMPERATURE,

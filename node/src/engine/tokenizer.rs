@@ -241,4 +241,24 @@ impl TextStream {
         self.emitted = text.len();
         Ok(piece)
     }
+
+    /// Adds a token and writes the text it completes to `w` (flushed);
+    /// returns `false` once `w` fails (e.g. a closed pipe), so the caller can
+    /// stop generating quietly.
+    pub fn write_to(
+        &mut self,
+        tok: &ChatTokenizer,
+        id: u32,
+        w: &mut impl std::io::Write,
+    ) -> Result<bool> {
+        if let Some(piece) = self.push(tok, id)? {
+            if w.write_all(piece.as_bytes())
+                .and_then(|_| w.flush())
+                .is_err()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }

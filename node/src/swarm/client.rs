@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::net::NetHandle;
 use super::wire::{read_frame, read_message, write_frame, write_message};
 use crate::engine::{
-    hidden_from_frame, hidden_to_frame, GenerateOptions, GenerationStats, Head, Sampler,
+    hidden_from_frame, hidden_to_frame, GenerateOptions, GenerationStats, Head, TokenLoop,
 };
 
 /// Default time a step may take end to end before the client gives up.
@@ -426,14 +426,8 @@ pub async fn generate_remote(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> anyhow::Result<bool>,
 ) -> anyhow::Result<(Vec<u32>, GenerationStats)> {
-    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
     let hidden_size = head.config().hidden_size;
-    let limit = head.config().max_seq_len;
-    anyhow::ensure!(
-        prompt.len() < limit,
-        "the prompt has {} tokens, the context is {limit}",
-        prompt.len()
-    );
+    let mut tokens = TokenLoop::new(prompt, opts, head.config().max_seq_len)?;
     let embed = |head: std::sync::Arc<Head>, tokens: Vec<u32>| async move {
         tokio::task::spawn_blocking(move || -> anyhow::Result<TensorFrame> {
             Ok(hidden_to_frame(&head.embed(&tokens)?)?)
@@ -447,43 +441,17 @@ pub async fn generate_remote(
         })
         .await?
     };
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut history = prompt.to_vec();
-    let mut out = Vec::new();
-    let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
-    };
-    let t0 = Instant::now();
-    let mut pos = 0u32;
     let h = session
-        .step(pos, embed(head.clone(), prompt.to_vec()).await?)
+        .step(0, embed(head.clone(), prompt.to_vec()).await?)
         .await?;
-    pos += prompt.len() as u32;
+    let mut pos = prompt.len() as u32;
     let mut l = logits(head.clone(), h).await?;
-    let mut decode_start = None;
-    while out.len() < opts.max_tokens {
-        let next = sampler.sample(&l, &history);
-        if decode_start.is_none() {
-            stats.prompt_time = t0.elapsed();
-            decode_start = Some(Instant::now());
-        }
-        if opts.stop_ids.contains(&next) {
-            stats.stopped = true;
-            break;
-        }
-        out.push(next);
-        history.push(next);
-        if !on_token(next)? || out.len() >= opts.max_tokens || pos as usize + 1 > limit {
-            break;
-        }
+    while let Some(next) = tokens.next(&l, &mut on_token)? {
         let h = session
             .step(pos, embed(head.clone(), vec![next]).await?)
             .await?;
         pos += 1;
         l = logits(head.clone(), h).await?;
     }
-    stats.generated_tokens = out.len();
-    stats.decode_time = decode_start.map(|s| s.elapsed()).unwrap_or_default();
-    Ok((out, stats))
+    Ok(tokens.finish())
 }
