@@ -356,6 +356,9 @@ pub(crate) struct BenchSwarmArgs {
     /// fast, exact or f32.
     #[arg(long, default_value = "fast")]
     weights: WeightMode,
+    /// Alternating rounds of local and swarm decoding per swarm size.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -415,27 +418,25 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
     let path_str = path.to_string_lossy().to_string();
     let weights = format!("{:?}", args.weights).to_lowercase();
 
-    // The local engine, in this process, same prompt and tokens.
+    // The local engine, in this process, same prompt and tokens; measured
+    // alternately with each swarm so that machine noise hits both alike.
     let local = LocalModel::load_whole(&file, args.weights)?;
-    let greedy = |l: &[f32]| Sampler::new(SamplingParams::greedy()).sample(l, &[]);
-    let mut s = local.new_session();
-    let mut next = greedy(&local.forward_last(&mut s, &prompt)?);
-    let mut local_tokens = vec![next];
-    let mut local_times = Vec::new();
-    for _ in 0..args.tokens {
-        let t = std::time::Instant::now();
-        next = greedy(&local.forward_last(&mut s, &[next])?);
-        local_times.push(t.elapsed().as_secs_f64());
-        local_tokens.push(next);
-    }
-    drop(local);
-    let local_step = median(local_times);
-    println!(
-        "local engine: {:.1} tokens/s ({:.0} us per token)",
-        1.0 / local_step,
-        local_step * 1e6
-    );
-
+    let local_run = || -> Result<(Vec<f64>, Vec<u32>)> {
+        let greedy = |l: &[f32]| Sampler::new(SamplingParams::greedy()).sample(l, &[]);
+        let mut s = local.new_session();
+        let mut next = greedy(&local.forward_last(&mut s, &prompt)?);
+        let mut tokens = vec![next];
+        let mut times = Vec::new();
+        for _ in 0..args.tokens {
+            let t = std::time::Instant::now();
+            next = greedy(&local.forward_last(&mut s, &[next])?);
+            times.push(t.elapsed().as_secs_f64());
+            tokens.push(next);
+        }
+        Ok((times, tokens))
+    };
+    let (first_times, local_tokens) = local_run()?;
+    let mut all_local = first_times;
     let head = Arc::new(Head::load(&file, args.weights)?);
     let bin = std::env::current_exe()?;
     let mut rows = Vec::new();
@@ -495,24 +496,40 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         let route = simple_route(&model_id, n_blocks as u32, &servers)?;
         let hops = route.len();
         let max_len = (prompt.len() + args.tokens + 2) as u32;
-        let mut session =
-            RemoteSession::open(&net, &model_id, route, max_len, Duration::from_secs(30)).await?;
-        let (times, tokens) = swarm_decode(&head, &mut session, &prompt, args.tokens).await?;
-        session.close().await;
+        let (mut swarm_times, mut local_times, mut same) = (Vec::new(), Vec::new(), true);
+        for _ in 0..args.rounds.max(1) {
+            let (t, _) = local_run()?;
+            local_times.extend(t);
+            let mut session = RemoteSession::open(
+                &net,
+                &model_id,
+                route.clone(),
+                max_len,
+                Duration::from_secs(30),
+            )
+            .await?;
+            let (t, tokens) = swarm_decode(&head, &mut session, &prompt, args.tokens).await?;
+            session.close().await;
+            swarm_times.extend(t);
+            same &= tokens == local_tokens;
+        }
         net.shutdown().await;
         drop(procs);
-        let step = median(times);
+        let step = median(swarm_times);
+        all_local.extend(&local_times);
+        let local_step = median(local_times);
         let overhead_us = (step - local_step) / hops as f64 * 1e6;
-        let same = tokens == local_tokens;
         println!(
-            "{n} node(s), {hops} hop(s): {:.1} tokens/s = {:.3}x local; per-hop overhead {:.0} us; tokens match local: {same}",
+            "{n} node(s), {hops} hop(s): {:.1} tokens/s, local {:.1} tokens/s: {:.3}x local; per-hop overhead {:.0} us; tokens match local: {same}",
             1.0 / step,
+            1.0 / local_step,
             local_step / step,
             overhead_us
         );
         rows.push(serde_json::json!({
             "nodes": n,
             "hops": hops,
+            "local_decode_tokens_per_s": 1.0 / local_step,
             "decode_tokens_per_s": 1.0 / step,
             "ratio_vs_local": local_step / step,
             "per_hop_overhead_us": overhead_us,
@@ -526,7 +543,7 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
             "model": args.model,
             "weights": weights,
             "decode_tokens": args.tokens,
-            "local_decode_tokens_per_s": 1.0 / local_step,
+            "local_decode_tokens_per_s": 1.0 / median(all_local),
             "swarms": rows,
         })
     );

@@ -405,6 +405,26 @@ async fn a_server_dying_mid_session_is_named_within_the_step_timeout() -> Result
         elapsed <= timeout + Duration::from_secs(1),
         "reported after {elapsed:?}"
     );
+    // Its announcements stop; once they are stale the swarm view drops it and
+    // routing names the gap.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let live = nomoat_node::swarm::client::discover(&client, &boot, MODEL).await?;
+        if live.len() == 2 {
+            match simple_route(MODEL, 6, &live) {
+                Err(e @ SwarmError::NoRoute { .. }) => {
+                    assert!(e.to_string().contains("2..4"), "{e}");
+                    break;
+                }
+                other => panic!("expected no route, got {other:?}"),
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead server was never expired: {live:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     servers[0].kill().await;
     servers[2].kill().await;
     Ok(())
