@@ -359,6 +359,11 @@ pub(crate) struct BenchSwarmArgs {
     /// Alternating rounds of local and swarm decoding per swarm size.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Compute threads of every participant: the local engine and each
+    /// server get the same, as separate machines would get the same cores.
+    /// On one small machine, more threads per process oversubscribe it.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) threads: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -446,15 +451,7 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
             "--nodes must be between 1 and {n_blocks}"
         );
         let splits = nomoat_scheduler::even_splits(n_blocks as u32, n as u32)?;
-        // The servers share this machine's cores, as they would share nothing
-        // on separate machines.
-        // RAYON_NUM_THREADS, when set, applies to every process of the run.
-        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-        let threads = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|t| t.parse::<usize>().ok())
-            .unwrap_or((cores / n).max(1))
-            .to_string();
+        let threads = args.threads.max(1).to_string();
         let mut procs: Vec<ServeProcess> = Vec::new();
         for (i, r) in splits.iter().enumerate().rev() {
             let blocks = r.to_string();
@@ -543,6 +540,7 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
             "model": args.model,
             "weights": weights,
             "decode_tokens": args.tokens,
+            "threads_per_process": args.threads,
             "local_decode_tokens_per_s": 1.0 / median(all_local),
             "swarms": rows,
         })

@@ -447,6 +447,9 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine(args),
         Command::Bench(BenchCommand::Swarm(args)) => {
+            // The local engine gets the servers' thread count (set before any
+            // other thread exists).
+            std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cmd_swarm::bench_swarm(args))
         }
         Command::Serve(args) => {
