@@ -7,6 +7,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let fds = protox::compile(files, [&root])?;
-    prost_build::Config::new().compile_fds(fds)?;
+    prost_build::Config::new()
+        // Hidden states are sliced out of the received buffer, not copied.
+        .bytes([
+            ".nomoat.v1.Step.hidden",
+            ".nomoat.v1.StepResult.hidden",
+            ".nomoat.v1.SpanOutput.hidden",
+        ])
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use prost::Message as _;
 
 use crate::{ErrorCode, TensorError, TensorFrame, MAX_TENSOR_BYTES};
@@ -429,10 +430,17 @@ impl InferMessage {
     /// Decodes and validates one message (without its length prefix).
     pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
         check_message_len(bytes.len())?;
+        Self::decode_bytes(Bytes::copy_from_slice(bytes))
+    }
+
+    /// [`decode`](Self::decode) from a shared buffer: the hidden states of
+    /// `Step`, `Result` and `Copy` are slices of `bytes`, not copies.
+    pub fn decode_bytes(bytes: Bytes) -> Result<Self, MessageError> {
+        check_message_len(bytes.len())?;
         // Only hidden-state messages may be large, and a route's length is
         // checked before anything is allocated for it.
         let large = bytes.len() > MAX_CONTROL_BYTES;
-        walk(bytes, |n, payload| {
+        walk(&bytes, |n, payload| {
             if large && !matches!(n, 3..=5) {
                 return Err(MessageError::TooLarge {
                     len: bytes.len(),
@@ -451,8 +459,8 @@ impl InferMessage {
             }
             Ok(())
         })?;
-        let frame =
-            pb::InferFrame::decode(bytes).map_err(|e| MessageError::Decode(e.to_string()))?;
+        let frame = pb::InferFrame::decode(bytes.clone())
+            .map_err(|e| MessageError::Decode(e.to_string()))?;
         use pb::infer_frame::Kind;
         Ok(match frame.kind.ok_or(MessageError::Empty)? {
             Kind::Open(o) => {
@@ -503,18 +511,18 @@ impl InferMessage {
                 session_id: SessionId::from_bytes(&s.session_id)?,
                 seq: s.seq,
                 start_pos: s.start_pos,
-                hidden: TensorFrame::decode(&s.hidden)?,
+                hidden: TensorFrame::decode_bytes(s.hidden)?,
             }),
             Kind::Result(r) => InferMessage::Result {
                 session_id: SessionId::from_bytes(&r.session_id)?,
                 seq: r.seq,
-                hidden: TensorFrame::decode(&r.hidden)?,
+                hidden: TensorFrame::decode_bytes(r.hidden)?,
             },
             Kind::Copy(c) => InferMessage::Copy {
                 session_id: SessionId::from_bytes(&c.session_id)?,
                 seq: c.seq,
                 hop_index: c.hop_index,
-                hidden: TensorFrame::decode(&c.hidden)?,
+                hidden: TensorFrame::decode_bytes(c.hidden)?,
             },
             Kind::Opened(o) => InferMessage::Opened {
                 session_id: SessionId::from_bytes(&o.session_id)?,
@@ -570,7 +578,7 @@ impl InferMessage {
                 session_id: s.session_id.0.to_vec(),
                 seq: s.seq,
                 start_pos: s.start_pos,
-                hidden: s.hidden.encode(),
+                hidden: s.hidden.encode().into(),
             }),
             InferMessage::Result {
                 session_id,
@@ -579,7 +587,7 @@ impl InferMessage {
             } => Kind::Result(pb::StepResult {
                 session_id: session_id.0.to_vec(),
                 seq: *seq,
-                hidden: hidden.encode(),
+                hidden: hidden.encode().into(),
             }),
             InferMessage::Copy {
                 session_id,
@@ -590,7 +598,7 @@ impl InferMessage {
                 session_id: session_id.0.to_vec(),
                 seq: *seq,
                 hop_index: *hop_index,
-                hidden: hidden.encode(),
+                hidden: hidden.encode().into(),
             }),
             InferMessage::Opened {
                 session_id,
@@ -621,7 +629,40 @@ impl InferMessage {
     }
 
     /// Encodes the message with its 4-byte little-endian length prefix.
+    ///
+    /// Hidden-state messages are written directly (the same bytes prost
+    /// writes), copying the elements once, straight into the output.
     pub fn encode_framed(&self) -> Vec<u8> {
+        match self {
+            InferMessage::Step(s) => frame_hidden(
+                3,
+                &s.session_id,
+                &[(2, s.seq), (3, u64::from(s.start_pos))],
+                4,
+                &s.hidden,
+            ),
+            InferMessage::Result {
+                session_id,
+                seq,
+                hidden,
+            } => frame_hidden(4, session_id, &[(2, *seq)], 3, hidden),
+            InferMessage::Copy {
+                session_id,
+                seq,
+                hop_index,
+                hidden,
+            } => frame_hidden(
+                5,
+                session_id,
+                &[(2, *seq), (3, u64::from(*hop_index))],
+                4,
+                hidden,
+            ),
+            _ => self.encode_framed_prost(),
+        }
+    }
+
+    fn encode_framed_prost(&self) -> Vec<u8> {
         let body = self.to_pb();
         let len = body.encoded_len();
         let mut out = Vec::with_capacity(4 + len);
@@ -800,4 +841,126 @@ pub fn decode_info_response(bytes: &[u8]) -> Result<Vec<ServerInfo>, MessageErro
         return Err(field("servers", format!("{} entries", r.servers.len())));
     }
     r.servers.into_iter().map(ServerInfo::from_pb).collect()
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros()).div_ceil(7) as usize
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Writes `InferFrame { <outer>: { 1: session_id, <varints>, <hidden_field>:
+/// hidden } }` with its length prefix, as prost would (fields in number
+/// order, zero varints omitted). Field numbers are below 16: one-byte tags.
+fn frame_hidden(
+    outer: u8,
+    session: &SessionId,
+    varints: &[(u8, u64)],
+    hidden_field: u8,
+    hidden: &TensorFrame,
+) -> Vec<u8> {
+    let hlen = hidden.encoded_len();
+    let inner = 2
+        + SESSION_ID_LEN
+        + varints
+            .iter()
+            .filter(|(_, v)| *v != 0)
+            .map(|(_, v)| 1 + varint_len(*v))
+            .sum::<usize>()
+        + 1
+        + varint_len(hlen as u64)
+        + hlen;
+    let body = 1 + varint_len(inner as u64) + inner;
+    let mut out = Vec::with_capacity(4 + body);
+    out.extend_from_slice(&(body as u32).to_le_bytes());
+    out.push(outer << 3 | 2);
+    put_varint(&mut out, inner as u64);
+    out.push(1 << 3 | 2);
+    out.push(SESSION_ID_LEN as u8);
+    out.extend_from_slice(&session.0);
+    for &(field, v) in varints {
+        if v != 0 {
+            out.push(field << 3);
+            put_varint(&mut out, v);
+        }
+    }
+    out.push(hidden_field << 3 | 2);
+    put_varint(&mut out, hlen as u64);
+    hidden.encode_header_to(&mut out);
+    out.extend_from_slice(hidden.data());
+    out
+}
+
+#[cfg(test)]
+mod framing_tests {
+    use super::*;
+    use crate::DType;
+
+    #[test]
+    fn direct_framing_equals_prost() {
+        let id = SessionId([0xab; SESSION_ID_LEN]);
+        for (t, seq, pos) in [
+            (1usize, 0u64, 0u32),
+            (3, 1, 7),
+            (200, 300, 100_000),
+            (1, u64::MAX, u32::MAX),
+        ] {
+            let values: Vec<f32> = (0..t * 8).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let hidden = TensorFrame::from_f32_vec(vec![t, 8], values).unwrap();
+            for m in [
+                InferMessage::Step(Step {
+                    session_id: id,
+                    seq,
+                    start_pos: pos,
+                    hidden: hidden.clone(),
+                }),
+                InferMessage::Result {
+                    session_id: id,
+                    seq,
+                    hidden: hidden.clone(),
+                },
+                InferMessage::Copy {
+                    session_id: id,
+                    seq,
+                    hop_index: pos,
+                    hidden: hidden.clone(),
+                },
+            ] {
+                let direct = m.encode_framed();
+                assert_eq!(direct, m.encode_framed_prost(), "{m:?}");
+                let back = InferMessage::decode_bytes(Bytes::from(direct[4..].to_vec())).unwrap();
+                assert_eq!(back, m);
+            }
+        }
+        let f16 = TensorFrame::from_f32(vec![2, 4], &[1.0; 8], DType::F16).unwrap();
+        let m = InferMessage::Result {
+            session_id: id,
+            seq: 9,
+            hidden: f16,
+        };
+        assert_eq!(m.encode_framed(), m.encode_framed_prost());
+    }
+
+    #[test]
+    fn decoded_hidden_states_share_the_received_buffer() {
+        let hidden = TensorFrame::from_f32_vec(vec![2, 4], vec![0.25; 8]).unwrap();
+        let m = InferMessage::Step(Step {
+            session_id: SessionId([1; SESSION_ID_LEN]),
+            seq: 1,
+            start_pos: 0,
+            hidden,
+        });
+        let buf = Bytes::from(m.encode_framed()[4..].to_vec());
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let InferMessage::Step(step) = InferMessage::decode_bytes(buf).unwrap() else {
+            panic!("not a step");
+        };
+        assert!(range.contains(&(step.hidden.data().as_ptr() as usize)));
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use half::{bf16, f16};
 
 use crate::{
@@ -84,7 +85,18 @@ impl fmt::Display for DType {
 pub struct TensorFrame {
     dtype: DType,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    /// Shared, so forwarding a frame or slicing it out of a received message
+    /// never copies the elements.
+    data: Bytes,
+}
+
+/// A `Vec<f32>` seen as little-endian bytes, owned by a [`Bytes`].
+struct F32Le(Vec<f32>);
+
+impl AsRef<[u8]> for F32Le {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
 }
 
 impl TensorFrame {
@@ -96,7 +108,12 @@ impl TensorFrame {
     /// [`TensorError::ZeroDim`] for a zero dimension, [`TensorError::TooLarge`] when the
     /// shape needs more than [`MAX_TENSOR_BYTES`], and [`TensorError::LengthMismatch`]
     /// when `data` is not exactly the length the shape and dtype need.
-    pub fn new(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self, TensorError> {
+    pub fn new(
+        dtype: DType,
+        shape: Vec<usize>,
+        data: impl Into<Bytes>,
+    ) -> Result<Self, TensorError> {
+        let data = data.into();
         let expected = checked_data_len(dtype, &shape)?;
         if data.len() != expected {
             return Err(TensorError::LengthMismatch {
@@ -132,7 +149,33 @@ impl TensorFrame {
                 .iter()
                 .for_each(|&v| data.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
         }
-        Ok(Self { dtype, shape, data })
+        Ok(Self {
+            dtype,
+            shape,
+            data: data.into(),
+        })
+    }
+
+    /// Builds an f32 frame that takes ownership of `values`: on little-endian
+    /// machines the elements are not copied.
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new).
+    pub fn from_f32_vec(shape: Vec<usize>, values: Vec<f32>) -> Result<Self, TensorError> {
+        if cfg!(target_endian = "big") {
+            return Self::from_f32(shape, &values, DType::F32);
+        }
+        let expected = checked_data_len(DType::F32, &shape)?;
+        let got = values.len().saturating_mul(4);
+        if got != expected {
+            return Err(TensorError::LengthMismatch { expected, got });
+        }
+        Ok(Self {
+            dtype: DType::F32,
+            shape,
+            data: Bytes::from_owner(F32Le(values)),
+        })
     }
 
     /// Decodes every element to f32 (exactly: f16 and bf16 widen without loss).
@@ -171,6 +214,11 @@ impl TensorFrame {
         &self.data
     }
 
+    /// The element bytes as a shared buffer (no copy).
+    pub fn data_bytes(&self) -> &Bytes {
+        &self.data
+    }
+
     /// Number of elements: the product of the dimensions (1 for a scalar).
     pub fn elem_count(&self) -> usize {
         self.data.len() / self.dtype.size_in_bytes()
@@ -184,6 +232,12 @@ impl TensorFrame {
     /// Appends the frame's encoding to `out`.
     pub fn encode_to(&self, out: &mut Vec<u8>) {
         out.reserve(self.encoded_len());
+        self.encode_header_to(out);
+        out.extend_from_slice(&self.data);
+    }
+
+    /// Appends the header and dimensions (everything before the data).
+    pub fn encode_header_to(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&TENSOR_HEADER_MAGIC);
         // The casts cannot truncate: see the assertions at the top of this module.
         out.extend_from_slice(&[
@@ -197,7 +251,6 @@ impl TensorFrame {
         for &dim in &self.shape {
             out.extend_from_slice(&(dim as u32).to_le_bytes());
         }
-        out.extend_from_slice(&self.data);
     }
 
     /// Encodes the frame into a new buffer of [`encoded_len`](Self::encoded_len) bytes.
@@ -218,6 +271,31 @@ impl TensorFrame {
     /// and [`TensorError::LengthMismatch`]: a short input is
     /// [`TensorError::Truncated`] and a long one [`TensorError::TrailingBytes`].
     pub fn decode(bytes: &[u8]) -> Result<Self, TensorError> {
+        let (dtype, shape, header_len) = Self::check(bytes)?;
+        Ok(Self {
+            dtype,
+            shape,
+            data: Bytes::copy_from_slice(&bytes[header_len..]),
+        })
+    }
+
+    /// [`decode`](Self::decode) from a shared buffer: the frame's data is a
+    /// slice of `bytes`, not a copy.
+    ///
+    /// # Errors
+    ///
+    /// As [`decode`](Self::decode).
+    pub fn decode_bytes(bytes: Bytes) -> Result<Self, TensorError> {
+        let (dtype, shape, header_len) = Self::check(&bytes)?;
+        Ok(Self {
+            dtype,
+            shape,
+            data: bytes.slice(header_len..),
+        })
+    }
+
+    /// Validates a whole encoded frame; returns dtype, shape and header length.
+    fn check(bytes: &[u8]) -> Result<(DType, Vec<usize>, usize), TensorError> {
         let Some(&[m0, m1, version, dtype, rank, r0, r1, r2]) =
             bytes.first_chunk::<FIXED_HEADER_LEN>()
         else {
@@ -264,11 +342,7 @@ impl TensorFrame {
             std::cmp::Ordering::Greater => Err(TensorError::TrailingBytes {
                 extra: bytes.len() - frame_len,
             }),
-            std::cmp::Ordering::Equal => Ok(Self {
-                dtype,
-                shape,
-                data: bytes[header_len..].to_vec(),
-            }),
+            std::cmp::Ordering::Equal => Ok((dtype, shape, header_len)),
         }
     }
 

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use nomoat_protocol::{DType as WireDType, TensorFrame};
+use nomoat_protocol::TensorFrame;
 
 use super::config::ModelConfig;
 use super::file::{ModelFile, RawWeight, WeightMode};
@@ -554,12 +554,9 @@ impl Head {
 /// Encodes hidden states `(1, t, hidden)` as a tensor frame of shape `[t, hidden]`.
 pub fn hidden_to_frame(h: &Tensor) -> Result<TensorFrame> {
     let (_, t, hidden) = h.dims3()?;
+    // One copy out of the tensor; the frame then owns that buffer.
     let values = h.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok(TensorFrame::from_f32(
-        vec![t, hidden],
-        &values,
-        WireDType::F32,
-    )?)
+    Ok(TensorFrame::from_f32_vec(vec![t, hidden], values)?)
 }
 
 /// Decodes a tensor frame into hidden states `(1, t, hidden)`, checking its

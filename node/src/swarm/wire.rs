@@ -45,7 +45,8 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<InferMessage>, WireError> {
     match read_frame(r).await? {
-        Some(buf) => Ok(Some(InferMessage::decode(&buf)?)),
+        // The hidden state inside stays in this buffer: no copy.
+        Some(buf) => Ok(Some(InferMessage::decode_bytes(bytes::Bytes::from(buf))?)),
         None => Ok(None),
     }
 }
