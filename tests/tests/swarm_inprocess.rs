@@ -79,6 +79,21 @@ async fn three_servers_give_the_whole_models_logits() -> Result<()> {
     let found = discover_n(&client, &boot, MODEL, 3).await?;
     let route = simple_route(MODEL, 6, &found)?;
     assert_eq!(route.len(), 3, "{route:?}");
+    // The DHT knows every server as a provider of the model.
+    let mut want: Vec<PeerId> = servers.iter().map(|s| s.net.peer_id()).collect();
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = client.providers(MODEL, Duration::from_secs(5)).await;
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "providers {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let head = Head::load(&file, WeightMode::Fast)?;
     let mut session =
         RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?;

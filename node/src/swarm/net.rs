@@ -152,6 +152,10 @@ enum Command {
         info: ServerInfo,
     },
     Bootstrap,
+    Providers {
+        model_id: String,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     Shutdown,
 }
 
@@ -309,6 +313,24 @@ impl NetHandle {
         self.view().reachability.unwrap_or(Reachability::Unknown)
     }
 
+    /// Asks the DHT which peers provide `model_id` (servers announce a
+    /// provider record for the model they serve).
+    pub async fn providers(&self, model_id: &str, timeout: Duration) -> Vec<PeerId> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Providers {
+            model_id: model_id.to_string(),
+            reply,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Vec::new();
+        }
+        tokio::time::timeout(timeout, rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+
     /// Stops the network actor.
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
@@ -429,6 +451,7 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
         rx,
         view,
         pending_dials: HashMap::new(),
+        pending_providers: HashMap::new(),
         own: None,
         subscribed: Vec::new(),
         heartbeat: cfg.heartbeat,
@@ -453,6 +476,7 @@ struct Actor {
     rx: mpsc::Receiver<Command>,
     view: Arc<Mutex<View>>,
     pending_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, NetError>>>>,
+    pending_providers: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, Vec<PeerId>)>,
     own: Option<ServerInfo>,
     subscribed: Vec<String>,
     heartbeat: Duration,
@@ -580,6 +604,14 @@ impl Actor {
                 self.own = Some(info);
                 self.announce();
             }
+            Command::Providers { model_id, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(&model_id));
+                self.pending_providers.insert(id, (reply, Vec::new()));
+            }
             Command::Bootstrap => {
                 if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
                     debug!("DHT bootstrap: {e}");
@@ -681,6 +713,25 @@ impl Actor {
                     }
                     Ok(_) => warn!(%source, "announcement for another peer id dropped"),
                     Err(e) => warn!(%source, "bad announcement dropped: {e}"),
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => {
+                if let Some((_, found)) = self.pending_providers.get_mut(&id) {
+                    if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                        found.extend(providers);
+                    }
+                }
+                if step.last {
+                    if let Some((reply, mut found)) = self.pending_providers.remove(&id) {
+                        found.sort();
+                        found.dedup();
+                        let _ = reply.send(found);
+                    }
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
