@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use nomoat_tests::harness::{nomoat_bin, serve, Proc};
 
+/// The tests of this file run one at a time: each starts three servers, and
+/// on a small machine nine at once would starve each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Starts the three servers (last first, the others bootstrapping from it)
 /// and waits until `nomoat status` shows every block covered.
 fn three_servers() -> Result<Vec<Proc>> {
@@ -86,6 +94,7 @@ fn generate(extra: &[&str], prompt: &str) -> Result<(String, String)> {
 
 #[test]
 fn three_processes_generate_exactly_the_local_text() -> Result<()> {
+    let _serial = serial();
     let servers = three_servers()?;
     let boot = servers[2].addr();
     for prompt in [
@@ -193,6 +202,7 @@ fn stop_middle_mid_generation(
 
 #[test]
 fn a_server_killed_mid_generation_is_named() -> Result<()> {
+    let _serial = serial();
     let step_timeout = 5.0;
     let (status, stderr, elapsed, middle, _) = stop_middle_mid_generation("KILL", step_timeout)?;
     assert!(
@@ -212,6 +222,7 @@ fn a_server_killed_mid_generation_is_named() -> Result<()> {
 
 #[test]
 fn a_server_stopped_with_sigterm_leaves_cleanly_and_says_so() -> Result<()> {
+    let _serial = serial();
     // A long step timeout: the client must learn of the stop from the server,
     // not by waiting.
     let (status, stderr, elapsed, middle, server) = stop_middle_mid_generation("TERM", 60.0)?;
