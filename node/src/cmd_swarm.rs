@@ -11,7 +11,7 @@ use libp2p::{Multiaddr, PeerId};
 use nomoat_node::engine::{
     ChatTokenizer, GenerateOptions, GenerationStats, Head, ModelFile, Span, TextStream, WeightMode,
 };
-use nomoat_node::swarm::client::{discover, generate_remote, simple_route, RemoteSession};
+use nomoat_node::swarm::client::{discover, generate_remote, plan, RemoteSession};
 use nomoat_node::swarm::executor::{
     Executor, ExecutorConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_KV_TOKENS, DEFAULT_MAX_SESSIONS,
 };
@@ -194,11 +194,11 @@ pub(crate) async fn generate_swarm(
     net.subscribe(&model_id).await;
     let servers = discover(&net, &bootstrap, &model_id).await?;
     let n = file.config().num_blocks as u32;
-    let route = simple_route(&model_id, n, &servers)?;
     let max_len = file
         .config()
         .max_seq_len
         .min(prompt.len() + opts.max_tokens + 1) as u32;
+    let route = plan(&net, &model_id, n, &servers, max_len)?;
     let mut session = RemoteSession::open(&net, &model_id, route, max_len, step_timeout).await?;
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
@@ -490,9 +490,9 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let route = simple_route(&model_id, n_blocks as u32, &servers)?;
-        let hops = route.len();
         let max_len = (prompt.len() + args.tokens + 2) as u32;
+        let route = plan(&net, &model_id, n_blocks as u32, &servers, max_len)?;
+        let hops = route.len();
         let (mut swarm_times, mut local_times, mut same) = (Vec::new(), Vec::new(), true);
         for _ in 0..args.rounds.max(1) {
             let (t, _) = local_run()?;

@@ -7,7 +7,8 @@
 //! its outputs are decisions, so every choice it makes can be tested
 //! deterministically.
 //!
-//! Routing and placement come later. For now the crate holds the span arithmetic
+//! Routing ([`plan_route`]: the cheapest chain of servers by expected per-token
+//! latency) is here; placement and rebalancing come later. The span arithmetic
 //! they build on:
 //!
 //! - [`BlockRange`]: a non-empty, half-open span of blocks `start..end`;
@@ -38,10 +39,12 @@
 //! ```
 
 mod coverage;
+mod route;
 
 use std::{fmt, str::FromStr};
 
 pub use coverage::{all_splits, chain, coverage_gaps, even_splits};
+pub use route::{plan_route, route_cost, Candidate, Route, RouteHop, NO_KV_PENALTY_S};
 
 /// A half-open span of transformer blocks, `start..end`.
 ///

@@ -77,8 +77,9 @@ async fn three_servers_give_the_whole_models_logits() -> Result<()> {
     let client = client_net().await?;
     let boot = vec![servers[2].addr.clone()];
     let found = discover_n(&client, &boot, MODEL, 3).await?;
-    let route = simple_route(MODEL, 6, &found)?;
+    let route = nomoat_node::swarm::client::plan(&client, MODEL, 6, &found, 64)?;
     assert_eq!(route.len(), 3, "{route:?}");
+    assert_eq!(route, simple_route(MODEL, 6, &found)?);
     // The DHT knows every server as a provider of the model.
     let mut want: Vec<PeerId> = servers.iter().map(|s| s.net.peer_id()).collect();
     want.sort();

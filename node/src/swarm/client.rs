@@ -139,8 +139,68 @@ pub async fn discover(
     Ok(all)
 }
 
+/// Throughput assumed for a server that has not measured itself yet,
+/// blocks per second: all unknown servers look alike, so the route then
+/// minimises legs and RTT.
+pub const UNKNOWN_BLOCKS_PER_S: f64 = 100.0;
+/// RTT assumed for a server not yet pinged.
+pub const UNKNOWN_RTT: Duration = Duration::from_millis(50);
+
+/// The cheapest route by expected per-token latency (see
+/// [`nomoat_scheduler::plan_route`]): measured RTTs, announced throughput and
+/// load, and a penalty on servers without KV room for `max_length` positions.
+pub fn plan(
+    net: &NetHandle,
+    model_id: &str,
+    num_blocks: u32,
+    servers: &[ServerInfo],
+    max_length: u32,
+) -> Result<Vec<Hop>, SwarmError> {
+    let candidates: Vec<nomoat_scheduler::Candidate> = servers
+        .iter()
+        .map(|s| {
+            let rtt = PeerId::from_bytes(&s.peer_id)
+                .ok()
+                .and_then(|p| net.rtt(&p))
+                .unwrap_or(UNKNOWN_RTT);
+            let span_len = f64::from(s.blocks.end - s.blocks.start);
+            let blocks_per_s = if s.throughput > 0.0 {
+                f64::from(s.throughput) * span_len
+            } else {
+                UNKNOWN_BLOCKS_PER_S
+            };
+            nomoat_scheduler::Candidate {
+                span: BlockRange {
+                    start: s.blocks.start,
+                    end: s.blocks.end,
+                },
+                blocks_per_s,
+                rtt_s: rtt.as_secs_f64(),
+                load: f64::from(s.load),
+                has_kv_room: s.free_kv_tokens >= max_length,
+                backed_off: false,
+            }
+        })
+        .collect();
+    match nomoat_scheduler::plan_route(num_blocks, &candidates) {
+        Some(route) => Ok(route
+            .hops
+            .iter()
+            .map(|h| Hop {
+                peer_id: servers[h.server].peer_id.clone(),
+                blocks: Blocks {
+                    start: h.blocks.start,
+                    end: h.blocks.end,
+                },
+            })
+            .collect()),
+        None => simple_route(model_id, num_blocks, servers),
+    }
+}
+
 /// Picks a chain of servers that covers blocks `0..num_blocks`: at each
-/// boundary the server that reaches furthest. Returns the hops.
+/// boundary the server that reaches furthest. Returns the hops, or
+/// [`SwarmError::NoRoute`] naming the uncovered blocks.
 pub fn simple_route(
     model_id: &str,
     num_blocks: u32,
