@@ -50,6 +50,18 @@ enum BenchCommand {
     /// Decode speed of local swarms of 1, 2, 3... server processes on
     /// loopback against the local engine, measured in the same run.
     Swarm(cmd_swarm::BenchSwarmArgs),
+    /// Route-planning time on simulated swarms of 100, 1,000 and 10,000 servers.
+    Scheduler {
+        /// Blocks in the simulated model.
+        #[arg(long, default_value_t = 80)]
+        blocks: u32,
+        /// Swarm sizes.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        servers: Vec<usize>,
+        /// Plans per size (the median is reported).
+        #[arg(long, default_value_t = 51)]
+        runs: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -434,6 +446,54 @@ fn bench_engine(args: BenchEngineArgs) -> Result<()> {
     Ok(())
 }
 
+/// A deterministic simulated swarm: spans of 1..=16 blocks, throughputs,
+/// RTTs and loads drawn from a fixed-seed generator.
+fn simulated_swarm(blocks: u32, n: usize, seed: u64) -> Vec<nomoat_scheduler::Candidate> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(1..=16u32.min(blocks));
+            let start = rng.random_range(0..=blocks - len);
+            nomoat_scheduler::Candidate {
+                span: BlockRange {
+                    start,
+                    end: start + len,
+                },
+                blocks_per_s: rng.random_range(50.0..2000.0),
+                rtt_s: rng.random_range(0.0005..0.2),
+                load: rng.random_range(0.0..1.0),
+                has_kv_room: rng.random_bool(0.9),
+                backed_off: rng.random_bool(0.05),
+            }
+        })
+        .collect()
+}
+
+fn bench_scheduler(blocks: u32, sizes: &[usize], runs: usize) -> Result<()> {
+    anyhow::ensure!(blocks > 0, "--blocks must be positive");
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let swarm = simulated_swarm(blocks, n, n as u64);
+        let mut times = Vec::new();
+        let mut hops = 0;
+        for _ in 0..runs.max(1) {
+            let t = Instant::now();
+            let route = nomoat_scheduler::plan_route(blocks, &swarm);
+            times.push(t.elapsed().as_secs_f64());
+            hops = route.map_or(0, |r| r.hops.len());
+        }
+        let ms = median(times) * 1e3;
+        println!("{n:>6} servers, {blocks} blocks: route planned in {ms:.3} ms (median of {runs}), {hops} hops");
+        rows.push(serde_json::json!({"servers": n, "plan_ms": ms, "hops": hops}));
+    }
+    println!(
+        "{}",
+        serde_json::json!({"bench": "scheduler", "blocks": blocks, "results": rows})
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -452,6 +512,11 @@ fn main() -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cmd_swarm::bench_swarm(args))
         }
+        Command::Bench(BenchCommand::Scheduler {
+            blocks,
+            servers,
+            runs,
+        }) => bench_scheduler(blocks, &servers, runs),
         Command::Serve(args) => {
             if let Some(n) = args.threads {
                 // Read by candle's and rayon's thread pools when they start;
