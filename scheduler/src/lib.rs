@@ -8,8 +8,9 @@
 //! deterministically.
 //!
 //! Routing ([`plan_route`]: the cheapest chain of servers by expected per-token
-//! latency) is here; placement and rebalancing come later. The span arithmetic
-//! they build on:
+//! latency) and placement ([`choose_span`], [`should_move`]: the window that most
+//! raises the weakest block, moving only for a clear gain) are here. The span
+//! arithmetic they build on:
 //!
 //! - [`BlockRange`]: a non-empty, half-open span of blocks `start..end`;
 //! - [`coverage_gaps`]: which blocks no span covers;
@@ -39,11 +40,13 @@
 //! ```
 
 mod coverage;
+mod placement;
 mod route;
 
 use std::{fmt, str::FromStr};
 
 pub use coverage::{all_splits, chain, coverage_gaps, even_splits};
+pub use placement::{block_throughput, choose_span, should_move, Placed, DEFAULT_MOVE_MARGIN};
 pub use route::{plan_route, route_cost, Candidate, Route, RouteHop, NO_KV_PENALTY_S};
 
 /// A half-open span of transformer blocks, `start..end`.
