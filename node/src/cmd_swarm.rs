@@ -67,9 +67,14 @@ pub(crate) struct ServeArgs {
     /// A catalog name, a .gguf file or a safetensors directory.
     #[arg(long, env = "NOMOAT_MODEL")]
     model: String,
-    /// Blocks to serve, e.g. 0..10.
+    /// Blocks to serve, e.g. 0..10, or `auto`: after a short random delay,
+    /// take the window of `--max-blocks` that most raises the swarm's weakest
+    /// block (an empty swarm: from block 0).
     #[arg(long)]
-    blocks: BlockRange,
+    blocks: String,
+    /// With `--blocks auto`, how many blocks this server holds.
+    #[arg(long, default_value_t = 8)]
+    max_blocks: u32,
     /// Peers to join (repeatable), addresses ending in /p2p/PEER_ID.
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
@@ -111,18 +116,75 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Throughput assumed for servers that have not measured themselves.
+const UNKNOWN_THROUGHPUT: f64 = 1.0;
+
+/// `--blocks auto`: waits a random moment (so servers starting together do
+/// not all pick the same window), looks at the swarm and takes the window
+/// that most raises its weakest block.
+async fn auto_blocks(
+    net: &net::NetHandle,
+    bootstrap: &[Multiaddr],
+    model_id: &str,
+    num_blocks: u32,
+    max_blocks: u32,
+) -> Result<BlockRange> {
+    anyhow::ensure!(max_blocks > 0, "--max-blocks must be positive");
+    let delay = rand::random::<u64>() % 1000;
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    net.subscribe(model_id).await;
+    let servers = if bootstrap.is_empty() {
+        Vec::new()
+    } else {
+        discover(net, bootstrap, model_id).await?
+    };
+    let placed: Vec<nomoat_scheduler::Placed> = servers
+        .iter()
+        .map(|s| nomoat_scheduler::Placed {
+            span: BlockRange {
+                start: s.blocks.start,
+                end: s.blocks.end,
+            },
+            throughput: if s.throughput > 0.0 {
+                f64::from(s.throughput)
+            } else {
+                UNKNOWN_THROUGHPUT
+            },
+        })
+        .collect();
+    let (span, min) =
+        nomoat_scheduler::choose_span(num_blocks, &placed, max_blocks, UNKNOWN_THROUGHPUT)
+            .context("the model has no blocks")?;
+    eprintln!(
+        "placement: {} server(s) known; taking blocks {span} (weakest block then at {min:.1} tokens/s)",
+        servers.len()
+    );
+    Ok(span)
+}
+
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let path = nomoat_node::catalog::resolve(&args.model, true)?;
     let file = ModelFile::open(&path)?;
     let n = file.config().num_blocks as u32;
-    args.blocks
-        .check_within(n)
-        .with_context(|| format!("the model has blocks 0..{n}"))?;
     let model_id = model_file_id(&path).with_context(|| format!("hashing {}", path.display()))?;
+    let net = net::start(args.net.config(args.bootstrap.clone())).await?;
+    for relay in &args.net.relay {
+        net.dial(relay.clone()).await?;
+        net.listen_on(relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
+            .await?;
+    }
+    let blocks = if args.blocks == "auto" {
+        auto_blocks(&net, &args.bootstrap, &model_id, n, args.max_blocks).await?
+    } else {
+        let b: BlockRange = args.blocks.parse()?;
+        b.check_within(n)
+            .with_context(|| format!("the model has blocks 0..{n}"))?;
+        b
+    };
     let span = Arc::new(Span::load(
         &file,
-        args.blocks.start as usize,
-        args.blocks.end as usize,
+        blocks.start as usize,
+        blocks.end as usize,
         args.weights,
     )?);
     let exec = Executor::start(
@@ -133,12 +195,6 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout),
         },
     )?;
-    let net = net::start(args.net.config(args.bootstrap.clone())).await?;
-    for relay in &args.net.relay {
-        net.dial(relay.clone()).await?;
-        net.listen_on(relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
-            .await?;
-    }
     let listen = net
         .wait_listening(
             args.net.listen.len() + args.net.relay.len(),
@@ -152,7 +208,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         "peer_id": net.peer_id().to_string(),
         "listen": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "model_id": model_id,
-        "blocks": args.blocks.to_string(),
+        "blocks": blocks.to_string(),
     });
     println!("{hello}");
     std::io::stdout().flush()?;

@@ -239,3 +239,66 @@ fn a_server_stopped_with_sigterm_leaves_cleanly_and_says_so() -> Result<()> {
     );
     Ok(())
 }
+
+/// Servers known to `boot`, as `nomoat status --json` reports them.
+fn status(boot: &str) -> Result<serde_json::Value> {
+    let out = Command::new(nomoat_bin()?)
+        .args(["status", "--swarm", boot, "--json"])
+        .output()?;
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+}
+
+#[test]
+fn servers_placed_automatically_cover_the_model_and_serve() -> Result<()> {
+    let _serial = serial();
+    let auto = [
+        "--model",
+        "smollm2-135m",
+        "--blocks",
+        "auto",
+        "--max-blocks",
+        "10",
+        "--heartbeat",
+        "0.5",
+    ];
+    let first = serve(&auto)?;
+    let boot = first.addr();
+    let mut servers = vec![first];
+    for joined in 2..=3 {
+        // Each joins once the swarm knows the ones before it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status(&boot)?["servers"].as_array().map_or(0, Vec::len) < joined - 1 {
+            assert!(
+                Instant::now() < deadline,
+                "server {} never announced",
+                joined - 1
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mut args = auto.to_vec();
+        args.extend(["--bootstrap", boot.as_str()]);
+        servers.push(serve(&args)?);
+    }
+    let mut spans: Vec<String> = servers
+        .iter()
+        .map(|s| s.hello["blocks"].as_str().unwrap_or_default().to_string())
+        .collect();
+    spans.sort();
+    assert_eq!(spans, ["0..10", "10..20", "20..30"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&boot)?;
+        if st["models"][0]["gaps"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            && st["servers"].as_array().map_or(0, Vec::len) == 3
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never fully covered: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (answer, _) = generate(&["--swarm", &boot], "What is the capital of France?")?;
+    assert!(answer.contains("Paris"), "{answer:?}");
+    Ok(())
+}
