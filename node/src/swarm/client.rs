@@ -296,6 +296,9 @@ impl RemoteSession {
                 max_length,
             };
             let fut = async {
+                net.ensure_connected(peer)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
                 let stream = control
                     .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
                     .await

@@ -126,6 +126,8 @@ struct View {
     listen: Vec<Multiaddr>,
     external: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
+    /// Addresses learnt for peers (announcements, discovery), newest last.
+    book: HashMap<PeerId, Vec<Multiaddr>>,
     /// Every connection's remote address, oldest first (bounded).
     seen: Vec<(PeerId, Multiaddr)>,
     own: Option<ServerInfo>,
@@ -140,6 +142,7 @@ enum Command {
     AddAddresses {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
+        done: oneshot::Sender<()>,
     },
     Listen {
         addr: Multiaddr,
@@ -248,9 +251,18 @@ impl NetHandle {
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
-    /// Tells the swarm where a peer can be reached.
+    /// Tells the swarm where a peer can be reached; returns once the swarm
+    /// knows (so a stream opened next can dial them).
     pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        let _ = self.tx.send(Command::AddAddresses { peer, addrs }).await;
+        let (done, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::AddAddresses { peer, addrs, done })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
     }
 
     /// Follows the announcements of servers of `model_id` (empty: none).
@@ -306,6 +318,26 @@ impl NetHandle {
             .filter(|(p, _)| p == peer)
             .map(|(_, a)| a.clone())
             .collect()
+    }
+
+    /// Connects to `peer` if not connected yet, trying the addresses learnt
+    /// for it (most recent first).
+    pub async fn ensure_connected(&self, peer: PeerId) -> Result<(), NetError> {
+        if peer == self.peer_id || self.connected(&peer).is_some() {
+            return Ok(());
+        }
+        let addrs: Vec<Multiaddr> = self.view().book.get(&peer).cloned().unwrap_or_default();
+        let mut last = NetError::Dial {
+            addr: peer.to_string(),
+            reason: "no known address".into(),
+        };
+        for a in addrs.into_iter().rev() {
+            match self.dial(a).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// What AutoNAT concluded about this node.
@@ -488,6 +520,26 @@ impl Actor {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn remember(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        for a in addrs {
+            let a = match a.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(_)) => a,
+                _ => a.with(libp2p::multiaddr::Protocol::P2p(peer)),
+            };
+            {
+                let mut v = self.view();
+                let book = v.book.entry(peer).or_default();
+                if !book.contains(&a) {
+                    if book.len() >= 16 {
+                        book.remove(0);
+                    }
+                    book.push(a.clone());
+                }
+            }
+            self.swarm.add_peer_address(peer, a);
+        }
+    }
+
     async fn run(mut self) {
         let mut tick = tokio::time::interval(self.heartbeat);
         loop {
@@ -560,10 +612,9 @@ impl Actor {
                     }
                 }
             }
-            Command::AddAddresses { peer, addrs } => {
-                for a in addrs {
-                    self.swarm.add_peer_address(peer, a);
-                }
+            Command::AddAddresses { peer, addrs, done } => {
+                self.remember(peer, addrs);
+                let _ = done.send(());
             }
             Command::Listen { addr, reply } => {
                 let r =
@@ -709,6 +760,12 @@ impl Actor {
                 let Some(source) = message.source else { return };
                 match ServerInfo::decode(&message.data) {
                     Ok(info) if PeerId::from_bytes(&info.peer_id).ok() == Some(source) => {
+                        let addrs = info
+                            .addrs
+                            .iter()
+                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                            .collect();
+                        self.remember(source, addrs);
                         self.view().servers.insert(source, (info, Instant::now()));
                     }
                     Ok(_) => warn!(%source, "announcement for another peer id dropped"),

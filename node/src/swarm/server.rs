@@ -413,6 +413,9 @@ async fn attach_next(
     let peer = PeerId::from_bytes(&next_peer).map_err(|e| format!("bad next hop peer id: {e}"))?;
     let mut control = net.control();
     let fut = async {
+        net.ensure_connected(peer)
+            .await
+            .map_err(|e| format!("cannot reach the next hop {peer}: {e}"))?;
         let stream = control
             .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
             .await
