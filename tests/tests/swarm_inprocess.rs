@@ -515,3 +515,59 @@ async fn two_nodes_reach_each_other_through_a_relay() -> Result<()> {
     relay.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_concurrent_sessions() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let cfg = ExecutorConfig::default();
+    let a1 = TestServer::start(&file, MODEL, 3, 6, cfg.clone(), vec![]).await?;
+    let boot = vec![a1.addr.clone()];
+    let a2 = TestServer::start(&file, MODEL, 3, 6, cfg.clone(), boot.clone()).await?;
+    let b1 = TestServer::start(&file, MODEL, 0, 3, cfg.clone(), boot.clone()).await?;
+    let b2 = TestServer::start(&file, MODEL, 0, 3, cfg, boot.clone()).await?;
+    let client = client_net().await?;
+    let found = discover_n(&client, &boot, MODEL, 4).await?;
+    let head = Head::load(&file, WeightMode::Fast)?;
+    // 16 sessions planned at once, open together.
+    let mut sessions = Vec::new();
+    for _ in 0..16 {
+        let route = nomoat_node::swarm::client::plan(&client, MODEL, 6, &found, 64)?;
+        assert_eq!(route.len(), 2, "{route:?}");
+        sessions
+            .push(RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?);
+    }
+    let expected = local_trace(&file)?;
+    for s in &mut sessions {
+        let frame = hidden_to_frame(&head.embed(&PROMPT)?)?;
+        let h = s.step(0, frame).await?;
+        let logits = head.logits(&hidden_from_frame(&h, 64)?)?;
+        assert!(max_abs_diff(&logits, &expected[0])? <= 1e-5);
+    }
+    // Every replica carries sessions.
+    for (name, server) in [("a1", &a1), ("a2", &a2), ("b1", &b1), ("b2", &b2)] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.exec.stats().sessions == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "replica {name} carries no session"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let total: usize = [&a1, &a2, &b1, &b2]
+        .iter()
+        .map(|s| s.exec.stats().sessions)
+        .sum();
+    assert_eq!(
+        total, 32,
+        "each of 16 sessions holds one range on each of 2 ranges"
+    );
+    for s in sessions {
+        s.close().await;
+    }
+    for s in [&a1, &a2, &b1, &b2] {
+        s.kill().await;
+    }
+    Ok(())
+}

@@ -143,12 +143,19 @@ pub async fn discover(
 /// blocks per second: all unknown servers look alike, so the route then
 /// minimises legs and RTT.
 pub const UNKNOWN_BLOCKS_PER_S: f64 = 100.0;
-/// RTT assumed for a server not yet pinged.
+/// RTT assumed for a server not yet pinged when no server has been.
 pub const UNKNOWN_RTT: Duration = Duration::from_millis(50);
+
+/// How much each server's cost is randomly scaled per session (up to 25%):
+/// replicas whose costs are within that of each other share sessions at
+/// random, so clients that plan at the same moment, on the same stale
+/// announcements, do not all pick the same replica.
+pub const ROUTE_JITTER: f64 = 0.25;
 
 /// The cheapest route by expected per-token latency (see
 /// [`nomoat_scheduler::plan_route`]): measured RTTs, announced throughput and
-/// load, and a penalty on servers without KV room for `max_length` positions.
+/// load, and a penalty on servers without KV room for `max_length` positions,
+/// each server's cost scaled by a random factor up to [`ROUTE_JITTER`].
 pub fn plan(
     net: &NetHandle,
     model_id: &str,
@@ -156,26 +163,37 @@ pub fn plan(
     servers: &[ServerInfo],
     max_length: u32,
 ) -> Result<Vec<Hop>, SwarmError> {
-    let candidates: Vec<nomoat_scheduler::Candidate> = servers
+    let rtts: Vec<Option<Duration>> = servers
         .iter()
         .map(|s| {
-            let rtt = PeerId::from_bytes(&s.peer_id)
+            PeerId::from_bytes(&s.peer_id)
                 .ok()
                 .and_then(|p| net.rtt(&p))
-                .unwrap_or(UNKNOWN_RTT);
+        })
+        .collect();
+    // A server not pinged yet is assumed typical: the median of the known RTTs.
+    let mut known: Vec<Duration> = rtts.iter().flatten().copied().collect();
+    known.sort();
+    let typical = known.get(known.len() / 2).copied().unwrap_or(UNKNOWN_RTT);
+    let candidates: Vec<nomoat_scheduler::Candidate> = servers
+        .iter()
+        .zip(&rtts)
+        .map(|(s, rtt)| {
+            let rtt = rtt.unwrap_or(typical);
             let span_len = f64::from(s.blocks.end - s.blocks.start);
             let blocks_per_s = if s.throughput > 0.0 {
                 f64::from(s.throughput) * span_len
             } else {
                 UNKNOWN_BLOCKS_PER_S
             };
+            let jitter = 1.0 + ROUTE_JITTER * rand::random::<f64>();
             nomoat_scheduler::Candidate {
                 span: BlockRange {
                     start: s.blocks.start,
                     end: s.blocks.end,
                 },
-                blocks_per_s,
-                rtt_s: rtt.as_secs_f64(),
+                blocks_per_s: blocks_per_s / jitter,
+                rtt_s: rtt.as_secs_f64() * jitter,
                 load: f64::from(s.load),
                 has_kv_room: s.free_kv_tokens >= max_length,
                 backed_off: false,
