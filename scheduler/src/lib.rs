@@ -39,12 +39,14 @@
 //! # Ok::<(), RangeError>(())
 //! ```
 
+mod backoff;
 mod coverage;
 mod placement;
 mod route;
 
 use std::{fmt, str::FromStr};
 
+pub use backoff::{Backoff, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
 pub use coverage::{all_splits, chain, coverage_gaps, even_splits};
 pub use placement::{block_throughput, choose_span, should_move, Placed, DEFAULT_MOVE_MARGIN};
 pub use route::{plan_route, route_cost, Candidate, Route, RouteHop, NO_KV_PENALTY_S};
