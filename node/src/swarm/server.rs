@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::executor::Executor;
-use super::net::{now_ms, NetHandle};
+use super::net::NetHandle;
 use super::wire::{read_frame, read_message, write_frame, write_message};
 
 /// How long a hop waits for the next hop to accept a push stream.
@@ -151,9 +151,11 @@ pub fn server_info(net: &NetHandle, exec: &Executor, cfg: &ServerConfig) -> Serv
         load: (st.sessions as f32 / max_sessions).min(1.0),
         active_sessions: st.sessions as u32,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        addrs: net.listen_addrs().iter().map(|a| a.to_vec()).collect(),
-        reachability: net.reachability(),
-        timestamp_ms: now_ms(),
+        // Addresses, reachability and time are filled in by the network
+        // actor each time it publishes.
+        addrs: Vec::new(),
+        reachability: nomoat_protocol::Reachability::Unknown,
+        timestamp_ms: 0,
     }
 }
 
@@ -336,15 +338,16 @@ async fn client_stream(
                 }
             },
         };
-        sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            id,
-            SessionCtx {
-                client: out.clone(),
-                push: push.clone(),
-                hop_index,
-                attached: false,
-            },
-        );
+        let ctx = SessionCtx {
+            client: out.clone(),
+            push,
+            hop_index,
+            attached: false,
+        };
+        sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, ctx.clone());
         let _ = out
             .send(InferMessage::Opened {
                 session_id: id,
@@ -356,7 +359,7 @@ async fn client_stream(
         loop {
             match read_message(&mut r).await {
                 Ok(Some(InferMessage::Step(step))) if step.session_id == id => {
-                    run_step(&exec, &sessions, step).await;
+                    run_step(&exec, &ctx, step).await;
                 }
                 Ok(Some(InferMessage::Close { .. })) | Ok(None) => break,
                 Ok(Some(InferMessage::Step(step))) => {
@@ -413,9 +416,7 @@ async fn attach_next(
     let peer = PeerId::from_bytes(&next_peer).map_err(|e| format!("bad next hop peer id: {e}"))?;
     let mut control = net.control();
     let fut = async {
-        net.ensure_connected(peer)
-            .await
-            .map_err(|e| format!("cannot reach the next hop {peer}: {e}"))?;
+        net.connect_known(peer).await;
         let stream = control
             .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
             .await
@@ -459,12 +460,12 @@ async fn push_stream(
         match map.get_mut(&id) {
             Some(ctx) if ctx.hop_index == from_hop + 1 && !ctx.attached => {
                 ctx.attached = true;
-                Some(ctx.hop_index)
+                Some(ctx.clone())
             }
             _ => None,
         }
     };
-    let Some(hop_index) = known else {
+    let Some(ctx) = known else {
         let _ = out
             .send(error(
                 ErrorCode::UnknownSession,
@@ -479,14 +480,14 @@ async fn push_stream(
     let _ = out
         .send(InferMessage::Opened {
             session_id: id,
-            hop_index,
+            hop_index: ctx.hop_index,
             max_length: 0,
         })
         .await;
     loop {
         match read_message(&mut r).await {
             Ok(Some(InferMessage::Step(step))) if step.session_id == id => {
-                run_step(&exec, &sessions, step).await
+                run_step(&exec, &ctx, step).await
             }
             Ok(Some(InferMessage::Close { .. })) | Ok(None) => break,
             Ok(Some(other)) => warn!("unexpected {} on a push stream", kind(&other)),
@@ -500,15 +501,7 @@ async fn push_stream(
 
 /// Computes one step and sends its output on: to the next hop, or as the
 /// result to the client; then a copy to the client.
-async fn run_step(exec: &Executor, sessions: &Sessions, step: Step) {
-    let Some(ctx) = sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&step.session_id)
-        .cloned()
-    else {
-        return;
-    };
+async fn run_step(exec: &Executor, ctx: &SessionCtx, step: Step) {
     let (id, seq, start_pos) = (step.session_id, step.seq, step.start_pos);
     match exec.step(id, seq, start_pos as usize, step.hidden).await {
         Ok(out) => {
