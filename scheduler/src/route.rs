@@ -4,8 +4,11 @@
 //! hops, each a server running a sub-range of the span it holds. The cost of
 //! a route is its expected per-token latency:
 //!
-//! - a leg into each hop (`rtt / 2`, measured; the previous hop pushes to it),
-//!   plus the leg from the last hop back to the client;
+//! - a leg into each hop (`rtt / 2`, measured; the previous hop pushes to it).
+//!   The leg from the last hop back to the client is left out: every route
+//!   has exactly one, and charging it by the last server's RTT to the client
+//!   (a noisy proxy) would reward ending a route on whichever replica
+//!   happens to measure nearest, splitting ranges for nothing;
 //! - compute: blocks run / the server's throughput (blocks per second),
 //!   scaled by `1 + load`;
 //! - a fixed penalty on a server without room in its KV cache.
@@ -81,9 +84,6 @@ pub fn route_cost(candidates: &[Candidate], hops: &[RouteHop]) -> f64 {
         let c = &candidates[h.server];
         cost += c.leg() + f64::from(h.blocks.end - h.blocks.start) * c.per_block();
     }
-    if let Some(last) = hops.last() {
-        cost += candidates[last.server].rtt_s.max(0.0) / 2.0;
-    }
     cost
 }
 
@@ -145,18 +145,8 @@ pub fn plan_route(num_blocks: u32, candidates: &[Candidate]) -> Option<Route> {
             }
         }
     }
-    // The last hop also pays the leg back to the client.
-    let mut final_cost = inf;
-    let mut last: Option<(usize, usize)> = None;
-    for &s in covering.last()? {
-        let (cost, start) = inside[s];
-        let total = cost + candidates[s].rtt_s.max(0.0) / 2.0;
-        if total < final_cost {
-            final_cost = total;
-            last = Some((s, start));
-        }
-    }
-    let (mut s, mut start) = last?;
+    let final_cost = best[n];
+    let (mut s, mut start) = best_from[n]?;
     if !final_cost.is_finite() {
         return None;
     }

@@ -146,16 +146,21 @@ pub const UNKNOWN_BLOCKS_PER_S: f64 = 100.0;
 /// RTT assumed for a server not yet pinged when no server has been.
 pub const UNKNOWN_RTT: Duration = Duration::from_millis(50);
 
-/// How much each server's cost is randomly scaled per session (up to 25%):
-/// replicas whose costs are within that of each other share sessions at
-/// random, so clients that plan at the same moment, on the same stale
-/// announcements, do not all pick the same replica.
+/// How much each server's leg cost is randomly scaled per session (up to
+/// 25%): between otherwise equal replicas the choice is random, so clients
+/// that plan at the same moment, on the same stale announcements, do not
+/// all pick the same one. Only legs are scaled: jittered compute speeds
+/// would make splitting a range across replicas look profitable.
 pub const ROUTE_JITTER: f64 = 0.25;
+/// Load a client adds to a server for each session it has open there
+/// itself (known at once, unlike announced load).
+pub const OWN_SESSION_LOAD: f64 = 0.1;
 
 /// The cheapest route by expected per-token latency (see
 /// [`nomoat_scheduler::plan_route`]): measured RTTs, announced throughput and
-/// load, and a penalty on servers without KV room for `max_length` positions,
-/// each server's cost scaled by a random factor up to [`ROUTE_JITTER`].
+/// load (plus this client's own sessions there), and a penalty on servers
+/// without KV room for `max_length` positions; legs scaled by a random
+/// factor up to [`ROUTE_JITTER`].
 pub fn plan(
     net: &NetHandle,
     model_id: &str,
@@ -163,14 +168,11 @@ pub fn plan(
     servers: &[ServerInfo],
     max_length: u32,
 ) -> Result<Vec<Hop>, SwarmError> {
-    let rtts: Vec<Option<Duration>> = servers
+    let peers: Vec<Option<PeerId>> = servers
         .iter()
-        .map(|s| {
-            PeerId::from_bytes(&s.peer_id)
-                .ok()
-                .and_then(|p| net.rtt(&p))
-        })
+        .map(|s| PeerId::from_bytes(&s.peer_id).ok())
         .collect();
+    let rtts: Vec<Option<Duration>> = peers.iter().map(|p| p.and_then(|p| net.rtt(&p))).collect();
     // A server not pinged yet is assumed typical: the median of the known RTTs.
     let mut known: Vec<Duration> = rtts.iter().flatten().copied().collect();
     known.sort();
@@ -178,7 +180,8 @@ pub fn plan(
     let candidates: Vec<nomoat_scheduler::Candidate> = servers
         .iter()
         .zip(&rtts)
-        .map(|(s, rtt)| {
+        .zip(&peers)
+        .map(|((s, rtt), peer)| {
             let rtt = rtt.unwrap_or(typical);
             let span_len = f64::from(s.blocks.end - s.blocks.start);
             let blocks_per_s = if s.throughput > 0.0 {
@@ -192,9 +195,10 @@ pub fn plan(
                     start: s.blocks.start,
                     end: s.blocks.end,
                 },
-                blocks_per_s: blocks_per_s / jitter,
+                blocks_per_s,
                 rtt_s: rtt.as_secs_f64() * jitter,
-                load: f64::from(s.load),
+                load: f64::from(s.load)
+                    + OWN_SESSION_LOAD * peer.map_or(0, |p| net.own_sessions(&p)) as f64,
                 has_kv_room: s.free_kv_tokens >= max_length,
                 backed_off: false,
             }
@@ -273,6 +277,16 @@ pub struct RemoteSession {
     /// Inputs of every hop, per step: `(start_pos, frame)`; what failover
     /// replays and verification recomputes.
     history: Vec<Vec<(u32, TensorFrame)>>,
+    /// Counts this session against each hop's load until dropped.
+    net: NetHandle,
+}
+
+impl Drop for RemoteSession {
+    fn drop(&mut self) {
+        for (peer, _) in &self.route {
+            self.net.count_session(*peer, false);
+        }
+    }
 }
 
 impl RemoteSession {
@@ -314,9 +328,7 @@ impl RemoteSession {
                 max_length,
             };
             let fut = async {
-                net.ensure_connected(peer)
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
+                net.connect_known(peer).await;
                 let stream = control
                     .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
                     .await
@@ -364,8 +376,12 @@ impl RemoteSession {
             .map(|w| w.expect("every hop opened"))
             .collect();
         let first = writers.remove(0);
+        for (peer, _) in &peers {
+            net.count_session(*peer, true);
+        }
         Ok(Self {
             id,
+            net: net.clone(),
             history: vec![Vec::new(); peers.len()],
             route: peers,
             first,

@@ -126,6 +126,8 @@ struct View {
     listen: Vec<Multiaddr>,
     external: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
+    /// Sessions this node has open through each server (its own load there).
+    own_sessions: HashMap<PeerId, usize>,
     /// Addresses learnt for peers (announcements, discovery), newest last.
     book: HashMap<PeerId, Vec<Multiaddr>>,
     /// Every connection's remote address, oldest first (bounded).
@@ -278,7 +280,6 @@ impl NetHandle {
     /// Sets (and from now on announces every heartbeat) this node's own
     /// `ServerInfo`.
     pub async fn announce(&self, info: ServerInfo) {
-        self.view().own = Some(info.clone());
         let _ = self.tx.send(Command::Announce { info }).await;
     }
 
@@ -320,24 +321,33 @@ impl NetHandle {
             .collect()
     }
 
+    /// Counts a session this node opened (`+1`) or closed (`-1`) through `peer`.
+    pub fn count_session(&self, peer: PeerId, opened: bool) {
+        let mut v = self.view();
+        let n = v.own_sessions.entry(peer).or_default();
+        *n = if opened { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Sessions this node has open through `peer`.
+    pub fn own_sessions(&self, peer: &PeerId) -> usize {
+        self.view().own_sessions.get(peer).copied().unwrap_or(0)
+    }
+
     /// Connects to `peer` if not connected yet, trying the addresses learnt
-    /// for it (most recent first).
-    pub async fn ensure_connected(&self, peer: PeerId) -> Result<(), NetError> {
+    /// for it (most recent first). Best effort: when none is known or none
+    /// answers, opening a stream still lets the swarm dial what its
+    /// behaviours (Kademlia, identify) know.
+    pub async fn connect_known(&self, peer: PeerId) {
         if peer == self.peer_id || self.connected(&peer).is_some() {
-            return Ok(());
+            return;
         }
         let addrs: Vec<Multiaddr> = self.view().book.get(&peer).cloned().unwrap_or_default();
-        let mut last = NetError::Dial {
-            addr: peer.to_string(),
-            reason: "no known address".into(),
-        };
         for a in addrs.into_iter().rev() {
             match self.dial(a).await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e,
+                Ok(_) => return,
+                Err(e) => debug!(%peer, "known address failed: {e}"),
             }
         }
-        Err(last)
     }
 
     /// What AutoNAT concluded about this node.
@@ -484,7 +494,6 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
         view,
         pending_dials: HashMap::new(),
         pending_providers: HashMap::new(),
-        own: None,
         subscribed: Vec::new(),
         heartbeat: cfg.heartbeat,
         relay_server: cfg.relay_server,
@@ -509,7 +518,6 @@ struct Actor {
     view: Arc<Mutex<View>>,
     pending_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, NetError>>>>,
     pending_providers: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, Vec<PeerId>)>,
-    own: Option<ServerInfo>,
     subscribed: Vec<String>,
     heartbeat: Duration,
     relay_server: bool,
@@ -556,26 +564,32 @@ impl Actor {
         debug!("network actor stopped");
     }
 
+    /// Refreshes this node's `ServerInfo` (time, addresses, reachability)
+    /// and publishes it.
     fn announce(&mut self) {
-        let (addrs, reachability) = {
-            let v = self.view();
+        let info = {
+            let mut v = self.view();
             let addrs: Vec<Vec<u8>> = v
                 .listen
                 .iter()
                 .chain(&v.external)
                 .map(|a| a.to_vec())
                 .collect();
-            (addrs, v.reachability.unwrap_or(Reachability::Unknown))
-        };
-        if let Some(info) = &mut self.own {
+            let reachability = v.reachability.unwrap_or(Reachability::Unknown);
+            let Some(info) = v.own.as_mut() else { return };
             info.timestamp_ms = now_ms();
             info.addrs = addrs;
             info.reachability = reachability;
-            let bytes = info.encode();
-            let t = topic(&info.model_id);
-            if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(t, bytes) {
-                debug!("heartbeat not published: {e}");
-            }
+            info.clone()
+        };
+        let t = topic(&info.model_id);
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(t, info.encode())
+        {
+            debug!("heartbeat not published: {e}");
         }
     }
 
@@ -642,7 +656,8 @@ impl Actor {
             }
             Command::Announce { info } => {
                 let key = kad::RecordKey::new(&info.model_id);
-                if self.own.as_ref().map(|o| &o.model_id) != Some(&info.model_id) {
+                let previous = self.view().own.replace(info.clone());
+                if previous.map(|o| o.model_id) != Some(info.model_id.clone()) {
                     if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
                         warn!("cannot announce the model in the DHT: {e}");
                     }
@@ -651,9 +666,9 @@ impl Actor {
                         .behaviour_mut()
                         .gossipsub
                         .subscribe(&topic(&info.model_id));
+                    // Publish a new model at once; updates go out each heartbeat.
+                    self.announce();
                 }
-                self.own = Some(info);
-                self.announce();
             }
             Command::Providers { model_id, reply } => {
                 let id = self
