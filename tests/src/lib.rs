@@ -278,7 +278,10 @@ pub fn permute_for_interleaved_rope(w: &Tensor, heads: usize) -> Result<Tensor> 
         .reshape((out, inp))?)
 }
 
-/// The Hugging Face name of a GGUF tensor name.
+/// The Hugging Face name of a GGUF tensor name. Kept apart from the
+/// engine's own mapping on purpose: the test writer is an independent
+/// converter, so a wrong mapping in the engine fails the GGUF-vs-safetensors
+/// test instead of being mirrored by it.
 pub fn hf_name(name: &str) -> String {
     let block = |rest: &str| -> String {
         match rest {
