@@ -256,6 +256,7 @@ pub(crate) async fn generate_swarm(
         .min(prompt.len() + opts.max_tokens + 1) as u32;
     let route = plan(&net, &model_id, n, &servers, max_len)?;
     let mut session = RemoteSession::open(&net, &model_id, route, max_len, step_timeout).await?;
+    eprintln!("route: {}", describe_route(&session.route()));
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
     let result = generate_remote(head, &mut session, &prompt, &opts, |id| {
@@ -264,9 +265,39 @@ pub(crate) async fn generate_swarm(
     .await;
     let _ = writeln!(stdout);
     drop(stdout);
+    for f in session.failovers() {
+        eprintln!(
+            "failover: hop {:?} ({}, blocks {}) replaced by {} after {}; took {:.0} ms \
+             (plan {:.0} ms, reopen {:.0} ms, replay of {} positions in {} steps {:.0} ms)",
+            f.failed,
+            f.failed_peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            f.blocks,
+            describe_route(&f.replacement),
+            f.cause,
+            (f.plan + f.reopen + f.replay).as_secs_f64() * 1e3,
+            f.plan.as_secs_f64() * 1e3,
+            f.reopen.as_secs_f64() * 1e3,
+            f.replayed_positions,
+            f.replayed_steps,
+            f.replay.as_secs_f64() * 1e3,
+        );
+    }
     session.close().await;
     net.shutdown().await;
     Ok(result?.1)
+}
+
+/// `peer (a..b) -> peer (b..c) -> ...`
+pub(crate) fn describe_route(route: &[(PeerId, nomoat_protocol::Blocks)]) -> String {
+    route
+        .iter()
+        .map(|(p, b)| format!("{p} ({b})"))
+        .collect::<Vec<_>>()
+        .join(" -> ")
 }
 
 /// `nomoat status`.

@@ -129,6 +129,30 @@
 //! `Result` and `Copy` are at most [`MAX_CONTROL_BYTES`], and repeated fields are
 //! counted against their limits before anything is allocated for them.
 //!
+//! ## Failover
+//!
+//! When hop `i` fails (it times out, its stream closes, or it reports an error of its
+//! own), the client replaces it without starting over. Hops `i..=j` that failed
+//! together are replaced by one or more servers that together cover their blocks:
+//!
+//! 1. The client sends [`InferMessage::Reroute`] (the new route and the receiver's
+//!    index) to every hop after the failed ones; each answers `Opened` and now expects
+//!    a push stream from its new previous hop.
+//! 2. It opens the session on the replacement hops, last first, with `Open` naming
+//!    the new route; the last replacement attaches to the hop after it.
+//! 3. It sends `Reroute` to the hop before the failed ones (if any), which attaches
+//!    its push stream to the first replacement and drops the old one.
+//! 4. It replays the failed hops' input history, kept from their predecessors'
+//!    copies, to the first replacement, step by step as originally cut, each as a
+//!    `Step` with `last_hop` set to the last replacement: that hop only copies its
+//!    output to the client, so the hops after it are not disturbed. A replay is
+//!    bit-for-bit the computation the failed hop did.
+//! 5. It sends the failed step again from hop 0 with a new `seq`; hops that had
+//!    already run it rewind (its `start_pos` is below their length).
+//!
+//! A push stream from a hop that is no longer the receiver's previous hop is ignored
+//! from the moment the receiver takes a `Reroute`.
+//!
 //! ## Closing
 //!
 //! [`InferMessage::Close`] ends the session on the receiver, which frees its KV cache
@@ -172,6 +196,7 @@
 //!     seq: 6,
 //!     start_pos: 5,
 //!     hidden: TensorFrame::from_f32(vec![1, 2], &[1.0, -2.0], DType::F32)?,
+//!     last_hop: None,
 //! });
 //! let framed = step.encode_framed();
 //!
@@ -378,7 +403,7 @@ pub use error::{ErrorCode, TensorError};
 pub use messages::{
     check_message_len, decode_info_request, decode_info_response, encode_info_request,
     encode_info_response, Blocks, ErrorFrame, Hop, InferMessage, MessageError, OpenSession,
-    Reachability, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL, MAX_ADDRS,
+    Reachability, Reroute, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL, MAX_ADDRS,
     MAX_CONTROL_BYTES, MAX_INFO_BYTES, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS,
     MAX_TEXT_BYTES, SESSION_ID_LEN,
 };

@@ -177,6 +177,7 @@ fn step_msg(id: SessionId, seq: u64, pos: u32, frame: TensorFrame) -> InferMessa
         seq,
         start_pos: pos,
         hidden: frame,
+        last_hop: None,
     })
 }
 
@@ -410,12 +411,12 @@ async fn a_server_dying_mid_session_is_named_within_the_step_timeout() -> Result
         .await
         .unwrap_err();
     let elapsed = t.elapsed();
-    match &err {
-        SwarmError::Hop { hop, peer, .. } | SwarmError::HopFailed { hop, peer, .. } => {
-            assert_eq!((*hop, *peer), (1, middle), "{err}");
-        }
-        other => panic!("expected a hop failure, got {other}"),
-    }
+    // No other server holds its blocks: failover finds no replacement.
+    assert!(
+        matches!(err, SwarmError::FailoverFailed { .. }),
+        "expected a failed failover, got {err}"
+    );
+    assert_eq!(err.failed_hop(), Some((1, middle)), "{err}");
     assert!(err.to_string().contains(&middle.to_string()));
     assert!(
         elapsed <= timeout + Duration::from_secs(1),
@@ -568,6 +569,129 @@ async fn replicas_share_concurrent_sessions() -> Result<()> {
     }
     for s in [&a1, &a2, &b1, &b2] {
         s.kill().await;
+    }
+    Ok(())
+}
+
+/// Runs the prompt and the first `before` decode tokens, stops the server at
+/// `kill` in the route, then the rest: every step's logits must be the whole
+/// model's, with the dead hop replaced by `spares`.
+async fn failover_case(
+    spans: &[(usize, usize)],
+    spares: &[(usize, usize)],
+    kill: usize,
+    before: usize,
+) -> Result<Vec<nomoat_node::swarm::client::FailoverReport>> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let expected = local_trace(&file)?;
+    let cfg = ExecutorConfig::default();
+    let first =
+        TestServer::start(&file, MODEL, spans[0].0, spans[0].1, cfg.clone(), vec![]).await?;
+    let boot = vec![first.addr.clone()];
+    let mut chain = vec![first];
+    for &(a, b) in &spans[1..] {
+        chain.push(TestServer::start(&file, MODEL, a, b, cfg.clone(), boot.clone()).await?);
+    }
+    let mut spare_servers = Vec::new();
+    for &(a, b) in spares {
+        spare_servers.push(TestServer::start(&file, MODEL, a, b, cfg.clone(), boot.clone()).await?);
+    }
+    let client = client_net().await?;
+    discover_n(&client, &boot, MODEL, spans.len() + spares.len()).await?;
+    // Every server of the chain must know the spares before the kill: they
+    // are found through a surviving hop.
+    for s in &chain {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.net.servers(MODEL).len() < spans.len() + spares.len() {
+            assert!(Instant::now() < deadline, "the spares never announced");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let route: Vec<Hop> = chain
+        .iter()
+        .zip(spans)
+        .map(|(s, &(a, b))| Hop {
+            peer_id: s.net.peer_id().to_bytes(),
+            blocks: Blocks {
+                start: a as u32,
+                end: b as u32,
+            },
+        })
+        .collect();
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let mut session =
+        RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(5)).await?;
+    let hidden = head.config().hidden_size;
+    let inputs: Vec<Vec<u32>> = std::iter::once(PROMPT.to_vec())
+        .chain(DECODE.iter().map(|t| vec![*t]))
+        .collect();
+    let dead = chain[kill].net.peer_id();
+    let mut pos = 0u32;
+    for (i, tokens) in inputs.iter().enumerate() {
+        if i == before + 1 {
+            chain[kill].kill().await;
+        }
+        let frame = hidden_to_frame(&head.embed(tokens)?)?;
+        let h = session.step(pos, frame).await?;
+        let logits = head.logits(&hidden_from_frame(&h, hidden)?)?;
+        let d = max_abs_diff(&logits, &expected[i])?;
+        assert!(d <= 1e-5, "step {i}: the swarm differs by {d}");
+        pos += tokens.len() as u32;
+    }
+    assert!(
+        session.route().iter().all(|(p, _)| *p != dead),
+        "the dead server is still routed: {:?}",
+        session.route()
+    );
+    // Backed off: a fresh plan avoids it even while announcements linger.
+    assert!(client.is_backed_off(&dead));
+    // A rewind after the failover still agrees.
+    let frame = hidden_to_frame(&head.embed(&DECODE[..1])?)?;
+    let h = session.step(PROMPT.len() as u32, frame).await?;
+    let again = head.logits(&hidden_from_frame(&h, hidden)?)?;
+    assert!(max_abs_diff(&again, &expected[1])? <= 1e-5);
+    let reports = session.failovers().to_vec();
+    session.close().await;
+    for s in chain.iter().chain(&spare_servers) {
+        s.kill().await;
+    }
+    Ok(reports)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_middle_hop_is_replaced_by_a_wider_spare() -> Result<()> {
+    let reports = failover_case(&[(0, 2), (2, 4), (4, 6)], &[(1, 5)], 1, 2).await?;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert_eq!(r.failed, 1..=1);
+    assert_eq!(r.blocks, Blocks { start: 2, end: 4 });
+    assert_eq!(r.replacement.len(), 1);
+    assert_eq!(r.replacement[0].1, Blocks { start: 2, end: 4 });
+    // The prompt chunk and two decode steps, cut as first sent.
+    assert_eq!(r.replayed_steps, 3);
+    assert_eq!(r.replayed_positions, PROMPT.len() as u32 + 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hop_is_replaced_by_two_servers() -> Result<()> {
+    let reports = failover_case(&[(0, 2), (2, 4), (4, 6)], &[(2, 3), (3, 4)], 1, 1).await?;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let blocks: Vec<Blocks> = reports[0].replacement.iter().map(|(_, b)| *b).collect();
+    assert_eq!(
+        blocks,
+        [Blocks { start: 2, end: 3 }, Blocks { start: 3, end: 4 }]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_and_the_last_hop_fail_over_too() -> Result<()> {
+    for kill in [0, 1] {
+        let reports = failover_case(&[(0, 3), (3, 6)], &[(0, 6)], kill, 0).await?;
+        assert_eq!(reports.len(), 1, "kill hop {kill}: {reports:?}");
+        assert_eq!(reports[0].failed, kill..=kill);
     }
     Ok(())
 }
