@@ -17,6 +17,7 @@ use nomoat_node::swarm::executor::{
 };
 use nomoat_node::swarm::model_file_id;
 use nomoat_node::swarm::net::{self, NetConfig};
+use nomoat_node::swarm::rebalance::{run_rebalancer, RebalanceConfig, SpanLoader};
 use nomoat_node::swarm::server::{run_server, ServerConfig};
 use nomoat_protocol::ServerInfo;
 use nomoat_scheduler::{coverage_gaps, BlockRange};
@@ -75,6 +76,17 @@ pub(crate) struct ServeArgs {
     /// With `--blocks auto`, how many blocks this server holds.
     #[arg(long, default_value_t = 8)]
     max_blocks: u32,
+    /// With `--blocks auto`, stay on the first window chosen instead of
+    /// moving to where the swarm is weakest as servers come and go.
+    #[arg(long)]
+    no_rebalance: bool,
+    /// Seconds between looks at the swarm for rebalancing (each wait is
+    /// lengthened by up to half, at random).
+    #[arg(long, default_value_t = 30.0)]
+    rebalance_period: f64,
+    /// Seconds after a move before the server may move again.
+    #[arg(long, default_value_t = 300.0)]
+    rebalance_cooldown: f64,
     /// Peers to join (repeatable), addresses ending in /p2p/PEER_ID.
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
@@ -164,7 +176,7 @@ async fn auto_blocks(
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let path = nomoat_node::catalog::resolve(&args.model, true)?;
-    let file = ModelFile::open(&path)?;
+    let file = Arc::new(ModelFile::open(&path)?);
     let n = file.config().num_blocks as u32;
     let model_id = model_file_id(&path).with_context(|| format!("hashing {}", path.display()))?;
     let net = net::start(args.net.config(args.bootstrap.clone())).await?;
@@ -213,6 +225,24 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     println!("{hello}");
     std::io::stdout().flush()?;
     let shutdown = CancellationToken::new();
+    if args.blocks == "auto" && !args.no_rebalance {
+        let (file, weights) = (file.clone(), args.weights);
+        let loader: SpanLoader =
+            Arc::new(move |a: u32, b: u32| Ok(Span::load(&file, a as usize, b as usize, weights)?));
+        tokio::spawn(run_rebalancer(
+            net.clone(),
+            exec.clone(),
+            model_id.clone(),
+            loader,
+            RebalanceConfig {
+                period: Duration::from_secs_f64(args.rebalance_period.max(0.1)),
+                cooldown: Duration::from_secs_f64(args.rebalance_cooldown.max(0.0)),
+                ..RebalanceConfig::default()
+            },
+            Arc::default(),
+            shutdown.clone(),
+        ));
+    }
     let server = tokio::spawn(run_server(
         net.clone(),
         exec.clone(),

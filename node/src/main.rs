@@ -1,5 +1,6 @@
 //! The `nomoat` command.
 
+mod cmd_failover;
 mod cmd_swarm;
 
 use std::io::Write;
@@ -50,6 +51,9 @@ enum BenchCommand {
     /// Decode speed of local swarms of 1, 2, 3... server processes on
     /// loopback against the local engine, measured in the same run.
     Swarm(cmd_swarm::BenchSwarmArgs),
+    /// The time from a server's death to the next token: three servers and
+    /// a spare on loopback, the middle one killed mid-session.
+    Failover(cmd_failover::BenchFailoverArgs),
     /// Route-planning time on simulated swarms of 100, 1,000 and 10,000 servers.
     Scheduler {
         /// Blocks in the simulated model.
@@ -511,6 +515,10 @@ fn main() -> Result<()> {
             // other thread exists).
             std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cmd_swarm::bench_swarm(args))
+        }
+        Command::Bench(BenchCommand::Failover(args)) => {
+            std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
+            runtime()?.block_on(cmd_failover::bench_failover(args))
         }
         Command::Bench(BenchCommand::Scheduler {
             blocks,

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use futures::AsyncReadExt;
 use libp2p::{PeerId, StreamProtocol};
 use nomoat_node::engine::{
-    hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, WeightMode,
+    hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, Span, WeightMode,
 };
 use nomoat_node::swarm::client::{simple_route, RemoteSession, SwarmError};
 use nomoat_node::swarm::executor::ExecutorConfig;
@@ -692,6 +692,99 @@ async fn the_first_and_the_last_hop_fail_over_too() -> Result<()> {
         let reports = failover_case(&[(0, 3), (3, 6)], &[(0, 6)], kill, 0).await?;
         assert_eq!(reports.len(), 1, "kill hop {kill}: {reports:?}");
         assert_eq!(reports[0].failed, kill..=kill);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
+    use nomoat_node::swarm::rebalance::{run_rebalancer, Moves, RebalanceConfig, SpanLoader};
+    let dir = tempfile::tempdir()?;
+    let file = Arc::new(tiny(dir.path())?);
+    let expected = local_trace(&file)?;
+    let cfg = ExecutorConfig::default();
+    let a = TestServer::start(&file, MODEL, 0, 2, cfg.clone(), vec![]).await?;
+    let boot = vec![a.addr.clone()];
+    let c = TestServer::start(&file, MODEL, 2, 4, cfg.clone(), boot.clone()).await?;
+    let b = TestServer::start(&file, MODEL, 0, 2, cfg, boot.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.net.servers(MODEL).len() < 3 {
+        assert!(Instant::now() < deadline, "the swarm never formed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A session on b's span 0..2 opened before the move keeps running there.
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let reference = Span::load(&file, 0, 2, WeightMode::Fast)?;
+    let mut ref_cache = reference.new_cache();
+    let id = SessionId([7; 16]);
+    b.exec.open(id, 0, 2, 64).await?;
+    let prompt = head.embed(&PROMPT)?;
+    let out = b.exec.step(id, 1, 0, hidden_to_frame(&prompt)?).await?;
+    let want = reference.forward(&prompt, 0, &mut ref_cache)?;
+    assert!(max_abs_diff(&hidden_from_frame(&out, 64)?, &want)? <= 1e-6);
+    // Blocks 4..6 have no server: b, a duplicate of a, moves there.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let moves = Arc::new(Moves::default());
+    let loader: SpanLoader = {
+        let file = file.clone();
+        Arc::new(move |s: u32, e: u32| {
+            Ok(Span::load(&file, s as usize, e as usize, WeightMode::Fast)?)
+        })
+    };
+    tokio::spawn(run_rebalancer(
+        b.net.clone(),
+        b.exec.clone(),
+        MODEL.to_string(),
+        loader,
+        RebalanceConfig {
+            period: Duration::from_millis(200),
+            cooldown: Duration::ZERO,
+            margin: 0.2,
+        },
+        moves.clone(),
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while moves.count() == 0 {
+        assert!(Instant::now() < deadline, "b never moved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((b.exec.span().start(), b.exec.span().end()), (4, 6));
+    assert_eq!(b.exec.stats().draining, 1);
+    // The old session drains on the old span, still exact.
+    let x = head.embed(&DECODE[..1])?;
+    let out = b
+        .exec
+        .step(id, 2, PROMPT.len(), hidden_to_frame(&x)?)
+        .await?;
+    let want = reference.forward(&x, PROMPT.len(), &mut ref_cache)?;
+    assert!(max_abs_diff(&hidden_from_frame(&out, 64)?, &want)? <= 1e-6);
+    b.exec.close(id);
+    // Announced: a client finds a full chain a -> c -> b and it is exact.
+    let client = client_net().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let route = loop {
+        let found = discover_n(&client, &boot, MODEL, 3).await?;
+        if let Ok(r) = simple_route(MODEL, 6, &found) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the move was never announced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(route[2].peer_id, b.net.peer_id().to_bytes());
+    let mut session =
+        RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?;
+    let got = remote_trace(&head, &mut session).await?;
+    for (x, y) in expected.iter().zip(&got) {
+        assert!(max_abs_diff(x, y)? <= 1e-5);
+    }
+    session.close().await;
+    // Balanced now: with no cooldown at all, b still does not move again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(moves.count(), 1, "b flapped");
+    shutdown.cancel();
+    for s in [&a, &b, &c] {
+        s.kill().await;
     }
     Ok(())
 }
