@@ -106,6 +106,10 @@ async fn three_servers_give_the_whole_models_logits() -> Result<()> {
             "step {step}: swarm differs from the whole model by {d}"
         );
     }
+    // The client measured every hop's compute on the single-token steps.
+    for s in &servers {
+        assert!(client.observed_secs_per_block(&s.net.peer_id()).is_some());
+    }
     // Every hop's input was kept: hop i+1's inputs are hop i's outputs.
     let history = session.history();
     assert_eq!(history.len(), 3);
@@ -786,5 +790,47 @@ async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
     for s in [&a, &b, &c] {
         s.kill().await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_own_measurements_win_over_announcements() -> Result<()> {
+    let client = client_net().await?;
+    let (fast, slow) = (PeerId::random(), PeerId::random());
+    let info = |peer: PeerId, throughput: f32| nomoat_protocol::ServerInfo {
+        peer_id: peer.to_bytes(),
+        model_id: MODEL.into(),
+        blocks: Blocks { start: 0, end: 6 },
+        num_blocks: 6,
+        hidden_size: 64,
+        throughput,
+        free_kv_tokens: 1000,
+        load: 0.0,
+        active_sessions: 0,
+        version: String::new(),
+        addrs: Vec::new(),
+        reachability: nomoat_protocol::Reachability::Unknown,
+        timestamp_ms: 0,
+    };
+    // `slow` claims 1,000 tokens/s, `fast` 10; the client measured otherwise.
+    let servers = [info(fast, 10.0), info(slow, 1000.0)];
+    let pick = || -> Result<Vec<u8>> {
+        let r = nomoat_node::swarm::client::plan(&client, MODEL, 6, &servers, 64)?;
+        Ok(r[0].peer_id.clone())
+    };
+    for _ in 0..20 {
+        assert_eq!(pick()?, slow.to_bytes(), "announcements alone");
+    }
+    client.observe_step(slow, 6, 0.5);
+    client.observe_step(fast, 6, 0.006);
+    for _ in 0..20 {
+        assert_eq!(pick()?, fast.to_bytes(), "measured");
+    }
+    // A peer that failed is not routed while backed off.
+    client.peer_failed(fast);
+    for _ in 0..20 {
+        assert_eq!(pick()?, slow.to_bytes(), "backed off");
+    }
+    client.shutdown().await;
     Ok(())
 }

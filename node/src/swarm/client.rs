@@ -147,9 +147,9 @@ pub async fn discover(
     Ok(all)
 }
 
-/// Throughput assumed for a server that has not measured itself yet,
-/// blocks per second: all unknown servers look alike, so the route then
-/// minimises legs and RTT.
+/// Throughput assumed for servers when none has been measured (by itself
+/// or by this node), blocks per second: all unknown servers look alike, so
+/// the route then minimises legs and RTT.
 pub const UNKNOWN_BLOCKS_PER_S: f64 = 100.0;
 /// RTT assumed for a server not yet pinged when no server has been.
 pub const UNKNOWN_RTT: Duration = Duration::from_millis(50);
@@ -185,18 +185,35 @@ pub fn plan(
     let mut known: Vec<Duration> = rtts.iter().flatten().copied().collect();
     known.sort();
     let typical = known.get(known.len() / 2).copied().unwrap_or(UNKNOWN_RTT);
+    // Blocks per second: this node's own measurement wins over what the
+    // server announces; a server with neither counts as the median.
+    let speeds: Vec<Option<f64>> = servers
+        .iter()
+        .zip(&peers)
+        .map(|(s, peer)| {
+            let observed = peer.and_then(|p| net.observed_secs_per_block(&p));
+            let span_len = f64::from(s.blocks.end - s.blocks.start);
+            match observed {
+                Some(spb) => Some(1.0 / spb.max(1e-6)),
+                None if s.throughput > 0.0 => Some(f64::from(s.throughput) * span_len),
+                None => None,
+            }
+        })
+        .collect();
+    let mut known_speeds: Vec<f64> = speeds.iter().flatten().copied().collect();
+    known_speeds.sort_by(f64::total_cmp);
+    let typical_speed = known_speeds
+        .get(known_speeds.len() / 2)
+        .copied()
+        .unwrap_or(UNKNOWN_BLOCKS_PER_S);
     let candidates: Vec<nomoat_scheduler::Candidate> = servers
         .iter()
         .zip(&rtts)
         .zip(&peers)
-        .map(|((s, rtt), peer)| {
+        .enumerate()
+        .map(|(i, ((s, rtt), peer))| {
             let rtt = rtt.unwrap_or(typical);
-            let span_len = f64::from(s.blocks.end - s.blocks.start);
-            let blocks_per_s = if s.throughput > 0.0 {
-                f64::from(s.throughput) * span_len
-            } else {
-                UNKNOWN_BLOCKS_PER_S
-            };
+            let blocks_per_s = speeds[i].unwrap_or(typical_speed);
             let jitter = 1.0 + ROUTE_JITTER * rand::random::<f64>();
             nomoat_scheduler::Candidate {
                 span: BlockRange {
@@ -224,7 +241,16 @@ pub fn plan(
                 },
             })
             .collect()),
-        None => simple_route(model_id, num_blocks, servers),
+        // No route: name the blocks no usable server covers.
+        None => {
+            let usable: Vec<ServerInfo> = servers
+                .iter()
+                .zip(&candidates)
+                .filter(|(_, c)| !c.backed_off)
+                .map(|(s, _)| s.clone())
+                .collect();
+            simple_route(model_id, num_blocks, &usable)
+        }
     }
 }
 
@@ -746,8 +772,10 @@ impl RemoteSession {
                 reason: e.to_string(),
             })?;
         let timeout = self.decode_timeout(t);
-        let deadline = Instant::now() + timeout;
+        let sent = Instant::now();
+        let deadline = sent + timeout;
         let mut copies = vec![false; self.hops.len()];
+        let mut arrived: Vec<Option<Instant>> = vec![None; self.hops.len()];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(Some((conn, msg))) = tokio::time::timeout(left, self.events.recv()).await else {
@@ -778,11 +806,17 @@ impl RemoteSession {
                     })
                 }
                 Some(InferMessage::Result { seq: s, hidden, .. }) if s == seq => {
+                    if t == 1 {
+                        let last = self.hops.len() - 1;
+                        arrived[last] = Some(Instant::now());
+                        self.observe(sent, &arrived);
+                    }
                     return Ok(hidden);
                 }
                 Some(InferMessage::Copy { seq: s, hidden, .. }) => {
                     if s == seq {
                         copies[hop] = true;
+                        arrived[hop].get_or_insert_with(Instant::now);
                     }
                     self.record_copy(hop, s, hidden);
                 }
@@ -802,6 +836,26 @@ impl RemoteSession {
                 }
                 Some(_) => {} // late answers of earlier steps
             }
+        }
+    }
+
+    /// Turns the arrival times of a single-token step's outputs into each
+    /// hop's compute time: the gap since the previous hop's output less
+    /// the leg into the hop (half the RTT; the whole RTT for hop 0, whose
+    /// input also came from here).
+    fn observe(&self, sent: Instant, arrived: &[Option<Instant>]) {
+        let mut prev = Some(sent);
+        for (i, (h, at)) in self.hops.iter().zip(arrived).enumerate() {
+            let (Some(p), Some(at)) = (prev, *at) else {
+                prev = *at;
+                continue;
+            };
+            let rtt = self.net.rtt(&h.peer).unwrap_or_default().as_secs_f64();
+            let leg = if i == 0 { rtt } else { rtt / 2.0 };
+            let secs = (at.saturating_duration_since(p).as_secs_f64() - leg).max(0.0);
+            self.net
+                .observe_step(h.peer, h.blocks.end - h.blocks.start, secs);
+            prev = Some(at);
         }
     }
 

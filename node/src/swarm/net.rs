@@ -123,6 +123,9 @@ struct Behaviour {
 struct View {
     servers: HashMap<PeerId, (ServerInfo, Instant)>,
     rtts: HashMap<PeerId, Duration>,
+    /// Seconds per block this node measured on each server's single-token
+    /// steps (EMA): compute plus queueing, without the network leg.
+    observed: HashMap<PeerId, f64>,
     listen: Vec<Multiaddr>,
     external: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
@@ -311,6 +314,23 @@ impl NetHandle {
     /// The last measured round-trip time to a peer.
     pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
         self.view().rtts.get(peer).copied()
+    }
+
+    /// Records a single-token step measured through `peer`: `secs` from its
+    /// input to its output, over `blocks` blocks.
+    pub fn observe_step(&self, peer: PeerId, blocks: u32, secs: f64) {
+        if blocks == 0 || !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        let per_block = secs / f64::from(blocks);
+        let mut v = self.view();
+        let e = v.observed.entry(peer).or_insert(per_block);
+        *e = 0.8 * *e + 0.2 * per_block;
+    }
+
+    /// The measured seconds per block of `peer`, if any.
+    pub fn observed_secs_per_block(&self, peer: &PeerId) -> Option<f64> {
+        self.view().observed.get(peer).copied()
     }
 
     /// Whether a connection to `peer` is open, and over which address.
