@@ -373,6 +373,7 @@
 mod error;
 mod messages;
 mod tensor;
+mod weights;
 
 pub use error::{ErrorCode, TensorError};
 pub use messages::{
@@ -383,6 +384,12 @@ pub use messages::{
     MAX_TEXT_BYTES, SESSION_ID_LEN,
 };
 pub use tensor::{DType, TensorFrame};
+pub use weights::{
+    chunk_frame_header, ChunkRef, Hash, Have, Manifest, ModelFormat, TensorEntry, TensorRole,
+    WeightsRequest, WeightsResponse, CHUNK_SIZE, HASH_LEN, MANIFEST_VERSION,
+    MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BYTES, MAX_MANIFEST_BLOCKS, MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_DIMS, MAX_MANIFEST_TENSORS, MIN_CHUNK_BYTES, WEIGHTS_PROTOCOL,
+};
 
 /// Largest data section of one tensor frame, in bytes (64 MiB).
 pub const MAX_TENSOR_BYTES: usize = 64 * 1024 * 1024;
