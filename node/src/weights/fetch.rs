@@ -283,20 +283,19 @@ pub async fn fetch_manifest(
         }
         .await;
         match got {
-            Ok(bytes) => {
-                let s = store.clone();
-                match blocking(move || s.put_manifest_bytes(&id, &bytes)).await {
-                    Ok(m) => {
-                        info!(%peer, "manifest of {id} fetched and verified");
-                        return Ok(m);
-                    }
-                    Err(e @ StoreError::BadManifest { .. }) => {
-                        warn!(%peer, "manifest refused: {e}");
-                        last = format!("{peer}: {e}");
-                    }
-                    Err(e) => return Err(e.into()),
+            Ok(bytes) => match Manifest::decode_verified(&bytes, &id) {
+                Ok(m) => {
+                    let s = store.clone();
+                    let m2 = m.clone();
+                    blocking(move || s.put_manifest(&m2)).await?;
+                    info!(%peer, "manifest of {id} fetched and verified");
+                    return Ok(m);
                 }
-            }
+                Err(e) => {
+                    warn!(%peer, "manifest refused: {e}");
+                    last = format!("{peer}: {e}");
+                }
+            },
             Err(e) => {
                 debug!(%peer, "no manifest: {e}");
                 last = format!("{peer}: {e}");
