@@ -497,7 +497,8 @@ async fn worker(shared: Arc<Shared>, net: NetHandle, peer: PeerId) {
 }
 
 /// Fetches one batch from `peer`; returns `false` once the peer is banned
-/// or the fetch must stop.
+/// or the fetch must stop. Received chunks are verified and written on
+/// blocking threads while the next ones arrive.
 async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch: &[usize]) -> bool {
     let hashes = batch.iter().map(|&i| shared.chunks[i].hash).collect();
     let req = WeightsRequest::Chunks {
@@ -513,6 +514,8 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
             return !shared.penalise(&peer, &e.to_string());
         }
     };
+    let mut storing = Vec::with_capacity(batch.len());
+    let mut banned = false;
     for (k, &i) in batch.iter().enumerate() {
         let want = shared.chunks[i];
         let fault = match ex.next().await {
@@ -529,28 +532,9 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
             }
             Ok(WeightsResponse::Chunk { data, .. }) => {
                 let store = shared.store.clone();
-                match blocking(move || store.put_timed(&want.hash, &data)).await {
-                    Ok((_, hash_time)) => {
-                        shared.done(&peer, u64::from(want.len), hash_time);
-                        None
-                    }
-                    Err(StoreError::WrongHash { got, .. }) => {
-                        shared.sched().report.rejected += 1;
-                        Some(format!(
-                            "chunk {} hashes to {got}: corrupt, dropped",
-                            want.hash
-                        ))
-                    }
-                    Err(e) => {
-                        // Disk full or unwritable: nothing else will succeed.
-                        let mut s = shared.sched();
-                        s.in_flight -= batch.len() - k;
-                        s.fatal = Some(e);
-                        drop(s);
-                        shared.wake.notify_waiters();
-                        return false;
-                    }
-                }
+                let job = tokio::task::spawn_blocking(move || store.put_timed(&want.hash, &data));
+                storing.push((i, job));
+                None
             }
             Ok(WeightsResponse::Error(e)) if e.code == Some(ErrorCode::NotFound) => {
                 // Not a fault: the peer just lacks it.
@@ -569,7 +553,8 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
                 for &j in &batch[k..] {
                     shared.requeue(j, Some((&peer, why.clone())));
                 }
-                return !shared.penalise(&peer, &why);
+                banned = shared.penalise(&peer, &why);
+                break;
             }
         };
         if let Some(why) = fault {
@@ -578,12 +563,39 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
                 for &j in &batch[k + 1..] {
                     shared.requeue(j, None);
                 }
-                return false;
+                banned = true;
+                break;
             }
         }
     }
     ex.close().await;
-    true
+    let mut fatal = false;
+    for (i, job) in storing {
+        let want = shared.chunks[i];
+        let result = match job.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        match result {
+            Ok((_, hash_time)) => shared.done(&peer, u64::from(want.len), hash_time),
+            Err(StoreError::WrongHash { got, .. }) => {
+                shared.sched().report.rejected += 1;
+                let why = format!("chunk {} hashes to {got}: corrupt, dropped", want.hash);
+                shared.requeue(i, Some((&peer, why.clone())));
+                banned |= shared.penalise(&peer, &why);
+            }
+            Err(e) => {
+                // Disk full or unwritable: nothing else will succeed.
+                let mut s = shared.sched();
+                s.in_flight -= 1;
+                s.fatal.get_or_insert(e);
+                drop(s);
+                shared.wake.notify_waiters();
+                fatal = true;
+            }
+        }
+    }
+    !banned && !fatal
 }
 
 /// What a node needs of a model: the blocks of its span (possibly none)
