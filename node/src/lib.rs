@@ -10,3 +10,4 @@
 pub mod catalog;
 pub mod engine;
 pub mod swarm;
+pub mod weights;

@@ -73,6 +73,17 @@ pub enum MessageError {
     /// A tensor inside the message is invalid.
     #[error("tensor: {0}")]
     Tensor(#[from] TensorError),
+    /// Content does not hash to the name it was asked for by (a manifest
+    /// and its model id, a chunk and its hash): corrupt or forged in transit.
+    #[error("{what} hashes to {got}, not to the {expected} it was asked for: corrupt or forged; fetch it from another peer")]
+    WrongHash {
+        /// What was checked.
+        what: &'static str,
+        /// The hash asked for (hex).
+        expected: String,
+        /// The hash of what arrived (hex).
+        got: String,
+    },
 }
 
 impl From<&MessageError> for ErrorCode {
@@ -95,7 +106,7 @@ fn peer_id(id: Vec<u8>, name: &'static str) -> Result<Vec<u8>, MessageError> {
     Ok(id)
 }
 
-fn field(field: &'static str, reason: impl Into<String>) -> MessageError {
+pub(crate) fn field(field: &'static str, reason: impl Into<String>) -> MessageError {
     MessageError::Field {
         field,
         reason: reason.into(),
@@ -116,7 +127,7 @@ pub fn check_message_len(len: usize) -> Result<(), MessageError> {
 /// Walks the top-level fields of protobuf bytes, calling `f` with each
 /// field number and, for length-delimited fields, the payload. Lets limits
 /// on repeated fields be checked before prost allocates anything.
-fn walk(
+pub(crate) fn walk(
     bytes: &[u8],
     mut f: impl FnMut(u32, Option<&[u8]>) -> Result<(), MessageError>,
 ) -> Result<(), MessageError> {
@@ -179,7 +190,7 @@ fn walk(
     Ok(())
 }
 
-fn too_large(len: usize, max: usize) -> Result<(), MessageError> {
+pub(crate) fn too_large(len: usize, max: usize) -> Result<(), MessageError> {
     if len > max {
         return Err(MessageError::TooLarge { len, max });
     }
@@ -499,7 +510,7 @@ fn route_to_pb(route: &[Hop]) -> Vec<pb::Hop> {
         .collect()
 }
 
-fn text(s: String, name: &'static str) -> Result<String, MessageError> {
+pub(crate) fn text(s: String, name: &'static str) -> Result<String, MessageError> {
     if s.len() > MAX_TEXT_BYTES {
         return Err(field(
             name,

@@ -711,7 +711,7 @@ fn empty_and_garbage_frames_are_malformed() {
 
 #[test]
 fn error_codes_unknown_and_out_of_range() {
-    for raw in [0u16, 13, 999, u16::MAX] {
+    for raw in [0u16, 14, 999, u16::MAX] {
         let bytes = frame(ERROR, Pb::new().varint(1, raw.into()).bytes(2, b"?"));
         let InferMessage::Error(e) = InferMessage::decode(&bytes).unwrap() else {
             panic!()

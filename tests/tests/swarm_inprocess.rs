@@ -732,7 +732,8 @@ async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
     let loader: SpanLoader = {
         let file = file.clone();
         Arc::new(move |s: u32, e: u32| {
-            Ok(Span::load(&file, s as usize, e as usize, WeightMode::Fast)?)
+            let span = Span::load(&file, s as usize, e as usize, WeightMode::Fast);
+            Box::pin(async move { Ok(span?) })
         })
     };
     tokio::spawn(run_rebalancer(

@@ -21,8 +21,11 @@ use super::executor::Executor;
 use super::net::NetHandle;
 use crate::engine::Span;
 
-/// Loads blocks `start..end` of the served model.
-pub type SpanLoader = Arc<dyn Fn(u32, u32) -> anyhow::Result<Span> + Send + Sync>;
+/// Loads blocks `start..end` of the served model (fetching them first if
+/// they are not here).
+pub type SpanLoader = Arc<
+    dyn Fn(u32, u32) -> futures::future::BoxFuture<'static, anyhow::Result<Span>> + Send + Sync,
+>;
 
 /// When and how eagerly a server moves.
 #[derive(Debug, Clone)]
@@ -123,10 +126,8 @@ pub async fn run_rebalancer(
         }
         let Some(target) = look(&net) else { continue };
         let from = exec.span();
-        let load = loader.clone();
-        let span = tokio::task::spawn_blocking(move || load(target.start, target.end)).await;
-        match span {
-            Ok(Ok(span)) => {
+        match loader(target.start, target.end).await {
+            Ok(span) => {
                 if let Err(e) = exec.move_to(Arc::new(span)) {
                     warn!("rebalance: {e}");
                     return;
@@ -146,8 +147,7 @@ pub async fn run_rebalancer(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 last_move = Some(Instant::now());
             }
-            Ok(Err(e)) => warn!("rebalance: cannot load blocks {target}: {e:#}"),
-            Err(e) => warn!("rebalance: loading blocks {target} failed: {e}"),
+            Err(e) => warn!("rebalance: cannot load blocks {target}: {e:#}"),
         }
     }
 }
