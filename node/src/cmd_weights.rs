@@ -230,6 +230,12 @@ pub(crate) struct BenchWeightsArgs {
     /// Alternating rounds (raw, 1 provider, 2 providers); the best of each is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Requests in flight per provider.
+    #[arg(long, default_value_t = fetch::DEFAULT_STREAMS_PER_PEER)]
+    streams_per_peer: usize,
+    /// Chunks per request.
+    #[arg(long, default_value_t = fetch::DEFAULT_BATCH)]
+    batch: usize,
 }
 
 /// A synthetic model of `mib` one-MiB chunks of random data, 16 per block.
@@ -366,14 +372,17 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
                 &manifest,
                 &peers[..k],
                 &need,
-                FetchConfig::default().with_progress(false),
+                FetchConfig {
+                    streams_per_peer: args.streams_per_peer.max(1),
+                    batch: args.batch.clamp(1, nomoat_protocol::MAX_CHUNKS_PER_REQUEST),
+                    ..FetchConfig::default().with_progress(false)
+                },
             )
             .await?;
             anyhow::ensure!(r.fetched == manifest.chunks_for(&need.blocks, false).len());
             rates.push(r.bytes as f64 / r.secs / 1e6);
             hashes.push(r.hash_secs / r.secs);
             drop(store);
-            let _ = std::fs::remove_dir_all(&dir);
         }
         eprintln!(
             "round {}: raw {:.0} MB/s, 1 provider {:.0} MB/s, 2 providers {:.0} MB/s",
@@ -409,6 +418,8 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
             "mib": args.mib,
             "chunk_bytes": CHUNK_SIZE,
             "rounds": args.rounds,
+            "streams_per_peer": args.streams_per_peer,
+            "batch": args.batch,
             "raw_quic_mb_s": raw_b,
             "one_provider_mb_s": one_b,
             "two_providers_mb_s": two_b,

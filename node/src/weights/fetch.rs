@@ -31,7 +31,7 @@ use crate::swarm::wire::{read_frame, write_frame, WireError};
 /// Chunks asked for in one request.
 pub const DEFAULT_BATCH: usize = 16;
 /// Requests in flight to one peer at once.
-pub const DEFAULT_STREAMS_PER_PEER: usize = 2;
+pub const DEFAULT_STREAMS_PER_PEER: usize = 4;
 /// How long a peer may take to send the next chunk (or to answer) before
 /// it counts as stalled.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(20);

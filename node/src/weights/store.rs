@@ -136,19 +136,25 @@ impl ChunkStore {
     /// directory, flushed to disk, renamed into place.
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
         let dir = path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let tmp = dir.join(format!(
             ".{name}.{}.{}.tmp",
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
+        // The fan-out directory is made on first use only.
+        let file = match File::create(&tmp) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+                File::create(&tmp)
+            }
+            other => other,
+        };
+        let result = file.and_then(|mut f| {
             f.write_all(data)?;
-            f.sync_all()?;
+            f.sync_data()?;
             fs::rename(&tmp, path)
-        })();
+        });
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
             return Err(io_error(path, e));
