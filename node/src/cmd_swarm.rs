@@ -211,7 +211,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
                 blocks: blocks.start..blocks.end,
                 head: false,
             };
-            fetched = m.fetch(&net, &need, args.fetch.fetch_rate).await?;
+            fetched = m.fetch(&net, &need, args.fetch.config()).await?;
             m.file()?
         }
         (None, Some(f)) => f,

@@ -362,6 +362,8 @@ struct Sched {
 struct Shared {
     chunks: Vec<ChunkRef>,
     roles: Vec<Vec<TensorRole>>,
+    /// How many peers hold each chunk.
+    holders: Vec<usize>,
     holds: HashMap<PeerId, Holds>,
     sched: Mutex<Sched>,
     wake: Notify,
@@ -381,31 +383,33 @@ impl Shared {
         !s.excluded[i].contains(peer) && self.holds[peer].serves(&self.roles[i])
     }
 
-    /// Takes up to a batch of chunks this peer can serve; `Err(true)` when
-    /// there is nothing left for it now but may be later, `Err(false)` when
-    /// it is done.
+    /// Takes up to a batch of chunks this peer can serve, rarest first (so
+    /// chunks that several peers hold stay for whichever of them is free);
+    /// `Err(true)` when there is nothing left for it now but may be later,
+    /// `Err(false)` when it is done.
     fn take(&self, peer: &PeerId) -> Result<Vec<usize>, bool> {
         let mut s = self.sched();
         if s.banned.contains(peer) || s.fatal.is_some() {
             return Err(false);
         }
-        let mut batch = Vec::new();
-        let mut rest = VecDeque::with_capacity(s.queue.len());
-        while let Some(i) = s.queue.pop_front() {
-            if batch.len() < self.cfg.batch && self.can_serve(peer, i, &s) {
-                batch.push(i);
-            } else {
-                rest.push_back(i);
-            }
-        }
-        s.queue = rest;
-        if batch.is_empty() {
+        let mut mine: Vec<usize> = s
+            .queue
+            .iter()
+            .copied()
+            .filter(|&i| self.can_serve(peer, i, &s))
+            .collect();
+        // Stable: queue order among chunks of equal rarity.
+        mine.sort_by_key(|&i| self.holders[i]);
+        mine.truncate(self.cfg.batch);
+        if mine.is_empty() {
             // Chunks in flight elsewhere may come back to the queue.
             return Err(s.in_flight > 0);
         }
-        s.in_flight += batch.len();
-        s.report.requested += batch.len();
-        Ok(batch)
+        let taken: HashSet<usize> = mine.iter().copied().collect();
+        s.queue.retain(|i| !taken.contains(i));
+        s.in_flight += mine.len();
+        s.report.requested += mine.len();
+        Ok(mine)
     }
 
     /// A chunk came back unfetched: queue it again, unless it has been
@@ -687,11 +691,17 @@ pub async fn fetch_chunks(
         indicatif::ProgressBar::hidden()
     };
     let n = missing.len();
+    let chunk_roles: Vec<Vec<TensorRole>> = missing
+        .iter()
+        .map(|c| roles.get(&c.hash).cloned().unwrap_or_default())
+        .collect();
+    let holders = chunk_roles
+        .iter()
+        .map(|r| holds.values().filter(|h| h.serves(r)).count())
+        .collect();
     let shared = Arc::new(Shared {
-        roles: missing
-            .iter()
-            .map(|c| roles.get(&c.hash).cloned().unwrap_or_default())
-            .collect(),
+        roles: chunk_roles,
+        holders,
         chunks: missing,
         holds,
         sched: Mutex::new(Sched {

@@ -368,6 +368,50 @@ mod tests {
     }
 
     #[test]
+    fn verify_finds_and_deletes_a_corrupt_chunk() {
+        use nomoat_protocol::{ModelFormat, TensorEntry, MIN_CHUNK_BYTES};
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 100]).collect();
+        let manifest = Manifest {
+            format: ModelFormat::Gguf,
+            chunk_size: MIN_CHUNK_BYTES,
+            architecture: "llama".into(),
+            num_blocks: 3,
+            header: Vec::new(),
+            tokenizer: Vec::new(),
+            tokenizer_config: Vec::new(),
+            tensors: data
+                .iter()
+                .enumerate()
+                .map(|(i, d)| TensorEntry {
+                    name: format!("blk.{i}.w"),
+                    role: TensorRole::Block(i as u32),
+                    dtype: "F32".into(),
+                    shape: vec![25],
+                    byte_len: 100,
+                    chunks: vec![Hash::of(d)],
+                })
+                .collect(),
+        };
+        let id = store.put_manifest(&manifest).unwrap();
+        for d in &data[..2] {
+            store.put(&Hash::of(d), d).unwrap();
+        }
+        assert_eq!(store.have(&manifest).blocks, [0, 1]);
+        // Damage block 1's chunk on disk.
+        let bad = Hash::of(&data[1]);
+        fs::write(store.chunk_path(&bad), b"rotten").unwrap();
+        let r = store.verify(&id).unwrap();
+        assert_eq!(
+            (r.good, r.bad.clone(), r.missing, r.total),
+            (1, vec![bad], 1, 3)
+        );
+        assert!(!store.has(&bad), "a corrupt chunk is deleted");
+        assert_eq!(store.have(&manifest).blocks, [0]);
+    }
+
+    #[test]
     fn an_unwritable_store_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
