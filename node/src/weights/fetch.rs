@@ -483,6 +483,7 @@ async fn worker(shared: Arc<Shared>, net: NetHandle, peer: PeerId) {
     // Each iteration handles a batch or waits for one; bounded by the total
     // attempts of all chunks, and every wait by the stall timeout.
     let max_rounds = shared.chunks.len() * MAX_CHUNK_ATTEMPTS as usize + 1;
+    let mut refused = 0u32;
     for _ in 0..max_rounds {
         let batch = match shared.take(&peer) {
             Ok(b) => b,
@@ -493,17 +494,49 @@ async fn worker(shared: Arc<Shared>, net: NetHandle, peer: PeerId) {
             }
             Err(false) => return,
         };
-        if !fetch_batch(&shared, &net, peer, &batch).await {
-            return;
+        match fetch_batch(&shared, &net, peer, &batch).await {
+            Batch::Done => refused = 0,
+            Batch::Stop => return,
+            Batch::Refused(why) => {
+                // A busy peer may refuse a stream: back off and retry; only
+                // refusals in a row count as a fault.
+                refused += 1;
+                if refused >= OPEN_RETRIES {
+                    refused = 0;
+                    if shared.penalise(&peer, &why) {
+                        return;
+                    }
+                }
+                let jitter = rand::random::<u64>() % 50;
+                let backoff = 25u64 << refused.min(6);
+                tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+            }
         }
         shared.pace().await;
     }
 }
 
-/// Fetches one batch from `peer`; returns `false` once the peer is banned
-/// or the fetch must stop. Received chunks are verified and written on
-/// blocking threads while the next ones arrive.
-async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch: &[usize]) -> bool {
+/// Stream refusals in a row that count as one fault.
+const OPEN_RETRIES: u32 = 3;
+
+/// How one batch went.
+enum Batch {
+    /// Fetched (some chunks may have gone back to the queue).
+    Done,
+    /// The peer is banned, or the fetch must stop.
+    Stop,
+    /// The peer did not take the request; the batch went back to the queue.
+    Refused(String),
+}
+
+/// Fetches one batch from `peer`. Received chunks are verified and written
+/// on blocking threads while the next ones arrive.
+async fn fetch_batch(
+    shared: &Arc<Shared>,
+    net: &NetHandle,
+    peer: PeerId,
+    batch: &[usize],
+) -> Batch {
     let hashes = batch.iter().map(|&i| shared.chunks[i].hash).collect();
     let req = WeightsRequest::Chunks {
         model_id: shared.model_id,
@@ -511,11 +544,25 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
     };
     let mut ex = match Exchange::open(net, peer, &req, shared.cfg.stall_timeout).await {
         Ok(ex) => ex,
-        Err(e) => {
+        Err(e @ PeerError::Stalled(_)) => {
             for &i in batch {
                 shared.requeue(i, Some((&peer, e.to_string())));
             }
-            return !shared.penalise(&peer, &e.to_string());
+            return if shared.penalise(&peer, &e.to_string()) {
+                Batch::Stop
+            } else {
+                Batch::Done
+            };
+        }
+        Err(e) => {
+            debug!(%peer, "request refused: {e}");
+            let mut s = shared.sched();
+            s.in_flight -= batch.len();
+            s.report.requested -= batch.len();
+            s.queue.extend(batch.iter().copied());
+            drop(s);
+            shared.wake.notify_waiters();
+            return Batch::Refused(e.to_string());
         }
     };
     let mut storing = Vec::with_capacity(batch.len());
@@ -599,7 +646,11 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
             }
         }
     }
-    !banned && !fatal
+    if banned || fatal {
+        Batch::Stop
+    } else {
+        Batch::Done
+    }
 }
 
 /// What a node needs of a model: the blocks of its span (possibly none)
