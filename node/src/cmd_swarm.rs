@@ -236,7 +236,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
                 blocks: blocks.start..blocks.end,
                 head: false,
             };
-            fetched = m.fetch(&net, &need, args.fetch.fetch_rate).await?;
+            fetched = m.fetch(&net, &need, args.fetch.config()).await?;
             m.file()?
         }
         (None, Some(f)) => f,
@@ -283,16 +283,16 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         let loader: SpanLoader = match stored {
             Some(m) => {
                 let m = Arc::new(tokio::sync::Mutex::new(m));
-                let (net, rate) = (net.clone(), args.fetch.fetch_rate);
+                let (net, fetch_cfg) = (net.clone(), args.fetch.config());
                 Arc::new(move |a: u32, b: u32| {
-                    let (m, net) = (m.clone(), net.clone());
+                    let (m, net, fetch_cfg) = (m.clone(), net.clone(), fetch_cfg.clone());
                     Box::pin(async move {
                         let mut m = m.lock().await;
                         let need = nomoat_node::weights::fetch::Need {
                             blocks: a..b,
                             head: false,
                         };
-                        m.fetch(&net, &need, rate).await?;
+                        m.fetch(&net, &need, fetch_cfg).await?;
                         let file = m.file()?;
                         drop(m);
                         load_span(Arc::new(file), a, b, weights).await

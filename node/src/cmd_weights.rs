@@ -69,11 +69,25 @@ pub(crate) fn verify(model_id: &str) -> Result<()> {
 pub(crate) struct FetchArgs {
     /// Cap on the download rate of weights, in MB/s (default: none).
     #[arg(long)]
-    pub(crate) fetch_rate: Option<f64>,
+    fetch_rate: Option<f64>,
+    /// Seconds a peer may go without sending the next chunk before it counts
+    /// as stalled (a fault; its chunks are fetched elsewhere).
+    #[arg(long, default_value_t = fetch::DEFAULT_STALL_TIMEOUT.as_secs_f64())]
+    fetch_stall_timeout: f64,
     /// Test-only fault injection: make this node's weight server misbehave
     /// (flip-chunks, tamper-manifest, stall).
     #[arg(long, hide = true, default_value = "none")]
     fault: Fault,
+}
+
+impl FetchArgs {
+    /// The fetcher's settings.
+    pub(crate) fn config(&self) -> FetchConfig {
+        FetchConfig {
+            stall_timeout: Duration::from_secs_f64(self.fetch_stall_timeout.max(0.1)),
+            ..FetchConfig::default().with_max_rate(self.fetch_rate.map(|r| r * 1e6))
+        }
+    }
 }
 
 /// A model id's weights on this node: the store, the manifest and the
@@ -115,7 +129,7 @@ impl StoreModel {
         &mut self,
         net: &NetHandle,
         need: &Need,
-        rate_mb_s: Option<f64>,
+        cfg: FetchConfig,
     ) -> Result<Option<FetchReport>> {
         let wanted = self.manifest.chunks_for(&need.blocks, need.head);
         if self.store.missing(&wanted).is_empty() {
@@ -124,7 +138,6 @@ impl StoreModel {
         if self.providers.is_empty() {
             self.providers = fetch::find_providers(net, &self.bootstrap, &self.id).await;
         }
-        let cfg = FetchConfig::default().with_max_rate(rate_mb_s.map(|r| r * 1e6));
         let r = fetch::fetch_chunks(
             net,
             &self.store,
@@ -213,7 +226,7 @@ pub(crate) async fn open_for_generate(id: Hash, swarm: &[Multiaddr]) -> Result<M
             blocks: 0..0,
             head: true,
         };
-        model.fetch(&net, &need, None).await?;
+        model.fetch(&net, &need, FetchConfig::default()).await?;
         model.file()
     }
     .await;
@@ -230,6 +243,12 @@ pub(crate) struct BenchWeightsArgs {
     /// Alternating rounds (raw, 1 provider, 2 providers); the best of each is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Requests in flight per provider.
+    #[arg(long, default_value_t = fetch::DEFAULT_STREAMS_PER_PEER)]
+    streams_per_peer: usize,
+    /// Chunks per request.
+    #[arg(long, default_value_t = fetch::DEFAULT_BATCH)]
+    batch: usize,
 }
 
 /// A synthetic model of `mib` one-MiB chunks of random data, 16 per block.
@@ -366,14 +385,17 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
                 &manifest,
                 &peers[..k],
                 &need,
-                FetchConfig::default().with_progress(false),
+                FetchConfig {
+                    streams_per_peer: args.streams_per_peer.max(1),
+                    batch: args.batch.clamp(1, nomoat_protocol::MAX_CHUNKS_PER_REQUEST),
+                    ..FetchConfig::default().with_progress(false)
+                },
             )
             .await?;
             anyhow::ensure!(r.fetched == manifest.chunks_for(&need.blocks, false).len());
             rates.push(r.bytes as f64 / r.secs / 1e6);
             hashes.push(r.hash_secs / r.secs);
             drop(store);
-            let _ = std::fs::remove_dir_all(&dir);
         }
         eprintln!(
             "round {}: raw {:.0} MB/s, 1 provider {:.0} MB/s, 2 providers {:.0} MB/s",
@@ -409,6 +431,8 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
             "mib": args.mib,
             "chunk_bytes": CHUNK_SIZE,
             "rounds": args.rounds,
+            "streams_per_peer": args.streams_per_peer,
+            "batch": args.batch,
             "raw_quic_mb_s": raw_b,
             "one_provider_mb_s": one_b,
             "two_providers_mb_s": two_b,

@@ -248,7 +248,7 @@
 //! tokenizer and tensor infos; or a safetensors model's `config.json`,
 //! `tokenizer.json` and `tokenizer_config.json`) and every tensor: name,
 //! [`TensorRole`] (block index, embedding, final norm, LM head, or shared),
-//! dtype, shape, byte length and the BLAKE3 [`struct@Hash`] of each chunk of its data.
+//! dtype, shape, byte length and the BLAKE3 [`Hash`](struct@Hash) of each chunk of its data.
 //! A tensor's data is cut into chunks of `chunk_size` bytes
 //! ([`CHUNK_SIZE`], 1 MiB, when imported by nomoat), the last one shorter;
 //! chunks never span two tensors, so the chunks of a block are exactly the

@@ -175,6 +175,37 @@ fn a_span_loaded_from_the_store_computes_what_the_file_computes() -> Result<()> 
 }
 
 #[test]
+fn tiny_models_from_the_store_compute_what_their_files_compute() -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    use nomoat_node::engine::LocalModel;
+    use nomoat_tests::{TinyArch, TinyModel, TinySpec};
+    let dir = tempfile::tempdir()?;
+    let store = ChunkStore::open(&dir.path().join("home"))?;
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let model = TinyModel::generate(TinySpec::new(arch))?;
+        let paths = [
+            model.write_gguf(&dir.path().join(format!("{arch:?}.gguf")), GgmlDType::Q8_0)?,
+            model.write_safetensors(&dir.path().join(format!("{arch:?}-st")))?,
+        ];
+        for path in paths {
+            let report = import(&store, &path)?;
+            let file = ModelFile::open(&path)?;
+            let stored = ModelFile::open_store(&store, &report.id)?;
+            let logits = |m: &ModelFile| -> Result<Vec<f32>> {
+                let local = LocalModel::load(m, &[2, 6], WeightMode::Fast)?;
+                let mut session = local.new_session();
+                Ok(local
+                    .forward_logits(&mut session, &[3, 17, 42, 5])?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            };
+            assert_eq!(logits(&file)?, logits(&stored)?, "{}", path.display());
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn four_nodes_share_weights_and_generate_the_local_text() -> Result<()> {
     let _serial = serial();
     let homes: Vec<_> = (0..4)
@@ -263,6 +294,34 @@ fn a_peer_sending_flipped_bytes_is_banned_and_the_download_completes() -> Result
     // Every stored chunk re-verifies (the head's are not needed by a server).
     let v = verify_in(homes[2].path(), &id)?;
     assert!(v.contains(" 0 corrupt"), "{v}");
+    Ok(())
+}
+
+#[test]
+fn a_stalling_peer_is_banned_and_the_download_completes_elsewhere() -> Result<()> {
+    let _serial = serial();
+    let homes: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?;
+    let id = import_into(homes[0].path())?;
+    assert_eq!(import_into(homes[1].path())?, id);
+    let honest = serve_in(homes[0].path(), &serve_args(&id, "0..10", &[]))?;
+    let mut stall_args = serve_args(&id, "10..20", &[]);
+    stall_args.extend(["--fault", "stall"]);
+    let stalling = serve_in(homes[1].path(), &stall_args)?;
+    let (s_addr, h_addr) = (stalling.addr(), honest.addr());
+    let mut args = serve_args(&id, "0..30", &[&s_addr, &h_addr]);
+    args.extend(["--fetch-stall-timeout", "2"]);
+    let f = serve_in(homes[2].path(), &args)?;
+    let r = fetch_of(&f);
+    assert_eq!(r["fetched"], r["needed"], "{}", f.hello);
+    let banned = r["banned"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        banned,
+        [serde_json::json!(stalling.peer_id())],
+        "{}",
+        f.hello
+    );
     Ok(())
 }
 

@@ -31,7 +31,7 @@ use crate::swarm::wire::{read_frame, write_frame, WireError};
 /// Chunks asked for in one request.
 pub const DEFAULT_BATCH: usize = 16;
 /// Requests in flight to one peer at once.
-pub const DEFAULT_STREAMS_PER_PEER: usize = 2;
+pub const DEFAULT_STREAMS_PER_PEER: usize = 4;
 /// How long a peer may take to send the next chunk (or to answer) before
 /// it counts as stalled.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -362,6 +362,8 @@ struct Sched {
 struct Shared {
     chunks: Vec<ChunkRef>,
     roles: Vec<Vec<TensorRole>>,
+    /// How many peers hold each chunk.
+    holders: Vec<usize>,
     holds: HashMap<PeerId, Holds>,
     sched: Mutex<Sched>,
     wake: Notify,
@@ -381,31 +383,33 @@ impl Shared {
         !s.excluded[i].contains(peer) && self.holds[peer].serves(&self.roles[i])
     }
 
-    /// Takes up to a batch of chunks this peer can serve; `Err(true)` when
-    /// there is nothing left for it now but may be later, `Err(false)` when
-    /// it is done.
+    /// Takes up to a batch of chunks this peer can serve, rarest first (so
+    /// chunks that several peers hold stay for whichever of them is free);
+    /// `Err(true)` when there is nothing left for it now but may be later,
+    /// `Err(false)` when it is done.
     fn take(&self, peer: &PeerId) -> Result<Vec<usize>, bool> {
         let mut s = self.sched();
         if s.banned.contains(peer) || s.fatal.is_some() {
             return Err(false);
         }
-        let mut batch = Vec::new();
-        let mut rest = VecDeque::with_capacity(s.queue.len());
-        while let Some(i) = s.queue.pop_front() {
-            if batch.len() < self.cfg.batch && self.can_serve(peer, i, &s) {
-                batch.push(i);
-            } else {
-                rest.push_back(i);
-            }
-        }
-        s.queue = rest;
-        if batch.is_empty() {
+        let mut mine: Vec<usize> = s
+            .queue
+            .iter()
+            .copied()
+            .filter(|&i| self.can_serve(peer, i, &s))
+            .collect();
+        // Stable: queue order among chunks of equal rarity.
+        mine.sort_by_key(|&i| self.holders[i]);
+        mine.truncate(self.cfg.batch);
+        if mine.is_empty() {
             // Chunks in flight elsewhere may come back to the queue.
             return Err(s.in_flight > 0);
         }
-        s.in_flight += batch.len();
-        s.report.requested += batch.len();
-        Ok(batch)
+        let taken: HashSet<usize> = mine.iter().copied().collect();
+        s.queue.retain(|i| !taken.contains(i));
+        s.in_flight += mine.len();
+        s.report.requested += mine.len();
+        Ok(mine)
     }
 
     /// A chunk came back unfetched: queue it again, unless it has been
@@ -479,6 +483,7 @@ async fn worker(shared: Arc<Shared>, net: NetHandle, peer: PeerId) {
     // Each iteration handles a batch or waits for one; bounded by the total
     // attempts of all chunks, and every wait by the stall timeout.
     let max_rounds = shared.chunks.len() * MAX_CHUNK_ATTEMPTS as usize + 1;
+    let mut refused = 0u32;
     for _ in 0..max_rounds {
         let batch = match shared.take(&peer) {
             Ok(b) => b,
@@ -489,17 +494,49 @@ async fn worker(shared: Arc<Shared>, net: NetHandle, peer: PeerId) {
             }
             Err(false) => return,
         };
-        if !fetch_batch(&shared, &net, peer, &batch).await {
-            return;
+        match fetch_batch(&shared, &net, peer, &batch).await {
+            Batch::Done => refused = 0,
+            Batch::Stop => return,
+            Batch::Refused(why) => {
+                // A busy peer may refuse a stream: back off and retry; only
+                // refusals in a row count as a fault.
+                refused += 1;
+                if refused >= OPEN_RETRIES {
+                    refused = 0;
+                    if shared.penalise(&peer, &why) {
+                        return;
+                    }
+                }
+                let jitter = rand::random::<u64>() % 50;
+                let backoff = 25u64 << refused.min(6);
+                tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+            }
         }
         shared.pace().await;
     }
 }
 
-/// Fetches one batch from `peer`; returns `false` once the peer is banned
-/// or the fetch must stop. Received chunks are verified and written on
-/// blocking threads while the next ones arrive.
-async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch: &[usize]) -> bool {
+/// Stream refusals in a row that count as one fault.
+const OPEN_RETRIES: u32 = 3;
+
+/// How one batch went.
+enum Batch {
+    /// Fetched (some chunks may have gone back to the queue).
+    Done,
+    /// The peer is banned, or the fetch must stop.
+    Stop,
+    /// The peer did not take the request; the batch went back to the queue.
+    Refused(String),
+}
+
+/// Fetches one batch from `peer`. Received chunks are verified and written
+/// on blocking threads while the next ones arrive.
+async fn fetch_batch(
+    shared: &Arc<Shared>,
+    net: &NetHandle,
+    peer: PeerId,
+    batch: &[usize],
+) -> Batch {
     let hashes = batch.iter().map(|&i| shared.chunks[i].hash).collect();
     let req = WeightsRequest::Chunks {
         model_id: shared.model_id,
@@ -507,11 +544,25 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
     };
     let mut ex = match Exchange::open(net, peer, &req, shared.cfg.stall_timeout).await {
         Ok(ex) => ex,
-        Err(e) => {
+        Err(e @ PeerError::Stalled(_)) => {
             for &i in batch {
                 shared.requeue(i, Some((&peer, e.to_string())));
             }
-            return !shared.penalise(&peer, &e.to_string());
+            return if shared.penalise(&peer, &e.to_string()) {
+                Batch::Stop
+            } else {
+                Batch::Done
+            };
+        }
+        Err(e) => {
+            debug!(%peer, "request refused: {e}");
+            let mut s = shared.sched();
+            s.in_flight -= batch.len();
+            s.report.requested -= batch.len();
+            s.queue.extend(batch.iter().copied());
+            drop(s);
+            shared.wake.notify_waiters();
+            return Batch::Refused(e.to_string());
         }
     };
     let mut storing = Vec::with_capacity(batch.len());
@@ -595,7 +646,11 @@ async fn fetch_batch(shared: &Arc<Shared>, net: &NetHandle, peer: PeerId, batch:
             }
         }
     }
-    !banned && !fatal
+    if banned || fatal {
+        Batch::Stop
+    } else {
+        Batch::Done
+    }
 }
 
 /// What a node needs of a model: the blocks of its span (possibly none)
@@ -687,11 +742,17 @@ pub async fn fetch_chunks(
         indicatif::ProgressBar::hidden()
     };
     let n = missing.len();
+    let chunk_roles: Vec<Vec<TensorRole>> = missing
+        .iter()
+        .map(|c| roles.get(&c.hash).cloned().unwrap_or_default())
+        .collect();
+    let holders = chunk_roles
+        .iter()
+        .map(|r| holds.values().filter(|h| h.serves(r)).count())
+        .collect();
     let shared = Arc::new(Shared {
-        roles: missing
-            .iter()
-            .map(|c| roles.get(&c.hash).cloned().unwrap_or_default())
-            .collect(),
+        roles: chunk_roles,
+        holders,
         chunks: missing,
         holds,
         sched: Mutex::new(Sched {

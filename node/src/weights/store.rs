@@ -136,19 +136,25 @@ impl ChunkStore {
     /// directory, flushed to disk, renamed into place.
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
         let dir = path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let tmp = dir.join(format!(
             ".{name}.{}.{}.tmp",
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
+        // The fan-out directory is made on first use only.
+        let file = match File::create(&tmp) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+                File::create(&tmp)
+            }
+            other => other,
+        };
+        let result = file.and_then(|mut f| {
             f.write_all(data)?;
-            f.sync_all()?;
+            f.sync_data()?;
             fs::rename(&tmp, path)
-        })();
+        });
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
             return Err(io_error(path, e));
@@ -359,6 +365,50 @@ mod tests {
         // No temporary file is left behind.
         let dir = store.chunk_path(&h).parent().unwrap().to_path_buf();
         assert_eq!(fs::read_dir(dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn verify_finds_and_deletes_a_corrupt_chunk() {
+        use nomoat_protocol::{ModelFormat, TensorEntry, MIN_CHUNK_BYTES};
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 100]).collect();
+        let manifest = Manifest {
+            format: ModelFormat::Gguf,
+            chunk_size: MIN_CHUNK_BYTES,
+            architecture: "llama".into(),
+            num_blocks: 3,
+            header: Vec::new(),
+            tokenizer: Vec::new(),
+            tokenizer_config: Vec::new(),
+            tensors: data
+                .iter()
+                .enumerate()
+                .map(|(i, d)| TensorEntry {
+                    name: format!("blk.{i}.w"),
+                    role: TensorRole::Block(i as u32),
+                    dtype: "F32".into(),
+                    shape: vec![25],
+                    byte_len: 100,
+                    chunks: vec![Hash::of(d)],
+                })
+                .collect(),
+        };
+        let id = store.put_manifest(&manifest).unwrap();
+        for d in &data[..2] {
+            store.put(&Hash::of(d), d).unwrap();
+        }
+        assert_eq!(store.have(&manifest).blocks, [0, 1]);
+        // Damage block 1's chunk on disk.
+        let bad = Hash::of(&data[1]);
+        fs::write(store.chunk_path(&bad), b"rotten").unwrap();
+        let r = store.verify(&id).unwrap();
+        assert_eq!(
+            (r.good, r.bad.clone(), r.missing, r.total),
+            (1, vec![bad], 1, 3)
+        );
+        assert!(!store.has(&bad), "a corrupt chunk is deleted");
+        assert_eq!(store.have(&manifest).blocks, [0]);
     }
 
     #[test]
