@@ -96,9 +96,13 @@ pub(crate) struct ServeArgs {
     /// machine should share the cores rather than each take all of them.
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+    /// Also serve the OpenAI-compatible API, dashboard and /metrics on this
+    /// address (e.g. 127.0.0.1:8080), generating through the swarm.
+    #[arg(long)]
+    api: Option<std::net::SocketAddr>,
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -210,9 +214,30 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         "model_id": model_id,
         "blocks": blocks.to_string(),
     });
+    let shutdown = CancellationToken::new();
+    let api = match args.api {
+        Some(addr) => Some(
+            crate::cmd_gateway::serve_api(
+                addr,
+                &args.model,
+                &file,
+                &net,
+                &args.bootstrap,
+                &model_id,
+                args.weights,
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let mut hello = hello;
+    if let Some(addr) = api {
+        hello["api"] = format!("http://{addr}/v1").into();
+        hello["dashboard"] = format!("http://{addr}/").into();
+    }
     println!("{hello}");
     std::io::stdout().flush()?;
-    let shutdown = CancellationToken::new();
     let server = tokio::spawn(run_server(
         net.clone(),
         exec.clone(),

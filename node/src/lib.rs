@@ -9,4 +9,6 @@
 
 pub mod catalog;
 pub mod engine;
+pub mod gateway;
+pub mod metrics;
 pub mod swarm;
