@@ -429,6 +429,15 @@ impl RemoteSession {
             })?;
         let deadline = Instant::now() + self.step_timeout;
         let mut copies = vec![false; self.route.len()];
+        // Per-hop latency: the time between successive hops' outputs.
+        let mut last_output = Instant::now();
+        let hop_latency = |last: &mut Instant| {
+            let now = Instant::now();
+            crate::metrics::global()
+                .hop_latency
+                .observe(now.saturating_duration_since(*last));
+            *last = now;
+        };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let event = match tokio::time::timeout(left, self.events.recv()).await {
@@ -461,6 +470,7 @@ impl RemoteSession {
                     })
                 }
                 Some(InferMessage::Result { seq: s, hidden, .. }) if s == seq => {
+                    hop_latency(&mut last_output);
                     return Ok(hidden);
                 }
                 Some(InferMessage::Copy {
@@ -471,6 +481,9 @@ impl RemoteSession {
                 }) if s == seq => {
                     let h = hop_index as usize;
                     if h < copies.len() {
+                        if !copies[h] && h + 1 < copies.len() {
+                            hop_latency(&mut last_output);
+                        }
                         copies[h] = true;
                         if h + 1 < self.history.len() {
                             self.history[h + 1].push((start_pos, hidden));
