@@ -589,24 +589,48 @@ pub(crate) async fn bench_api(args: BenchApiArgs) -> Result<()> {
     Ok(())
 }
 
-/// `nomoat serve --api ADDR`: a gateway in the server's process, on the
-/// server's own network node. Returns the bound address.
+/// `nomoat serve --api ADDR`: a gateway in the server's process. It runs
+/// its own peer-to-peer node (a node cannot open streams to itself),
+/// listening like the server but on any free port, and joins the swarm
+/// through the server. Returns the bound HTTP address.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_api(
     addr: SocketAddr,
     model: &str,
     file: &ModelFile,
-    net: &NetHandle,
+    server: &NetHandle,
+    listen: &[Multiaddr],
     bootstrap: &[Multiaddr],
     model_id: &str,
     weights: WeightMode,
     shutdown: CancellationToken,
-) -> Result<SocketAddr> {
+) -> Result<(SocketAddr, NetHandle)> {
+    use libp2p::multiaddr::Protocol;
     let tokenizer = tokenizer_of(file, Path::new(model))?;
     let head = Arc::new(Head::load(file, weights)?);
+    let any_port: Vec<Multiaddr> = listen
+        .iter()
+        .map(|a| {
+            a.iter()
+                .map(|p| match p {
+                    Protocol::Udp(_) => Protocol::Udp(0),
+                    Protocol::Tcp(_) => Protocol::Tcp(0),
+                    p => p,
+                })
+                .collect()
+        })
+        .collect();
+    let net = net::start(NetConfig {
+        listen: any_port,
+        ..NetConfig::default()
+    })
+    .await?;
+    net.subscribe(model_id).await;
+    let mut boot = server.listen_addrs();
+    boot.extend(bootstrap.iter().cloned());
     let backend = Backend::Swarm(SwarmBackend::new(
         net.clone(),
-        bootstrap.to_vec(),
+        boot,
         model_id.to_string(),
         head,
     ));
@@ -619,5 +643,5 @@ pub(crate) async fn serve_api(
     );
     let (listener, local) = gateway::bind(addr).await?;
     tokio::spawn(gateway::serve(gw, listener, shutdown));
-    Ok(local)
+    Ok((local, net))
 }

@@ -222,6 +222,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
                 &args.model,
                 &file,
                 &net,
+                &args.net.listen,
                 &args.bootstrap,
                 &model_id,
                 args.weights,
@@ -232,7 +233,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let mut hello = hello;
-    if let Some(addr) = api {
+    if let Some((addr, _)) = &api {
         hello["api"] = format!("http://{addr}/v1").into();
         hello["dashboard"] = format!("http://{addr}/").into();
     }
@@ -249,6 +250,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     exec.shutdown();
+    if let Some((_, api_net)) = api {
+        api_net.shutdown().await;
+    }
     net.shutdown().await;
     Ok(())
 }

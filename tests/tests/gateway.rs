@@ -542,3 +542,39 @@ fn demo_once_answers_and_leaves_no_process_behind() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn serve_with_api_answers_through_its_own_swarm() -> Result<()> {
+    let _serial = serial();
+    let server = NomoatProc::spawn(
+        &[
+            "serve",
+            "--model",
+            MODEL,
+            "--blocks",
+            "0..30",
+            "--heartbeat",
+            "0.5",
+            "--threads",
+            "1",
+            "--api",
+            "127.0.0.1:0",
+        ],
+        Duration::from_secs(120),
+    )?;
+    let addr = server.http_addr()?;
+    let view = wait_covered(addr, 1)?;
+    assert_eq!(view["peers"][0]["connection"], "direct", "{view}");
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body("What is the capital of France?", json!({})),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.json()["choices"][0]["message"]["content"].clone();
+    assert!(
+        text.as_str().unwrap_or_default().contains("Paris"),
+        "{text}"
+    );
+    Ok(())
+}

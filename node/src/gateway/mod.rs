@@ -3,7 +3,7 @@
 //!
 //! The gateway holds the head (token embedding, final norm, LM head) and
 //! the tokenizer, and runs every API request as its own inference session:
-//! over the swarm (a [`RemoteSession`] along a planned route) or, with no
+//! over the swarm (a [`RemoteSession`](crate::swarm::client::RemoteSession) along a planned route) or, with no
 //! swarm, on a whole model in this process. The HTTP layer is a thin
 //! adapter: it validates a request, starts a generation job that reports
 //! through a bounded channel, and turns the events into one JSON answer or a
