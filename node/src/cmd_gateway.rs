@@ -502,6 +502,8 @@ pub(crate) async fn bench_api(args: BenchApiArgs) -> Result<()> {
             out.len(),
         ))
     };
+    // Warm-up (first touches of the weights, thread pools), then measured.
+    local_run()?;
     let (l1_ttft, l1_tps, local_tokens) = local_run()?;
     eprintln!(
         "local: time to first token {:.1} ms, {l1_tps:.1} tokens/s ({local_tokens} tokens)",

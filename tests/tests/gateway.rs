@@ -182,6 +182,29 @@ fn openai_python_client_against_a_three_server_swarm() -> Result<()> {
         seen["answer"].as_str().unwrap_or_default(),
         local.trim_end()
     );
+    // Four requests at once through the swarm, each on its own session.
+    let body = chat_body("What is the capital of France?", json!({}));
+    let answers = rt()?.block_on(async {
+        let all = (0..4).map(|_| {
+            http::request(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(body.as_bytes()),
+                HTTP_TIMEOUT,
+            )
+        });
+        futures::future::try_join_all(all).await
+    })?;
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(
+            a.json()["choices"][0]["message"]["content"],
+            seen["answer"],
+            "{}",
+            a.text()
+        );
+    }
     // The metrics saw the sessions and steps.
     let metrics = get(addr, "/metrics")?.text();
     let value = |name: &str| -> u64 {

@@ -242,7 +242,7 @@ impl Gateway {
                         JobEvent::Done(fin)
                     }
                     Err(e) => {
-                        m.requests_failed.inc();
+                        // Counted as failed where the response reports it.
                         debug!("generation failed: {e}");
                         JobEvent::Failed(e.to_string())
                     }

@@ -349,10 +349,10 @@ impl Gateway {
                 })
             })
             .collect();
-        let total_tps: f64 = sessions
+        let total_tps = sessions
             .iter()
             .filter_map(|s| s["tokens_per_s"].as_f64())
-            .sum();
+            .fold(0.0, |a, b| a + b);
         let m = crate::metrics::global();
         serde_json::json!({
             "mode": mode,

@@ -500,6 +500,7 @@ fn sse(
                             }
                             Some(JobEvent::Failed(e)) => {
                                 st = St::Done;
+                                crate::metrics::global().requests_failed.inc();
                                 let err = ApiError {
                                     status: StatusCode::BAD_GATEWAY,
                                     message: format!("generation failed: {e}"),
