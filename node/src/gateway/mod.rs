@@ -129,9 +129,13 @@ impl SwarmBackend {
 
     /// Asks the swarm which servers are live now, remembers the answer and
     /// connects to those not connected yet (so their RTT gets measured).
+    /// When the bootstrap peers do not answer, the view falls back to the
+    /// announcements heard (which expire), so dead servers drop out.
     async fn refresh(&self) -> Result<Vec<ServerInfo>, SwarmError> {
-        let servers = discover(&self.net, &self.bootstrap, &self.model_id).await?;
-        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = servers.clone();
+        let found = discover(&self.net, &self.bootstrap, &self.model_id).await;
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
+            found.as_ref().cloned().unwrap_or_default();
+        let servers = found?;
         for s in &servers {
             if let Ok(peer) = PeerId::from_bytes(&s.peer_id) {
                 if peer != self.net.peer_id() && self.net.connected(&peer).is_none() {
