@@ -201,3 +201,53 @@ fn find_flag<'a>(cmd: &'a Command, key: &str) -> Option<&'a clap::Arg> {
     cmd.get_arguments()
         .find(|a| a.get_long() == Some(long.as_str()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    fn with_file(text: &str, argv: &[&str]) -> Result<Vec<String>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text)?;
+        let cmd = with_env(Cli::command());
+        let mut a = args(argv);
+        apply_file(&cmd, &mut a, &path)?;
+        Ok(a.iter().map(|s| s.to_string_lossy().into_owned()).collect())
+    }
+
+    #[test]
+    fn file_values_become_flags_unless_given() -> Result<()> {
+        let text = "model = \"m\"\nprompt = \"top\"\n[gateway]\napi = \"127.0.0.1:0\"\nswarm = [\"/ip4/127.0.0.1/udp/1/quic-v1\", \"/ip4/127.0.0.1/udp/2/quic-v1\"]\nmax_concurrent = 3\n[bench.api]\nclients = \"1,2\"\n";
+        let a = with_file(text, &["nomoat", "gateway", "--api", "127.0.0.1:9"])?;
+        if std::env::var_os("NOMOAT_MODEL").is_none() {
+            assert!(a.windows(2).any(|w| w == ["--model", "m"]), "{a:?}");
+        }
+        assert!(!a.iter().any(|s| s == "--prompt"), "{a:?}");
+        assert_eq!(a.iter().filter(|s| *s == "--api").count(), 1, "{a:?}");
+        assert_eq!(a.iter().filter(|s| *s == "--swarm").count(), 2, "{a:?}");
+        assert!(
+            a.windows(2).any(|w| w == ["--max-concurrent", "3"]),
+            "{a:?}"
+        );
+        let a = with_file(text, &["nomoat", "bench", "api"])?;
+        assert!(a.windows(2).any(|w| w == ["--clients", "1,2"]), "{a:?}");
+        let cli = Cli::try_parse_from(with_file(text, &["nomoat", "gateway"])?)?;
+        assert!(matches!(cli.command, crate::Command::Gateway(_)));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_switches_are_errors() {
+        let e = with_file("[serve]\nnope = 1\n", &["nomoat", "serve"]).unwrap_err();
+        assert!(e.to_string().contains("`nope`"), "{e}");
+        let e = with_file("[serve]\nmdns = \"yes\"\n", &["nomoat", "serve"]).unwrap_err();
+        assert!(e.to_string().contains("switch"), "{e}");
+        assert!(with_file("[serve\n", &["nomoat", "serve"]).is_err());
+    }
+}

@@ -292,6 +292,11 @@ fn bad_requests_get_openai_errors_and_concurrent_requests_work() -> Result<()> {
     )?;
     assert_eq!(e["param"], "prompt");
     openai_error(&get(addr, "/v1/nothing-here")?, 404)?;
+    openai_error(&get(addr, "/v1/models/gpt-9")?, 404)?;
+    assert_eq!(
+        get(addr, &format!("/v1/models/{MODEL}"))?.json()["id"],
+        MODEL
+    );
 
     // Text completion with a stop string.
     let r = post(

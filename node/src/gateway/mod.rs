@@ -275,6 +275,7 @@ impl Gateway {
             .route("/api/swarm", get(swarm_json))
             .route("/metrics", get(metrics))
             .route("/v1/models", get(openai::models))
+            .route("/v1/models/{id}", get(openai::model))
             .route("/v1/chat/completions", post(openai::chat_completions))
             .route("/v1/completions", post(openai::completions))
             .fallback(not_found)

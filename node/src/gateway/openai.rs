@@ -226,18 +226,40 @@ fn usage(f: &Finish) -> serde_json::Value {
     })
 }
 
+fn model_object(gw: &Gateway) -> serde_json::Value {
+    serde_json::json!({
+        "id": gw.model_name(),
+        "object": "model",
+        "created": 0,
+        "owned_by": "nomoat",
+    })
+}
+
 /// `GET /v1/models`.
 pub(super) async fn models(State(gw): State<Gateway>) -> Response {
-    Json(serde_json::json!({
-        "object": "list",
-        "data": [{
-            "id": gw.model_name(),
-            "object": "model",
-            "created": 0,
-            "owned_by": "nomoat",
-        }],
-    }))
-    .into_response()
+    Json(serde_json::json!({"object": "list", "data": [model_object(&gw)]})).into_response()
+}
+
+/// `GET /v1/models/{id}`.
+pub(super) async fn model(
+    State(gw): State<Gateway>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if id == gw.model_name() {
+        Json(model_object(&gw)).into_response()
+    } else {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model `{id}` does not exist here; this gateway serves `{}`",
+                gw.model_name()
+            ),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }
+        .into_response()
+    }
 }
 
 /// `POST /v1/chat/completions`.
