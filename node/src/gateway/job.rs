@@ -60,6 +60,8 @@ enum StepError {
     Engine(#[from] EngineError),
     #[error("a compute task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("the session's KV cache was lost in an earlier failed step; send the request again")]
+    CacheLost,
 }
 
 /// Runs steps of one session.
@@ -82,7 +84,7 @@ impl Stepper {
         let logits = match self {
             Stepper::Local { model, session } => {
                 let model = model.clone();
-                let mut s = session.take().ok_or(EngineError::EmptyPrompt)?;
+                let mut s = session.take().ok_or(StepError::CacheLost)?;
                 let (s, r) = tokio::task::spawn_blocking(move || {
                     let r = model.forward_last(&mut s, &tokens);
                     (s, r)
