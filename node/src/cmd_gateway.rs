@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use nomoat_node::gateway::{
 use nomoat_node::swarm::model_file_id;
 use nomoat_node::swarm::net::{self, NetConfig, NetHandle};
 use nomoat_node::swarm::process::ServeProcess;
+use nomoat_node::weights::ChunkStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::cmd_swarm::shutdown_signal;
@@ -87,7 +88,11 @@ fn tokenizer_of(file: &ModelFile, path: &Path) -> Result<ChatTokenizer> {
 }
 
 /// A gateway over the swarm reached through `bootstrap`, on a new network
-/// node; returns it with the node.
+/// node; returns it with the node. `model` is a catalog name, a file or a
+/// model id from `nomoat import`; `model_id_override` names the swarm's
+/// model when the file is only the source of the head (the demo's servers
+/// serve the imported model).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn swarm_gateway(
     model: &str,
     name: String,
@@ -96,11 +101,23 @@ pub(crate) async fn swarm_gateway(
     weights: WeightMode,
     cfg: impl FnOnce(GatewayConfig) -> GatewayConfig,
     shutdown: CancellationToken,
+    model_id_override: Option<String>,
 ) -> Result<(Gateway, NetHandle)> {
-    let path = nomoat_node::catalog::resolve(model, true)?;
-    let file = ModelFile::open(&path)?;
-    let tokenizer = tokenizer_of(&file, &path)?;
-    let model_id = model_file_id(&path).with_context(|| format!("hashing {}", path.display()))?;
+    // A model id from `nomoat import`: the head and tokenizer come from the
+    // store, fetched from the swarm's peers when missing.
+    let (file, model_id) = match nomoat_node::weights::parse_model_id(model) {
+        Some(id) => (
+            crate::cmd_weights::open_for_generate(id, &bootstrap).await?,
+            id.to_hex(),
+        ),
+        None => {
+            let path = nomoat_node::catalog::resolve(model, true)?;
+            let id = model_file_id(&path).with_context(|| format!("hashing {}", path.display()))?;
+            (ModelFile::open(&path)?, id)
+        }
+    };
+    let model_id = model_id_override.unwrap_or(model_id);
+    let tokenizer = tokenizer_of(&file, Path::new(model))?;
     let head = Arc::new(Head::load(&file, weights)?);
     let net = net::start(NetConfig {
         listen,
@@ -164,9 +181,11 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
             .with_step_timeout(Duration::from_secs_f64(args.step_timeout.max(0.1)))
     };
     let (gw, net) = if args.swarm.is_empty() {
-        let path = nomoat_node::catalog::resolve(&args.model, true)?;
-        let file = ModelFile::open(&path)?;
-        let tokenizer = tokenizer_of(&file, &path)?;
+        let file = match nomoat_node::weights::parse_model_id(&args.model) {
+            Some(id) => crate::cmd_weights::open_for_generate(id, &[]).await?,
+            None => ModelFile::open(nomoat_node::catalog::resolve(&args.model, true)?)?,
+        };
+        let tokenizer = tokenizer_of(&file, Path::new(&args.model))?;
         let model = Arc::new(LocalModel::load_whole(&file, args.weights)?);
         let gw = Gateway::new(
             cfg(GatewayConfig::new(name.clone())),
@@ -185,6 +204,7 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
             args.weights,
             cfg,
             shutdown.clone(),
+            None,
         )
         .await?;
         match gw.refresh().await {
@@ -213,22 +233,17 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
     Ok(())
 }
 
-/// The arguments of a demo server serving `blocks`.
-///
-/// Only the first server needs the model file. Today every server still
-/// reads it from `model` (the same file, so the same model id); once
-/// servers fetch their spans from peers, servers after the first take the
-/// model id and the first server as bootstrap instead of the file, here
-/// and nowhere else.
+/// The arguments of a demo server serving `blocks` of the imported model
+/// `model_id`.
 fn demo_server_args(
-    model: &str,
+    model_id: &str,
     blocks: &str,
     bootstrap: Option<&str>,
     threads: usize,
 ) -> Vec<String> {
     let mut a: Vec<String> = [
         "--model",
-        model,
+        model_id,
         "--blocks",
         blocks,
         "--heartbeat",
@@ -245,31 +260,79 @@ fn demo_server_args(
     a
 }
 
-/// Starts `servers` `nomoat serve` processes that split the model's blocks
-/// evenly; the first is everyone's bootstrap.
-fn start_servers(model_path: &Path, servers: usize, threads: usize) -> Result<Vec<ServeProcess>> {
-    let file = ModelFile::open(model_path)?;
-    let n = file.config().num_blocks as u32;
+/// The weight store of demo server `index` (0-based) after the first: a
+/// directory of its own under the data directory, emptied before it starts
+/// so that it fetches its span from its peers.
+fn peer_home(index: usize) -> PathBuf {
+    nomoat_node::catalog::home()
+        .join("demo")
+        .join(format!("server-{}", index + 1))
+}
+
+/// Removes the demo servers' own weight stores.
+fn remove_peer_homes(servers: usize) {
+    for i in 1..servers {
+        let _ = std::fs::remove_dir_all(peer_home(i));
+    }
+}
+
+/// Imports the model into this node's weight store and starts `servers`
+/// `nomoat serve` processes that split its blocks evenly. Only the first
+/// holds the weights (it serves from this store and is everyone's
+/// bootstrap); the others start with empty stores and fetch their spans'
+/// chunks from their peers. Returns the model id and the processes.
+fn start_servers(
+    model_path: &Path,
+    servers: usize,
+    threads: usize,
+) -> Result<(String, Vec<ServeProcess>)> {
+    let store = ChunkStore::open(&nomoat_node::catalog::home())?;
+    let report = nomoat_node::weights::import(&store, model_path)?;
+    let id = report.id.to_hex();
+    println!(
+        "imported: model id {} ({} chunks, {} new)",
+        &id[..16],
+        report.chunks,
+        report.new_chunks
+    );
+    let n = report.manifest.num_blocks;
     let splits = nomoat_scheduler::even_splits(n, servers as u32)
         .with_context(|| format!("cannot split {n} blocks over {servers} servers"))?;
     let bin = std::env::current_exe()?;
-    let model = model_path.to_string_lossy().into_owned();
     let mut procs: Vec<ServeProcess> = Vec::new();
     for (i, r) in splits.iter().enumerate() {
         let boot = procs.first().map(ServeProcess::addr);
-        let args = demo_server_args(&model, &r.to_string(), boot.as_deref(), threads);
+        let args = demo_server_args(&id, &r.to_string(), boot.as_deref(), threads);
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let p = ServeProcess::spawn(&bin, &argv, Duration::from_secs(120))?;
+        let timeout = Duration::from_secs(300);
+        let p = if i == 0 {
+            ServeProcess::spawn(&bin, &argv, timeout)?
+        } else {
+            let home = peer_home(i);
+            let _ = std::fs::remove_dir_all(&home);
+            std::fs::create_dir_all(&home)
+                .with_context(|| format!("creating {}", home.display()))?;
+            ServeProcess::spawn_env(&bin, &argv, &[("NOMOAT_HOME", home.as_os_str())], timeout)?
+        };
+        let what = if i == 0 {
+            "holds the weights".to_string()
+        } else {
+            let f = &p.hello["fetch"];
+            format!(
+                "fetched {} chunks ({:.1} MB) from its peers",
+                f["fetched"].as_u64().unwrap_or(0),
+                f["bytes"].as_f64().unwrap_or(0.0) / 1e6
+            )
+        };
         println!(
-            "server {} (pid {}): blocks {r}{}",
+            "server {} (pid {}): blocks {r}, {what}",
             i + 1,
-            p.child.id(),
-            if i == 0 { ", holds the weights" } else { "" }
+            p.child.id()
         );
         procs.push(p);
     }
     std::io::stdout().flush()?;
-    Ok(procs)
+    Ok((id, procs))
 }
 
 /// Asks one chat question through the API, streaming the answer to
@@ -346,20 +409,27 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<()> {
         args.servers
     );
     let path = nomoat_node::catalog::resolve(&args.model, true)?;
-    let model_id = model_file_id(&path)?;
-    println!(
-        "model {} (id {})",
-        args.model,
-        &model_id[..model_id.len().min(16)]
-    );
-    let procs = start_servers(&path, args.servers.max(1), args.threads)?;
-    let result = demo_with(&args, &path, &procs).await;
-    // Every server is killed and reaped, whatever happened.
-    drop(procs);
+    println!("model {}: {}", args.model, path.display());
+    let servers = args.servers.max(1);
+    let result = match start_servers(&path, servers, args.threads) {
+        Ok((id, procs)) => {
+            let r = demo_with(&args, &path, &id, &procs).await;
+            // Every server is killed and reaped, whatever happened.
+            drop(procs);
+            r
+        }
+        Err(e) => Err(e),
+    };
+    remove_peer_homes(servers);
     result
 }
 
-async fn demo_with(args: &DemoArgs, path: &Path, procs: &[ServeProcess]) -> Result<()> {
+async fn demo_with(
+    args: &DemoArgs,
+    path: &Path,
+    model_id: &str,
+    procs: &[ServeProcess],
+) -> Result<()> {
     let boot: Multiaddr = procs.first().context("no server")?.addr().parse()?;
     let shutdown = CancellationToken::new();
     let name = model_name(&args.model);
@@ -371,6 +441,7 @@ async fn demo_with(args: &DemoArgs, path: &Path, procs: &[ServeProcess]) -> Resu
         WeightMode::Fast,
         |c| c,
         shutdown.clone(),
+        Some(model_id.to_string()),
     )
     .await?;
     let result = async {
@@ -509,7 +580,8 @@ pub(crate) async fn bench_api(args: BenchApiArgs) -> Result<()> {
         "local: time to first token {:.1} ms, {l1_tps:.1} tokens/s ({local_tokens} tokens)",
         l1_ttft * 1e3
     );
-    let procs = start_servers(&path, args.servers.max(1), args.threads)?;
+    let servers = args.servers.max(1);
+    let (model_id, procs) = start_servers(&path, servers, args.threads)?;
     let boot: Multiaddr = procs.first().context("no server")?.addr().parse()?;
     let shutdown = CancellationToken::new();
     let (gw, net) = swarm_gateway(
@@ -520,6 +592,7 @@ pub(crate) async fn bench_api(args: BenchApiArgs) -> Result<()> {
         WeightMode::Fast,
         |c| c,
         shutdown.clone(),
+        Some(model_id),
     )
     .await?;
     let result = async {
@@ -568,6 +641,7 @@ pub(crate) async fn bench_api(args: BenchApiArgs) -> Result<()> {
     shutdown.cancel();
     net.shutdown().await;
     drop(procs);
+    remove_peer_homes(servers);
     let rows = result?;
     // The local engine again, so that machine noise hits both alike.
     let (l2_ttft, l2_tps, _) = local_run()?;

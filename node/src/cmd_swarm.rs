@@ -17,6 +17,7 @@ use nomoat_node::swarm::executor::{
 };
 use nomoat_node::swarm::model_file_id;
 use nomoat_node::swarm::net::{self, NetConfig};
+use nomoat_node::swarm::rebalance::{run_rebalancer, RebalanceConfig, SpanLoader};
 use nomoat_node::swarm::server::{run_server, ServerConfig};
 use nomoat_protocol::ServerInfo;
 use nomoat_scheduler::{coverage_gaps, BlockRange};
@@ -64,7 +65,9 @@ impl NetArgs {
 /// `nomoat serve`.
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
-    /// A catalog name, a .gguf file or a safetensors directory.
+    /// A catalog name, a .gguf file, a safetensors directory, or a model id
+    /// from `nomoat import`: the span's weights are then fetched from the
+    /// --bootstrap peers (and the peers they know) unless already stored.
     #[arg(long, env = "NOMOAT_MODEL")]
     model: String,
     /// Blocks to serve, e.g. 0..10, or `auto`: after a short random delay,
@@ -75,6 +78,17 @@ pub(crate) struct ServeArgs {
     /// With `--blocks auto`, how many blocks this server holds.
     #[arg(long, default_value_t = 8)]
     max_blocks: u32,
+    /// With `--blocks auto`, stay on the first window chosen instead of
+    /// moving to where the swarm is weakest as servers come and go.
+    #[arg(long)]
+    no_rebalance: bool,
+    /// Seconds between looks at the swarm for rebalancing (each wait is
+    /// lengthened by up to half, at random).
+    #[arg(long, default_value_t = 30.0)]
+    rebalance_period: f64,
+    /// Seconds after a move before the server may move again.
+    #[arg(long, default_value_t = 300.0)]
+    rebalance_cooldown: f64,
     /// Peers to join (repeatable), addresses ending in /p2p/PEER_ID.
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
@@ -100,6 +114,8 @@ pub(crate) struct ServeArgs {
     /// address (e.g. 127.0.0.1:8080), generating through the swarm.
     #[arg(long)]
     api: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    fetch: crate::cmd_weights::FetchArgs,
 }
 
 pub(crate) async fn shutdown_signal() {
@@ -166,17 +182,49 @@ async fn auto_blocks(
     Ok(span)
 }
 
+/// Loads blocks `a..b` of `file` on a blocking thread.
+async fn load_span(
+    file: Arc<ModelFile>,
+    a: u32,
+    b: u32,
+    weights: WeightMode,
+) -> Result<nomoat_node::engine::Span> {
+    Ok(tokio::task::spawn_blocking(move || {
+        nomoat_node::engine::Span::load(&file, a as usize, b as usize, weights)
+    })
+    .await??)
+}
+
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
-    let path = nomoat_node::catalog::resolve(&args.model, true)?;
-    let file = ModelFile::open(&path)?;
-    let n = file.config().num_blocks as u32;
-    let model_id = model_file_id(&path).with_context(|| format!("hashing {}", path.display()))?;
+    let store_id = nomoat_node::weights::parse_model_id(&args.model);
+    let file = match store_id {
+        Some(_) => None,
+        None => Some(ModelFile::open(nomoat_node::catalog::resolve(
+            &args.model,
+            true,
+        )?)?),
+    };
     let net = net::start(args.net.config(args.bootstrap.clone())).await?;
     for relay in &args.net.relay {
         net.dial(relay.clone()).await?;
         net.listen_on(relay.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
             .await?;
     }
+    // Peers may fetch from this node's store while it fetches itself.
+    let shutdown = CancellationToken::new();
+    crate::cmd_weights::start_weight_server(&net, &args.fetch, &shutdown)?;
+    let mut stored = match store_id {
+        Some(id) => Some(crate::cmd_weights::StoreModel::open(&net, id, &args.bootstrap).await?),
+        None => None,
+    };
+    let (n, model_id) = match (&stored, &file) {
+        (Some(m), _) => (m.manifest.num_blocks, m.id.to_hex()),
+        (None, Some(f)) => (
+            f.config().num_blocks as u32,
+            model_file_id(f.path()).with_context(|| format!("hashing {}", f.path().display()))?,
+        ),
+        (None, None) => bail!("no model"),
+    };
     let blocks = if args.blocks == "auto" {
         auto_blocks(&net, &args.bootstrap, &model_id, n, args.max_blocks).await?
     } else {
@@ -185,6 +233,19 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("the model has blocks 0..{n}"))?;
         b
     };
+    let mut fetched = None;
+    let file = Arc::new(match (&mut stored, file) {
+        (Some(m), _) => {
+            let need = nomoat_node::weights::fetch::Need {
+                blocks: blocks.start..blocks.end,
+                head: false,
+            };
+            fetched = m.fetch(&net, &need, args.fetch.fetch_rate).await?;
+            m.file()?
+        }
+        (None, Some(f)) => f,
+        (None, None) => bail!("no model"),
+    });
     let span = Arc::new(Span::load(
         &file,
         blocks.start as usize,
@@ -208,13 +269,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if listen.is_empty() {
         bail!("could not listen on {:?}", args.net.listen);
     }
-    let hello = serde_json::json!({
+    let mut hello = serde_json::json!({
         "peer_id": net.peer_id().to_string(),
         "listen": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "model_id": model_id,
         "blocks": blocks.to_string(),
     });
-    let shutdown = CancellationToken::new();
+    if let Some(r) = &fetched {
+        hello["fetch"] = r.to_json();
+    }
     let api = match args.api {
         Some(addr) => Some(
             crate::cmd_gateway::serve_api(
@@ -232,13 +295,54 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         ),
         None => None,
     };
-    let mut hello = hello;
     if let Some((addr, _)) = &api {
         hello["api"] = format!("http://{addr}/v1").into();
         hello["dashboard"] = format!("http://{addr}/").into();
     }
     println!("{hello}");
     std::io::stdout().flush()?;
+    if args.blocks == "auto" && !args.no_rebalance {
+        let weights = args.weights;
+        // A move loads the new span from the file, or fetches its chunks
+        // from peers first when the model lives in the store.
+        let loader: SpanLoader = match stored {
+            Some(m) => {
+                let m = Arc::new(tokio::sync::Mutex::new(m));
+                let (net, rate) = (net.clone(), args.fetch.fetch_rate);
+                Arc::new(move |a: u32, b: u32| {
+                    let (m, net) = (m.clone(), net.clone());
+                    Box::pin(async move {
+                        let mut m = m.lock().await;
+                        let need = nomoat_node::weights::fetch::Need {
+                            blocks: a..b,
+                            head: false,
+                        };
+                        m.fetch(&net, &need, rate).await?;
+                        let file = m.file()?;
+                        drop(m);
+                        load_span(Arc::new(file), a, b, weights).await
+                    })
+                })
+            }
+            None => {
+                let file = file.clone();
+                Arc::new(move |a: u32, b: u32| Box::pin(load_span(file.clone(), a, b, weights)))
+            }
+        };
+        tokio::spawn(run_rebalancer(
+            net.clone(),
+            exec.clone(),
+            model_id.clone(),
+            loader,
+            RebalanceConfig {
+                period: Duration::from_secs_f64(args.rebalance_period.max(0.1)),
+                cooldown: Duration::from_secs_f64(args.rebalance_cooldown.max(0.0)),
+                ..RebalanceConfig::default()
+            },
+            Arc::default(),
+            shutdown.clone(),
+        ));
+    }
     let server = tokio::spawn(run_server(
         net.clone(),
         exec.clone(),
@@ -261,7 +365,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn generate_swarm(
     bootstrap: Vec<Multiaddr>,
-    path: &std::path::Path,
+    model_id: &str,
     file: &ModelFile,
     tokenizer: &ChatTokenizer,
     weights: WeightMode,
@@ -269,22 +373,22 @@ pub(crate) async fn generate_swarm(
     opts: GenerateOptions,
     step_timeout: Duration,
 ) -> Result<GenerationStats> {
-    let model_id = model_file_id(path)?;
     let head = Arc::new(Head::load(file, weights)?);
     let net = net::start(NetConfig {
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
         ..NetConfig::default()
     })
     .await?;
-    net.subscribe(&model_id).await;
-    let servers = discover(&net, &bootstrap, &model_id).await?;
+    net.subscribe(model_id).await;
+    let servers = discover(&net, &bootstrap, model_id).await?;
     let n = file.config().num_blocks as u32;
     let max_len = file
         .config()
         .max_seq_len
         .min(prompt.len() + opts.max_tokens + 1) as u32;
-    let route = plan(&net, &model_id, n, &servers, max_len)?;
-    let mut session = RemoteSession::open(&net, &model_id, route, max_len, step_timeout).await?;
+    let route = plan(&net, model_id, n, &servers, max_len)?;
+    let mut session = RemoteSession::open(&net, model_id, route, max_len, step_timeout).await?;
+    eprintln!("route: {}", describe_route(&session.route()));
     let mut stream = TextStream::default();
     let mut stdout = std::io::stdout().lock();
     let result = generate_remote(head, &mut session, &prompt, &opts, |id| {
@@ -293,9 +397,39 @@ pub(crate) async fn generate_swarm(
     .await;
     let _ = writeln!(stdout);
     drop(stdout);
+    for f in session.failovers() {
+        eprintln!(
+            "failover: hop {:?} ({}, blocks {}) replaced by {} after {}; took {:.0} ms \
+             (plan {:.0} ms, reopen {:.0} ms, replay of {} positions in {} steps {:.0} ms)",
+            f.failed,
+            f.failed_peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            f.blocks,
+            describe_route(&f.replacement),
+            f.cause,
+            (f.plan + f.reopen + f.replay).as_secs_f64() * 1e3,
+            f.plan.as_secs_f64() * 1e3,
+            f.reopen.as_secs_f64() * 1e3,
+            f.replayed_positions,
+            f.replayed_steps,
+            f.replay.as_secs_f64() * 1e3,
+        );
+    }
     session.close().await;
     net.shutdown().await;
     Ok(result?.1)
+}
+
+/// `peer (a..b) -> peer (b..c) -> ...`
+pub(crate) fn describe_route(route: &[(PeerId, nomoat_protocol::Blocks)]) -> String {
+    route
+        .iter()
+        .map(|(p, b)| format!("{p} ({b})"))
+        .collect::<Vec<_>>()
+        .join(" -> ")
 }
 
 /// `nomoat status`.

@@ -12,3 +12,4 @@ pub mod engine;
 pub mod gateway;
 pub mod metrics;
 pub mod swarm;
+pub mod weights;

@@ -1,8 +1,10 @@
 //! The `nomoat` command.
 
 mod cli_config;
+mod cmd_failover;
 mod cmd_gateway;
 mod cmd_swarm;
+mod cmd_weights;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -55,6 +57,13 @@ enum Command {
         /// Catalog name.
         model: String,
     },
+    /// Import a model into the weight store and print its model id.
+    Import(cmd_weights::ImportArgs),
+    /// Re-hash every stored chunk of a model; corrupt chunks are deleted.
+    Verify {
+        /// The model id.
+        model_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +77,12 @@ enum BenchCommand {
     /// swarm, for 1 and 4 concurrent clients, against the local engine in
     /// the same run.
     Api(cmd_gateway::BenchApiArgs),
+    /// The time from a server's death to the next token: three servers and
+    /// a spare on loopback, the middle one killed mid-session.
+    Failover(cmd_failover::BenchFailoverArgs),
+    /// Weight transfer rate over loopback from 1 and 2 providers against a
+    /// raw QUIC stream, measured in the same run.
+    Weights(cmd_weights::BenchWeightsArgs),
     /// Route-planning time on simulated swarms of 100, 1,000 and 10,000 servers.
     Scheduler {
         /// Blocks in the simulated model.
@@ -84,8 +99,9 @@ enum BenchCommand {
 
 #[derive(Debug, Args)]
 struct ModelArgs {
-    /// A catalog name (see `nomoat models`), a .gguf file, or a directory
-    /// with config.json, tokenizer.json and *.safetensors.
+    /// A catalog name (see `nomoat models`), a .gguf file, a directory
+    /// with config.json, tokenizer.json and *.safetensors, or (generate) a
+    /// model id from `nomoat import`, fetched from --swarm peers if needed.
     #[arg(long, env = "NOMOAT_MODEL")]
     model: String,
     /// `fast` repacks quantized formats without a fast CPU kernel (Q4_1,
@@ -178,7 +194,24 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let (file, tokenizer, path) = open_model(&args.model)?;
+    let (file, tokenizer, model_id) = match nomoat_node::weights::parse_model_id(&args.model.model)
+    {
+        Some(id) => {
+            let file = runtime()?.block_on(cmd_weights::open_for_generate(id, &args.swarm))?;
+            let tokenizer = ChatTokenizer::from_model(&file)?;
+            (file, tokenizer, id.to_hex())
+        }
+        None => {
+            let (file, tokenizer, path) = open_model(&args.model)?;
+            let id = if args.swarm.is_empty() {
+                String::new()
+            } else {
+                nomoat_node::swarm::model_file_id(&path)
+                    .with_context(|| format!("hashing {}", path.display()))?
+            };
+            (file, tokenizer, id)
+        }
+    };
     let text = if args.chat {
         let mut messages = Vec::new();
         if let Some(sys) = &args.system {
@@ -207,7 +240,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         runtime()?.block_on(cmd_swarm::generate_swarm(
             args.swarm.clone(),
-            &path,
+            &model_id,
             &file,
             &tokenizer,
             args.model.weights,
@@ -530,6 +563,18 @@ fn main() -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cmd_swarm::bench_swarm(args))
         }
+        Command::Bench(BenchCommand::Failover(args)) => {
+            std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
+            runtime()?.block_on(cmd_failover::bench_failover(args))
+        }
+        Command::Bench(BenchCommand::Weights(args)) => {
+            // Provider and fetcher tasks share this process: two workers.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(cmd_weights::bench_weights(args))
+        }
         Command::Bench(BenchCommand::Scheduler {
             blocks,
             servers,
@@ -568,6 +613,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Import(args) => cmd_weights::import(args),
+        Command::Verify { model_id } => cmd_weights::verify(&model_id),
         Command::Fetch { model } => {
             let entry = catalog::find(&model).with_context(|| {
                 format!("`{model}` is not in the catalog; `nomoat models` lists it")

@@ -77,6 +77,8 @@ pub enum ErrorCode {
     Unsupported = 11,
     /// The request names a model the peer does not serve.
     WrongModel = 12,
+    /// The peer does not hold the manifest or chunk asked for; ask another.
+    NotFound = 13,
 }
 
 impl ErrorCode {
@@ -95,6 +97,7 @@ impl ErrorCode {
             10 => Self::Replayed,
             11 => Self::Unsupported,
             12 => Self::WrongModel,
+            13 => Self::NotFound,
             _ => return None,
         })
     }
@@ -129,7 +132,7 @@ mod tests {
     use super::*;
 
     /// Every code, in wire order.
-    const ALL: [ErrorCode; 12] = [
+    const ALL: [ErrorCode; 13] = [
         ErrorCode::Internal,
         ErrorCode::Malformed,
         ErrorCode::TooLarge,
@@ -142,6 +145,7 @@ mod tests {
         ErrorCode::Replayed,
         ErrorCode::Unsupported,
         ErrorCode::WrongModel,
+        ErrorCode::NotFound,
     ];
 
     #[test]
@@ -154,7 +158,7 @@ mod tests {
 
     #[test]
     fn unknown_codes_read_as_none() {
-        for wire in [0, 13, 100, u16::MAX] {
+        for wire in [0, 14, 100, u16::MAX] {
             assert_eq!(ErrorCode::from_u16(wire), None, "{wire}");
         }
     }

@@ -29,6 +29,7 @@
 //! |----------------------------------------|---------------------------|-------------------------------|
 //! | `/nomoat/infer/1` ([`INFER_PROTOCOL`]) | streams, one per session  | [`InferMessage`]              |
 //! | `/nomoat/info/1` ([`INFO_PROTOCOL`])   | a stream per query        | `InfoRequest`, `InfoResponse` |
+//! | `/nomoat/weights/1` ([`WEIGHTS_PROTOCOL`]) | a stream per request  | [`WeightsRequest`], [`WeightsResponse`] |
 //! | topic `nomoat/v1/servers/<model id>`   | gossipsub                 | [`ServerInfo`]                |
 //!
 //! # Message framing
@@ -129,6 +130,30 @@
 //! `Result` and `Copy` are at most [`MAX_CONTROL_BYTES`], and repeated fields are
 //! counted against their limits before anything is allocated for them.
 //!
+//! ## Failover
+//!
+//! When hop `i` fails (it times out, its stream closes, or it reports an error of its
+//! own), the client replaces it without starting over. Hops `i..=j` that failed
+//! together are replaced by one or more servers that together cover their blocks:
+//!
+//! 1. The client sends [`InferMessage::Reroute`] (the new route and the receiver's
+//!    index) to every hop after the failed ones; each answers `Opened` and now expects
+//!    a push stream from its new previous hop.
+//! 2. It opens the session on the replacement hops, last first, with `Open` naming
+//!    the new route; the last replacement attaches to the hop after it.
+//! 3. It sends `Reroute` to the hop before the failed ones (if any), which attaches
+//!    its push stream to the first replacement and drops the old one.
+//! 4. It replays the failed hops' input history, kept from their predecessors'
+//!    copies, to the first replacement, step by step as originally cut, each as a
+//!    `Step` with `last_hop` set to the last replacement: that hop only copies its
+//!    output to the client, so the hops after it are not disturbed. A replay is
+//!    bit-for-bit the computation the failed hop did.
+//! 5. It sends the failed step again from hop 0 with a new `seq`; hops that had
+//!    already run it rewind (its `start_pos` is below their length).
+//!
+//! A push stream from a hop that is no longer the receiver's previous hop is ignored
+//! from the moment the receiver takes a `Reroute`.
+//!
 //! ## Closing
 //!
 //! [`InferMessage::Close`] ends the session on the receiver, which frees its KV cache
@@ -172,6 +197,7 @@
 //!     seq: 6,
 //!     start_pos: 5,
 //!     hidden: TensorFrame::from_f32(vec![1, 2], &[1.0, -2.0], DType::F32)?,
+//!     last_hop: None,
 //! });
 //! let framed = step.encode_framed();
 //!
@@ -214,6 +240,109 @@
 //! included when it is a server. Then the stream closes. Both messages are framed as
 //! above, and [`decode_info_response`] rejects the whole answer if any entry is
 //! invalid.
+//!
+//! # Weight sharing, `/nomoat/weights/1`
+//!
+//! A model travels as a [`Manifest`] and chunks. The manifest holds what the
+//! loader needs besides tensor data (a GGUF file's header with its metadata,
+//! tokenizer and tensor infos; or a safetensors model's `config.json`,
+//! `tokenizer.json` and `tokenizer_config.json`) and every tensor: name,
+//! [`TensorRole`] (block index, embedding, final norm, LM head, or shared),
+//! dtype, shape, byte length and the BLAKE3 [`struct@Hash`] of each chunk of its data.
+//! A tensor's data is cut into chunks of `chunk_size` bytes
+//! ([`CHUNK_SIZE`], 1 MiB, when imported by nomoat), the last one shorter;
+//! chunks never span two tensors, so the chunks of a block are exactly the
+//! chunks of its tensors.
+//!
+//! The **model id** is the BLAKE3 hash of the manifest's canonical bytes,
+//! [`Manifest::encode`]. [`Manifest::decode`] accepts only canonical bytes, so
+//! a manifest has one id.
+//!
+//! ## Flows
+//!
+//! Each request opens a stream; the asker sends one [`WeightsRequest`] (at most
+//! [`MAX_CONTROL_BYTES`]), the answerer sends its answers and closes. Messages
+//! are framed as above.
+//!
+//! - [`WeightsRequest::Manifest`]: one [`WeightsResponse::Manifest`] with the
+//!   manifest's bytes, or an error. The asker checks them with
+//!   [`Manifest::decode_verified`]: bytes that do not hash to the model id are
+//!   refused before they are decoded ([`MessageError::WrongHash`]), and the
+//!   asker turns to another peer.
+//! - [`WeightsRequest::Have`]: one [`WeightsResponse::Have`], the blocks of
+//!   which the answerer holds every chunk, and whether it holds the head.
+//! - [`WeightsRequest::Chunks`]: 1 to [`MAX_CHUNKS_PER_REQUEST`] hashes; one
+//!   answer per hash, in request order: [`WeightsResponse::Chunk`], or an
+//!   error with [`ErrorCode::NotFound`]. A sender may write
+//!   [`chunk_frame_header`] and then the data, without copying the data into a
+//!   message.
+//!
+//! The asker checks every chunk against the manifest before it uses or
+//! stores it: the hash it came with is the one asked for, its length is the
+//! one the manifest gives that chunk, and its BLAKE3 hash is its name. A chunk
+//! that fails is dropped, the peer is penalised, and the chunk is asked of
+//! another peer. Peers that provide a model are found through Kademlia
+//! provider records keyed by the model id (hex) and through [`ServerInfo`]
+//! announcements of servers of that model id.
+//!
+//! ## Example: a manifest and a chunk
+//!
+//! ```
+//! use bytes::Bytes;
+//! use nomoat_protocol::{
+//!     Hash, Manifest, MessageError, ModelFormat, TensorEntry, TensorRole, WeightsResponse,
+//!     MIN_CHUNK_BYTES,
+//! };
+//!
+//! let data = vec![7u8; 5000];
+//! let manifest = Manifest {
+//!     format: ModelFormat::Gguf,
+//!     chunk_size: MIN_CHUNK_BYTES, // 4096: this tensor is two chunks
+//!     architecture: "llama".into(),
+//!     num_blocks: 1,
+//!     header: b"GGUF...".to_vec(),
+//!     tokenizer: vec![],
+//!     tokenizer_config: vec![],
+//!     tensors: vec![TensorEntry {
+//!         name: "blk.0.ffn_up.weight".into(),
+//!         role: TensorRole::Block(0),
+//!         dtype: "F32".into(),
+//!         shape: vec![1250],
+//!         byte_len: 5000,
+//!         chunks: data.chunks(4096).map(Hash::of).collect(),
+//!     }],
+//! };
+//! let id = manifest.id();
+//! let bytes = manifest.encode();
+//! assert_eq!(Manifest::decode_verified(&bytes, &id)?, manifest);
+//!
+//! // One flipped byte in transit: refused before decoding.
+//! let mut forged = bytes.clone();
+//! forged[10] ^= 1;
+//! assert!(matches!(
+//!     Manifest::decode_verified(&forged, &id),
+//!     Err(MessageError::WrongHash { .. })
+//! ));
+//!
+//! // Block 0 needs both chunks: 4096 bytes, then 904.
+//! let chunks = manifest.chunks_for(&(0..1), false);
+//! assert_eq!(chunks.iter().map(|c| c.len).collect::<Vec<_>>(), [4096, 904]);
+//!
+//! // A chunk answer; the asker checks length and hash before keeping it.
+//! let answer = WeightsResponse::Chunk {
+//!     hash: chunks[1].hash,
+//!     data: Bytes::copy_from_slice(&data[4096..]),
+//! };
+//! let framed = answer.encode_framed();
+//! let WeightsResponse::Chunk { hash, data: got } =
+//!     WeightsResponse::decode_bytes(Bytes::from(framed[4..].to_vec()))?
+//! else {
+//!     unreachable!("a chunk was sent")
+//! };
+//! assert_eq!(got.len() as u32, chunks[1].len);
+//! assert_eq!(Hash::of(&got), hash);
+//! # Ok::<(), MessageError>(())
+//! ```
 //!
 //! # Server heartbeats
 //!
@@ -335,6 +464,10 @@
 //! | [`MAX_ADDRS`]         | 32              | the addresses of one `ServerInfo`              |
 //! | [`MAX_TEXT_BYTES`]    | 4096            | a model id, error message, version or address  |
 //! | [`SESSION_ID_LEN`]    | 16              | a session id, exactly                          |
+//! | [`MAX_MANIFEST_BYTES`] | 32 MiB         | a manifest's canonical bytes                   |
+//! | [`MAX_MANIFEST_TENSORS`] | 65,536       | the tensors of one manifest                    |
+//! | [`MAX_CHUNK_BYTES`]   | 4 MiB           | a manifest's chunk size, and so one chunk      |
+//! | [`MAX_CHUNKS_PER_REQUEST`] | 64         | the hashes of one `GetChunks`                  |
 //! | peer id               | 1 to 128 bytes  | a peer id in a route or a `ServerInfo`         |
 //!
 //! A receiver may read at most `8 + 4 * MAX_TENSOR_RANK + MAX_TENSOR_BYTES` bytes for
@@ -373,16 +506,23 @@
 mod error;
 mod messages;
 mod tensor;
+mod weights;
 
 pub use error::{ErrorCode, TensorError};
 pub use messages::{
     check_message_len, decode_info_request, decode_info_response, encode_info_request,
     encode_info_response, Blocks, ErrorFrame, Hop, InferMessage, MessageError, OpenSession,
-    Reachability, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL, MAX_ADDRS,
+    Reachability, Reroute, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL, MAX_ADDRS,
     MAX_CONTROL_BYTES, MAX_INFO_BYTES, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS,
     MAX_TEXT_BYTES, SESSION_ID_LEN,
 };
 pub use tensor::{DType, TensorFrame};
+pub use weights::{
+    chunk_frame_header, ChunkRef, Hash, Have, Manifest, ModelFormat, TensorEntry, TensorRole,
+    WeightsRequest, WeightsResponse, CHUNK_SIZE, HASH_LEN, MANIFEST_VERSION,
+    MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BYTES, MAX_MANIFEST_BLOCKS, MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_DIMS, MAX_MANIFEST_TENSORS, MIN_CHUNK_BYTES, WEIGHTS_PROTOCOL,
+};
 
 /// Largest data section of one tensor frame, in bytes (64 MiB).
 pub const MAX_TENSOR_BYTES: usize = 64 * 1024 * 1024;

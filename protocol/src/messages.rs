@@ -73,6 +73,17 @@ pub enum MessageError {
     /// A tensor inside the message is invalid.
     #[error("tensor: {0}")]
     Tensor(#[from] TensorError),
+    /// Content does not hash to the name it was asked for by (a manifest
+    /// and its model id, a chunk and its hash): corrupt or forged in transit.
+    #[error("{what} hashes to {got}, not to the {expected} it was asked for: corrupt or forged; fetch it from another peer")]
+    WrongHash {
+        /// What was checked.
+        what: &'static str,
+        /// The hash asked for (hex).
+        expected: String,
+        /// The hash of what arrived (hex).
+        got: String,
+    },
 }
 
 impl From<&MessageError> for ErrorCode {
@@ -95,7 +106,7 @@ fn peer_id(id: Vec<u8>, name: &'static str) -> Result<Vec<u8>, MessageError> {
     Ok(id)
 }
 
-fn field(field: &'static str, reason: impl Into<String>) -> MessageError {
+pub(crate) fn field(field: &'static str, reason: impl Into<String>) -> MessageError {
     MessageError::Field {
         field,
         reason: reason.into(),
@@ -116,7 +127,7 @@ pub fn check_message_len(len: usize) -> Result<(), MessageError> {
 /// Walks the top-level fields of protobuf bytes, calling `f` with each
 /// field number and, for length-delimited fields, the payload. Lets limits
 /// on repeated fields be checked before prost allocates anything.
-fn walk(
+pub(crate) fn walk(
     bytes: &[u8],
     mut f: impl FnMut(u32, Option<&[u8]>) -> Result<(), MessageError>,
 ) -> Result<(), MessageError> {
@@ -179,7 +190,7 @@ fn walk(
     Ok(())
 }
 
-fn too_large(len: usize, max: usize) -> Result<(), MessageError> {
+pub(crate) fn too_large(len: usize, max: usize) -> Result<(), MessageError> {
     if len > max {
         return Err(MessageError::TooLarge { len, max });
     }
@@ -315,6 +326,45 @@ pub struct Step {
     pub start_pos: u32,
     /// Shape `[t, hidden]`.
     pub hidden: TensorFrame,
+    /// `None` for a step through the whole route. `Some(h)` for a replay
+    /// that refills a replacement hop's cache after a failover: hop `h`
+    /// neither forwards nor returns its output, it only copies it to the
+    /// client.
+    pub last_hop: Option<u32>,
+}
+
+/// A session's new route after a failover, sent to a hop that stays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reroute {
+    /// The session.
+    pub session_id: SessionId,
+    /// The new route.
+    pub route: Vec<Hop>,
+    /// The receiver's index in `route`.
+    pub hop_index: u32,
+}
+
+impl Reroute {
+    /// The receiver's hop.
+    ///
+    /// # Panics
+    ///
+    /// If `hop_index` is out of `route`, which a decoded `Reroute` never is.
+    pub fn hop(&self) -> &Hop {
+        &self.route[self.hop_index as usize]
+    }
+
+    /// The hop after the receiver, if any.
+    pub fn next_hop(&self) -> Option<&Hop> {
+        self.route.get(self.hop_index as usize + 1)
+    }
+
+    /// The hop before the receiver, if any.
+    pub fn prev_hop(&self) -> Option<&Hop> {
+        (self.hop_index as usize)
+            .checked_sub(1)
+            .map(|i| &self.route[i])
+    }
 }
 
 /// A typed error frame.
@@ -414,9 +464,53 @@ pub enum InferMessage {
         /// The session.
         session_id: SessionId,
     },
+    /// Client -> a hop that stays: the session's route changed.
+    Reroute(Reroute),
 }
 
-fn text(s: String, name: &'static str) -> Result<String, MessageError> {
+/// Validates a route and the receiver's index in it.
+fn route(hops: Vec<pb::Hop>, hop_index: u32) -> Result<Vec<Hop>, MessageError> {
+    if hops.is_empty() || hops.len() > MAX_ROUTE_HOPS {
+        return Err(field(
+            "route",
+            format!("{} hops, expected 1..={MAX_ROUTE_HOPS}", hops.len()),
+        ));
+    }
+    let route = hops
+        .into_iter()
+        .map(|h| {
+            Ok(Hop {
+                peer_id: peer_id(h.peer_id, "route.peer_id")?,
+                blocks: Blocks::from_pb(h.blocks, "route.blocks")?,
+            })
+        })
+        .collect::<Result<Vec<_>, MessageError>>()?;
+    if route
+        .windows(2)
+        .any(|w| w[0].blocks.end != w[1].blocks.start)
+    {
+        return Err(field("route", "consecutive hops' blocks do not chain"));
+    }
+    if hop_index as usize >= route.len() {
+        return Err(field(
+            "hop_index",
+            format!("{hop_index} of {} hops", route.len()),
+        ));
+    }
+    Ok(route)
+}
+
+fn route_to_pb(route: &[Hop]) -> Vec<pb::Hop> {
+    route
+        .iter()
+        .map(|h| pb::Hop {
+            peer_id: h.peer_id.clone(),
+            blocks: Some(h.blocks.to_pb()),
+        })
+        .collect()
+}
+
+pub(crate) fn text(s: String, name: &'static str) -> Result<String, MessageError> {
     if s.len() > MAX_TEXT_BYTES {
         return Err(field(
             name,
@@ -447,10 +541,11 @@ impl InferMessage {
                     max: MAX_CONTROL_BYTES,
                 });
             }
-            if let (1, Some(open)) = (n, payload) {
+            if let (1 | 9, Some(msg)) = (n, payload) {
+                let route_field = if n == 1 { 3 } else { 2 };
                 let mut hops = 0;
-                walk(open, |m, _| {
-                    hops += usize::from(m == 3);
+                walk(msg, |m, _| {
+                    hops += usize::from(m == route_field);
                     if hops > MAX_ROUTE_HOPS {
                         return Err(field("route", format!("more than {MAX_ROUTE_HOPS} hops")));
                     }
@@ -464,34 +559,7 @@ impl InferMessage {
         use pb::infer_frame::Kind;
         Ok(match frame.kind.ok_or(MessageError::Empty)? {
             Kind::Open(o) => {
-                if o.route.is_empty() || o.route.len() > MAX_ROUTE_HOPS {
-                    return Err(field(
-                        "route",
-                        format!("{} hops, expected 1..={MAX_ROUTE_HOPS}", o.route.len()),
-                    ));
-                }
-                let route = o
-                    .route
-                    .into_iter()
-                    .map(|h| {
-                        Ok(Hop {
-                            peer_id: peer_id(h.peer_id, "route.peer_id")?,
-                            blocks: Blocks::from_pb(h.blocks, "route.blocks")?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, MessageError>>()?;
-                if route
-                    .windows(2)
-                    .any(|w| w[0].blocks.end != w[1].blocks.start)
-                {
-                    return Err(field("route", "consecutive hops' blocks do not chain"));
-                }
-                if o.hop_index as usize >= route.len() {
-                    return Err(field(
-                        "hop_index",
-                        format!("{} of {} hops", o.hop_index, route.len()),
-                    ));
-                }
+                let route = route(o.route, o.hop_index)?;
                 if o.max_length == 0 {
                     return Err(field("max_length", "zero"));
                 }
@@ -512,6 +580,7 @@ impl InferMessage {
                 seq: s.seq,
                 start_pos: s.start_pos,
                 hidden: TensorFrame::decode_bytes(s.hidden)?,
+                last_hop: s.until_hop.checked_sub(1),
             }),
             Kind::Result(r) => InferMessage::Result {
                 session_id: SessionId::from_bytes(&r.session_id)?,
@@ -547,6 +616,11 @@ impl InferMessage {
             Kind::Close(c) => InferMessage::Close {
                 session_id: SessionId::from_bytes(&c.session_id)?,
             },
+            Kind::Reroute(r) => InferMessage::Reroute(Reroute {
+                session_id: SessionId::from_bytes(&r.session_id)?,
+                route: route(r.route, r.hop_index)?,
+                hop_index: r.hop_index,
+            }),
         })
     }
 
@@ -556,14 +630,7 @@ impl InferMessage {
             InferMessage::Open(o) => Kind::Open(pb::OpenSession {
                 session_id: o.session_id.0.to_vec(),
                 model_id: o.model_id.clone(),
-                route: o
-                    .route
-                    .iter()
-                    .map(|h| pb::Hop {
-                        peer_id: h.peer_id.clone(),
-                        blocks: Some(h.blocks.to_pb()),
-                    })
-                    .collect(),
+                route: route_to_pb(&o.route),
                 hop_index: o.hop_index,
                 max_length: o.max_length,
             }),
@@ -579,6 +646,7 @@ impl InferMessage {
                 seq: s.seq,
                 start_pos: s.start_pos,
                 hidden: s.hidden.encode().into(),
+                until_hop: s.last_hop.map_or(0, |h| h.saturating_add(1)),
             }),
             InferMessage::Result {
                 session_id,
@@ -619,6 +687,11 @@ impl InferMessage {
             InferMessage::Close { session_id } => Kind::Close(pb::CloseSession {
                 session_id: session_id.0.to_vec(),
             }),
+            InferMessage::Reroute(r) => Kind::Reroute(pb::RerouteSession {
+                session_id: r.session_id.0.to_vec(),
+                route: route_to_pb(&r.route),
+                hop_index: r.hop_index,
+            }),
         };
         pb::InferFrame { kind: Some(kind) }
     }
@@ -634,7 +707,8 @@ impl InferMessage {
     /// writes), copying the elements once, straight into the output.
     pub fn encode_framed(&self) -> Vec<u8> {
         match self {
-            InferMessage::Step(s) => frame_hidden(
+            // Replays are rare and keep prost's field order (until_hop last).
+            InferMessage::Step(s) if s.last_hop.is_none() => frame_hidden(
                 3,
                 &s.session_id,
                 &[(2, s.seq), (3, u64::from(s.start_pos))],
@@ -919,6 +993,7 @@ mod framing_tests {
                     seq,
                     start_pos: pos,
                     hidden: hidden.clone(),
+                    last_hop: None,
                 }),
                 InferMessage::Result {
                     session_id: id,
@@ -955,6 +1030,7 @@ mod framing_tests {
             seq: 1,
             start_pos: 0,
             hidden,
+            last_hop: None,
         });
         let buf = Bytes::from(m.encode_framed()[4..].to_vec());
         let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();

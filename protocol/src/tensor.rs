@@ -219,6 +219,25 @@ impl TensorFrame {
         &self.data
     }
 
+    /// Rows `start..start + len` of the outermost axis, sharing this frame's
+    /// buffer (no copy); `None` when the frame is a scalar, `len` is zero or
+    /// the rows are out of range.
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Option<Self> {
+        let rows = *self.shape.first()?;
+        let end = start.checked_add(len)?;
+        if len == 0 || end > rows {
+            return None;
+        }
+        let row_bytes = self.data.len() / rows;
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        Some(Self {
+            dtype: self.dtype,
+            shape,
+            data: self.data.slice(start * row_bytes..end * row_bytes),
+        })
+    }
+
     /// Number of elements: the product of the dimensions (1 for a scalar).
     pub fn elem_count(&self) -> usize {
         self.data.len() / self.dtype.size_in_bytes()
@@ -425,6 +444,22 @@ fn shape_pattern(shape: &[Option<usize>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn narrow_rows_shares_the_buffer() {
+        let values: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let f = TensorFrame::from_f32_vec(vec![4, 3], values).unwrap();
+        let mid = f.narrow_rows(1, 2).unwrap();
+        assert_eq!(mid.shape(), [2, 3]);
+        assert_eq!(mid.to_f32(), [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(mid.data().as_ptr(), f.data()[12..].as_ptr());
+        assert_eq!(f.narrow_rows(0, 4).unwrap(), f);
+        assert!(f.narrow_rows(3, 2).is_none());
+        assert!(f.narrow_rows(1, 0).is_none());
+        assert!(f.narrow_rows(usize::MAX, 2).is_none());
+        let scalar = TensorFrame::from_f32(vec![], &[1.0], DType::F32).unwrap();
+        assert!(scalar.narrow_rows(0, 1).is_none());
+    }
 
     #[test]
     fn data_len_checks_rank_then_zero_dims_then_size() {

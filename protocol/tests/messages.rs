@@ -8,8 +8,8 @@
 use nomoat_protocol::{
     check_message_len, decode_info_request, decode_info_response, encode_info_request,
     encode_info_response, Blocks, DType, ErrorCode, ErrorFrame, Hop, InferMessage, MessageError,
-    OpenSession, Reachability, ServerInfo, SessionId, Step, TensorError, TensorFrame, MAX_ADDRS,
-    MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS, MAX_TEXT_BYTES, SESSION_ID_LEN,
+    OpenSession, Reachability, Reroute, ServerInfo, SessionId, Step, TensorError, TensorFrame,
+    MAX_ADDRS, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS, MAX_TEXT_BYTES, SESSION_ID_LEN,
 };
 use proptest::prelude::*;
 
@@ -80,6 +80,7 @@ const COPY: u32 = 5;
 const OPENED: u32 = 6;
 const ERROR: u32 = 7;
 const CLOSE: u32 = 8;
+const REROUTE: u32 = 9;
 
 /// An `InferFrame` whose `kind` is `field` holding `inner`.
 fn frame(field: u32, inner: Pb) -> Vec<u8> {
@@ -210,6 +211,7 @@ fn golden_step() -> (InferMessage, Vec<u8>) {
         seq: 7,
         start_pos: 5,
         hidden: TensorFrame::from_f32(vec![1, 2], &[1.0, -2.0], DType::F32).unwrap(),
+        last_hop: None,
     });
     let bytes = concat(&[
         &[0x1a, 0x30],     // InferFrame.step (field 3, LEN), 48 bytes
@@ -494,6 +496,63 @@ fn open_session_rules() {
     }
 }
 
+fn pb_reroute(route: Vec<Pb>, hop_index: u32) -> Vec<u8> {
+    let mut r = Pb::new().bytes(1, &SID);
+    for h in route {
+        r = r.msg(2, h);
+    }
+    frame(REROUTE, r.varint(3, hop_index.into()))
+}
+
+#[test]
+fn reroute_follows_the_route_rules() {
+    let ok = InferMessage::decode(&pb_reroute(chain(3), 2)).unwrap();
+    let InferMessage::Reroute(r) = ok else {
+        panic!("not a reroute: {ok:?}");
+    };
+    assert_eq!(r.hop_index, 2);
+    assert_eq!(r.prev_hop().map(|h| h.blocks.start), Some(2));
+    assert!(r.next_hop().is_none());
+    let cases = [
+        ("empty route", pb_reroute(vec![], 0), "route"),
+        (
+            "too many hops",
+            pb_reroute(chain(MAX_ROUTE_HOPS as u32 + 1), 0),
+            "route",
+        ),
+        (
+            "gap between hops",
+            pb_reroute(vec![pb_hop(&[1], 0, 2), pb_hop(&[2], 3, 4)], 0),
+            "route",
+        ),
+        (
+            "hop_index past the route",
+            pb_reroute(chain(2), 2),
+            "hop_index",
+        ),
+    ];
+    for (what, bytes, name) in cases {
+        assert_field_in(InferMessage::decode(&bytes), name, what);
+    }
+}
+
+#[test]
+fn a_replay_step_names_its_last_hop() {
+    let hidden = TensorFrame::from_f32(vec![1, 2], &[1.0, -2.0], DType::F32).unwrap();
+    for last_hop in [None, Some(0), Some(5)] {
+        let m = InferMessage::Step(Step {
+            session_id: SessionId(SID),
+            seq: 3,
+            start_pos: 1,
+            hidden: hidden.clone(),
+            last_hop,
+        });
+        let framed = m.encode_framed();
+        assert_eq!(framed[4..], m.encode()[..]);
+        assert_eq!(InferMessage::decode(&framed[4..]).unwrap(), m);
+    }
+}
+
 #[test]
 fn open_session_limits_are_inclusive() {
     let max = InferMessage::decode(&pb_open(&SID, chain(MAX_ROUTE_HOPS as u32), 63, 1)).unwrap();
@@ -652,7 +711,7 @@ fn empty_and_garbage_frames_are_malformed() {
 
 #[test]
 fn error_codes_unknown_and_out_of_range() {
-    for raw in [0u16, 13, 999, u16::MAX] {
+    for raw in [0u16, 14, 999, u16::MAX] {
         let bytes = frame(ERROR, Pb::new().varint(1, raw.into()).bytes(2, b"?"));
         let InferMessage::Error(e) = InferMessage::decode(&bytes).unwrap() else {
             panic!()
@@ -859,14 +918,29 @@ fn infer_message() -> impl Strategy<Value = InferMessage> {
             session_id,
             from_hop
         }),
-        (session_id(), any::<u64>(), any::<u32>(), tensor()).prop_map(
-            |(session_id, seq, start_pos, hidden)| InferMessage::Step(Step {
+        (
+            session_id(),
+            any::<u64>(),
+            any::<u32>(),
+            tensor(),
+            prop::option::of(0u32..u32::MAX)
+        )
+            .prop_map(|(session_id, seq, start_pos, hidden, last_hop)| {
+                InferMessage::Step(Step {
+                    session_id,
+                    seq,
+                    start_pos,
+                    hidden,
+                    last_hop,
+                })
+            }),
+        (session_id(), route(), any::<u32>()).prop_map(|(session_id, route, i)| {
+            InferMessage::Reroute(Reroute {
                 session_id,
-                seq,
-                start_pos,
-                hidden,
+                hop_index: i % route.len() as u32,
+                route,
             })
-        ),
+        }),
         (session_id(), any::<u64>(), tensor()).prop_map(|(session_id, seq, hidden)| {
             InferMessage::Result {
                 session_id,

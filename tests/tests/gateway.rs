@@ -562,6 +562,14 @@ fn demo_once_answers_and_leaves_no_process_behind() -> Result<()> {
         .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
         .collect();
     assert_eq!(pids.len(), 3, "{out}");
+    // Only the first server held the weights; the others fetched theirs.
+    let fetched: Vec<u64> = out
+        .lines()
+        .filter(|l| l.starts_with("server "))
+        .filter_map(|l| l.split("fetched ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(fetched.len(), 2, "{out}");
+    assert!(fetched.iter().all(|&n| n > 0), "{out}");
     for pid in pids {
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))

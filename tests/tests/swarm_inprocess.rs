@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use futures::AsyncReadExt;
 use libp2p::{PeerId, StreamProtocol};
 use nomoat_node::engine::{
-    hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, WeightMode,
+    hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, Span, WeightMode,
 };
 use nomoat_node::swarm::client::{simple_route, RemoteSession, SwarmError};
 use nomoat_node::swarm::executor::ExecutorConfig;
@@ -106,6 +106,10 @@ async fn three_servers_give_the_whole_models_logits() -> Result<()> {
             "step {step}: swarm differs from the whole model by {d}"
         );
     }
+    // The client measured every hop's compute on the single-token steps.
+    for s in &servers {
+        assert!(client.observed_secs_per_block(&s.net.peer_id()).is_some());
+    }
     // Every hop's input was kept: hop i+1's inputs are hop i's outputs.
     let history = session.history();
     assert_eq!(history.len(), 3);
@@ -177,6 +181,7 @@ fn step_msg(id: SessionId, seq: u64, pos: u32, frame: TensorFrame) -> InferMessa
         seq,
         start_pos: pos,
         hidden: frame,
+        last_hop: None,
     })
 }
 
@@ -410,12 +415,12 @@ async fn a_server_dying_mid_session_is_named_within_the_step_timeout() -> Result
         .await
         .unwrap_err();
     let elapsed = t.elapsed();
-    match &err {
-        SwarmError::Hop { hop, peer, .. } | SwarmError::HopFailed { hop, peer, .. } => {
-            assert_eq!((*hop, *peer), (1, middle), "{err}");
-        }
-        other => panic!("expected a hop failure, got {other}"),
-    }
+    // No other server holds its blocks: failover finds no replacement.
+    assert!(
+        matches!(err, SwarmError::FailoverFailed { .. }),
+        "expected a failed failover, got {err}"
+    );
+    assert_eq!(err.failed_hop(), Some((1, middle)), "{err}");
     assert!(err.to_string().contains(&middle.to_string()));
     assert!(
         elapsed <= timeout + Duration::from_secs(1),
@@ -569,5 +574,264 @@ async fn replicas_share_concurrent_sessions() -> Result<()> {
     for s in [&a1, &a2, &b1, &b2] {
         s.kill().await;
     }
+    Ok(())
+}
+
+/// Runs the prompt and the first `before` decode tokens, stops the server at
+/// `kill` in the route, then the rest: every step's logits must be the whole
+/// model's, with the dead hop replaced by `spares`.
+async fn failover_case(
+    spans: &[(usize, usize)],
+    spares: &[(usize, usize)],
+    kill: usize,
+    before: usize,
+) -> Result<Vec<nomoat_node::swarm::client::FailoverReport>> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let expected = local_trace(&file)?;
+    let cfg = ExecutorConfig::default();
+    let first =
+        TestServer::start(&file, MODEL, spans[0].0, spans[0].1, cfg.clone(), vec![]).await?;
+    let boot = vec![first.addr.clone()];
+    let mut chain = vec![first];
+    for &(a, b) in &spans[1..] {
+        chain.push(TestServer::start(&file, MODEL, a, b, cfg.clone(), boot.clone()).await?);
+    }
+    let mut spare_servers = Vec::new();
+    for &(a, b) in spares {
+        spare_servers.push(TestServer::start(&file, MODEL, a, b, cfg.clone(), boot.clone()).await?);
+    }
+    let client = client_net().await?;
+    discover_n(&client, &boot, MODEL, spans.len() + spares.len()).await?;
+    // Every server of the chain must know the spares before the kill: they
+    // are found through a surviving hop.
+    for s in &chain {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.net.servers(MODEL).len() < spans.len() + spares.len() {
+            assert!(Instant::now() < deadline, "the spares never announced");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let route: Vec<Hop> = chain
+        .iter()
+        .zip(spans)
+        .map(|(s, &(a, b))| Hop {
+            peer_id: s.net.peer_id().to_bytes(),
+            blocks: Blocks {
+                start: a as u32,
+                end: b as u32,
+            },
+        })
+        .collect();
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let mut session =
+        RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(5)).await?;
+    let hidden = head.config().hidden_size;
+    let inputs: Vec<Vec<u32>> = std::iter::once(PROMPT.to_vec())
+        .chain(DECODE.iter().map(|t| vec![*t]))
+        .collect();
+    let dead = chain[kill].net.peer_id();
+    let mut pos = 0u32;
+    for (i, tokens) in inputs.iter().enumerate() {
+        if i == before + 1 {
+            chain[kill].kill().await;
+        }
+        let frame = hidden_to_frame(&head.embed(tokens)?)?;
+        let h = session.step(pos, frame).await?;
+        let logits = head.logits(&hidden_from_frame(&h, hidden)?)?;
+        let d = max_abs_diff(&logits, &expected[i])?;
+        assert!(d <= 1e-5, "step {i}: the swarm differs by {d}");
+        pos += tokens.len() as u32;
+    }
+    assert!(
+        session.route().iter().all(|(p, _)| *p != dead),
+        "the dead server is still routed: {:?}",
+        session.route()
+    );
+    // Backed off: a fresh plan avoids it even while announcements linger.
+    assert!(client.is_backed_off(&dead));
+    // A rewind after the failover still agrees.
+    let frame = hidden_to_frame(&head.embed(&DECODE[..1])?)?;
+    let h = session.step(PROMPT.len() as u32, frame).await?;
+    let again = head.logits(&hidden_from_frame(&h, hidden)?)?;
+    assert!(max_abs_diff(&again, &expected[1])? <= 1e-5);
+    let reports = session.failovers().to_vec();
+    session.close().await;
+    for s in chain.iter().chain(&spare_servers) {
+        s.kill().await;
+    }
+    Ok(reports)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_middle_hop_is_replaced_by_a_wider_spare() -> Result<()> {
+    let reports = failover_case(&[(0, 2), (2, 4), (4, 6)], &[(1, 5)], 1, 2).await?;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let r = &reports[0];
+    assert_eq!(r.failed, 1..=1);
+    assert_eq!(r.blocks, Blocks { start: 2, end: 4 });
+    assert_eq!(r.replacement.len(), 1);
+    assert_eq!(r.replacement[0].1, Blocks { start: 2, end: 4 });
+    // The prompt chunk and two decode steps, cut as first sent.
+    assert_eq!(r.replayed_steps, 3);
+    assert_eq!(r.replayed_positions, PROMPT.len() as u32 + 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hop_is_replaced_by_two_servers() -> Result<()> {
+    let reports = failover_case(&[(0, 2), (2, 4), (4, 6)], &[(2, 3), (3, 4)], 1, 1).await?;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let blocks: Vec<Blocks> = reports[0].replacement.iter().map(|(_, b)| *b).collect();
+    assert_eq!(
+        blocks,
+        [Blocks { start: 2, end: 3 }, Blocks { start: 3, end: 4 }]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_and_the_last_hop_fail_over_too() -> Result<()> {
+    for kill in [0, 1] {
+        let reports = failover_case(&[(0, 3), (3, 6)], &[(0, 6)], kill, 0).await?;
+        assert_eq!(reports.len(), 1, "kill hop {kill}: {reports:?}");
+        assert_eq!(reports[0].failed, kill..=kill);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
+    use nomoat_node::swarm::rebalance::{run_rebalancer, Moves, RebalanceConfig, SpanLoader};
+    let dir = tempfile::tempdir()?;
+    let file = Arc::new(tiny(dir.path())?);
+    let expected = local_trace(&file)?;
+    let cfg = ExecutorConfig::default();
+    let a = TestServer::start(&file, MODEL, 0, 2, cfg.clone(), vec![]).await?;
+    let boot = vec![a.addr.clone()];
+    let c = TestServer::start(&file, MODEL, 2, 4, cfg.clone(), boot.clone()).await?;
+    let b = TestServer::start(&file, MODEL, 0, 2, cfg, boot.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.net.servers(MODEL).len() < 3 {
+        assert!(Instant::now() < deadline, "the swarm never formed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A session on b's span 0..2 opened before the move keeps running there.
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let reference = Span::load(&file, 0, 2, WeightMode::Fast)?;
+    let mut ref_cache = reference.new_cache();
+    let id = SessionId([7; 16]);
+    b.exec.open(id, 0, 2, 64).await?;
+    let prompt = head.embed(&PROMPT)?;
+    let out = b.exec.step(id, 1, 0, hidden_to_frame(&prompt)?).await?;
+    let want = reference.forward(&prompt, 0, &mut ref_cache)?;
+    assert!(max_abs_diff(&hidden_from_frame(&out, 64)?, &want)? <= 1e-6);
+    // Blocks 4..6 have no server: b, a duplicate of a, moves there.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let moves = Arc::new(Moves::default());
+    let loader: SpanLoader = {
+        let file = file.clone();
+        Arc::new(move |s: u32, e: u32| {
+            let span = Span::load(&file, s as usize, e as usize, WeightMode::Fast);
+            Box::pin(async move { Ok(span?) })
+        })
+    };
+    tokio::spawn(run_rebalancer(
+        b.net.clone(),
+        b.exec.clone(),
+        MODEL.to_string(),
+        loader,
+        RebalanceConfig {
+            period: Duration::from_millis(200),
+            cooldown: Duration::ZERO,
+            margin: 0.2,
+        },
+        moves.clone(),
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while moves.count() == 0 {
+        assert!(Instant::now() < deadline, "b never moved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((b.exec.span().start(), b.exec.span().end()), (4, 6));
+    assert_eq!(b.exec.stats().draining, 1);
+    // The old session drains on the old span, still exact.
+    let x = head.embed(&DECODE[..1])?;
+    let out = b
+        .exec
+        .step(id, 2, PROMPT.len(), hidden_to_frame(&x)?)
+        .await?;
+    let want = reference.forward(&x, PROMPT.len(), &mut ref_cache)?;
+    assert!(max_abs_diff(&hidden_from_frame(&out, 64)?, &want)? <= 1e-6);
+    b.exec.close(id);
+    // Announced: a client finds a full chain a -> c -> b and it is exact.
+    let client = client_net().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let route = loop {
+        let found = discover_n(&client, &boot, MODEL, 3).await?;
+        if let Ok(r) = simple_route(MODEL, 6, &found) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the move was never announced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(route[2].peer_id, b.net.peer_id().to_bytes());
+    let mut session =
+        RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?;
+    let got = remote_trace(&head, &mut session).await?;
+    for (x, y) in expected.iter().zip(&got) {
+        assert!(max_abs_diff(x, y)? <= 1e-5);
+    }
+    session.close().await;
+    // Balanced now: with no cooldown at all, b still does not move again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(moves.count(), 1, "b flapped");
+    shutdown.cancel();
+    for s in [&a, &b, &c] {
+        s.kill().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_own_measurements_win_over_announcements() -> Result<()> {
+    let client = client_net().await?;
+    let (fast, slow) = (PeerId::random(), PeerId::random());
+    let info = |peer: PeerId, throughput: f32| nomoat_protocol::ServerInfo {
+        peer_id: peer.to_bytes(),
+        model_id: MODEL.into(),
+        blocks: Blocks { start: 0, end: 6 },
+        num_blocks: 6,
+        hidden_size: 64,
+        throughput,
+        free_kv_tokens: 1000,
+        load: 0.0,
+        active_sessions: 0,
+        version: String::new(),
+        addrs: Vec::new(),
+        reachability: nomoat_protocol::Reachability::Unknown,
+        timestamp_ms: 0,
+    };
+    // `slow` claims 1,000 tokens/s, `fast` 10; the client measured otherwise.
+    let servers = [info(fast, 10.0), info(slow, 1000.0)];
+    let pick = || -> Result<Vec<u8>> {
+        let r = nomoat_node::swarm::client::plan(&client, MODEL, 6, &servers, 64)?;
+        Ok(r[0].peer_id.clone())
+    };
+    for _ in 0..20 {
+        assert_eq!(pick()?, slow.to_bytes(), "announcements alone");
+    }
+    client.observe_step(slow, 6, 0.5);
+    client.observe_step(fast, 6, 0.006);
+    for _ in 0..20 {
+        assert_eq!(pick()?, fast.to_bytes(), "measured");
+    }
+    // A peer that failed is not routed while backed off.
+    client.peer_failed(fast);
+    for _ in 0..20 {
+        assert_eq!(pick()?, slow.to_bytes(), "backed off");
+    }
+    client.shutdown().await;
     Ok(())
 }

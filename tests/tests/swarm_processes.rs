@@ -302,3 +302,115 @@ fn servers_placed_automatically_cover_the_model_and_serve() -> Result<()> {
     assert!(answer.contains("Paris"), "{answer:?}");
     Ok(())
 }
+
+/// Bytes of text the first `n` tokens of `text` make, as the client
+/// streams them.
+fn prefix_bytes(text: &str, n: usize) -> Result<usize> {
+    use nomoat_node::engine::{ChatTokenizer, ModelFile};
+    let file = ModelFile::open(nomoat_node::catalog::resolve("smollm2-135m", false)?)?;
+    let tok = ChatTokenizer::from_gguf(file.gguf_metadata().expect("a GGUF file"))?;
+    let ids = tok.encode(text)?;
+    Ok(tok.decode(&ids[..n.min(ids.len())], true)?.len())
+}
+
+#[test]
+fn a_killed_middle_server_fails_over_to_a_spare_with_the_same_text() -> Result<()> {
+    let _serial = serial();
+    let mut servers = three_servers()?;
+    let boot = servers[2].addr();
+    let spare = serve(&[
+        "--model",
+        "smollm2-135m",
+        "--blocks",
+        "10..20",
+        "--bootstrap",
+        &boot,
+        "--heartbeat",
+        "0.5",
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&boot)?["servers"].as_array().map_or(0, Vec::len) < 4 {
+        assert!(Instant::now() < deadline, "the spare never announced");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let prompt = "Write a short story about a brave knight and a dragon.";
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "64",
+            "--prompt",
+            prompt,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let reference = Command::new(nomoat_bin()?)
+        .args(args(&["--swarm", &boot]))
+        .output()?;
+    assert!(reference.status.success());
+    let reference = String::from_utf8(reference.stdout)?;
+    let kill_after = prefix_bytes(&reference, 5)?;
+    let mut client = Command::new(nomoat_bin()?)
+        .args(args(&["--swarm", &boot]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The client names its route first: hop 1 is the middle server or the spare.
+    let mut stderr = std::io::BufReader::new(client.stderr.take().expect("piped"));
+    let mut line = String::new();
+    let route = loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stderr, &mut line)? == 0 {
+            bail!("the client exited without a route");
+        }
+        if let Some(r) = line.strip_prefix("route: ") {
+            break r.trim().to_string();
+        }
+    };
+    let hop1 = route
+        .split(" -> ")
+        .nth(1)
+        .and_then(|h| h.split(' ').next())
+        .unwrap_or_default()
+        .to_string();
+    let mut stdout = client.stdout.take().expect("piped");
+    let mut text = Vec::new();
+    let mut buf = [0u8; 256];
+    while text.len() < kill_after {
+        let n = stdout.read(&mut buf)?;
+        if n == 0 {
+            bail!("the generation ended before {kill_after} bytes");
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    let victim = if servers[1].peer_id() == hop1 {
+        &mut servers[1]
+    } else {
+        assert_eq!(spare.peer_id(), hop1, "route {route}");
+        // Keep the middle server as the spare of the spare.
+        servers.push(spare);
+        servers.last_mut().expect("just pushed")
+    };
+    victim.kill();
+    stdout.read_to_end(&mut text)?;
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest)?;
+    let status = client.wait()?;
+    assert!(status.success(), "the client failed: {rest}");
+    assert!(rest.contains("failover: hop 1..=1"), "stderr: {rest}");
+    assert_eq!(
+        String::from_utf8(text)?,
+        reference,
+        "route {route}; stderr: {rest}"
+    );
+    Ok(())
+}

@@ -95,7 +95,24 @@ pub enum EngineError {
     /// A tensor computation failed.
     #[error("compute: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The weight store failed.
+    #[error("{0}")]
+    Store(Box<crate::weights::StoreError>),
+    /// A tensor's chunk is not in the weight store.
+    #[error("tensor `{tensor}` is not in the weight store (chunk {chunk} missing): fetch it with `nomoat serve --model MODEL_ID --bootstrap PEER`, or import the model file")]
+    MissingChunk {
+        /// The tensor's name.
+        tensor: String,
+        /// The missing chunk's hash.
+        chunk: String,
+    },
     /// A tensor frame could not be built or read.
     #[error("tensor frame: {0}")]
     Frame(#[from] nomoat_protocol::TensorError),
+}
+
+impl From<crate::weights::StoreError> for EngineError {
+    fn from(e: crate::weights::StoreError) -> Self {
+        Self::Store(Box::new(e))
+    }
 }

@@ -2,10 +2,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use nomoat_protocol::{Hash, Manifest, ModelFormat};
+
+use crate::weights::ChunkStore;
 
 use super::config::ModelConfig;
 use super::{EngineError, Result};
@@ -87,6 +90,56 @@ enum Backing {
         entries: HashMap<String, SafetensorEntry>,
         dir: PathBuf,
     },
+    /// A model in the weight store: tensors are rebuilt from its verified
+    /// chunks (a span reads only its own).
+    Store {
+        store: ChunkStore,
+        manifest: Arc<Manifest>,
+        /// Manifest index of each tensor, by the manifest's (file's) name.
+        index: HashMap<String, usize>,
+        /// The parsed GGUF header, for a GGUF model.
+        gguf: Option<gguf_file::Content>,
+    },
+}
+
+/// Where an imported tensor's bytes are in the original files.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorSource {
+    pub(crate) name: String,
+    pub(crate) dtype: String,
+    pub(crate) shape: Vec<u64>,
+    pub(crate) path: PathBuf,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+/// Bytes of a GGUF tensor's data, `None` for an impossible shape.
+fn gguf_tensor_bytes(info: &gguf_file::TensorInfo) -> Option<u64> {
+    let elems = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+    let block = info.ggml_dtype.block_size().max(1) as u64;
+    elems
+        .filter(|e| e % block == 0)
+        .and_then(|e| (e / block).checked_mul(info.ggml_dtype.type_size() as u64))
+}
+
+fn dense_from_bytes(name: &str, dtype: &str, shape: &[usize], buf: &[u8]) -> Result<RawWeight> {
+    let dtype = match dtype {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        other => {
+            return Err(EngineError::UnsupportedDType {
+                tensor: name.to_string(),
+                dtype: other.to_string(),
+            })
+        }
+    };
+    let t = Tensor::from_raw_buffer(buf, dtype, shape, &Device::Cpu)?.to_dtype(DType::F32)?;
+    Ok(RawWeight::Dense(t))
 }
 
 /// An opened model: its config and a way to read any tensor by name,
@@ -128,16 +181,7 @@ impl ModelFile {
         config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
         let file_len = file.metadata().map_err(io)?.len();
         for (name, info) in &content.tensor_infos {
-            let elems = info
-                .shape
-                .dims()
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-            let block = info.ggml_dtype.block_size().max(1) as u64;
-            let bytes = elems
-                .filter(|e| e % block == 0)
-                .and_then(|e| (e / block).checked_mul(info.ggml_dtype.type_size() as u64));
-            let Some(bytes) = bytes else {
+            let Some(bytes) = gguf_tensor_bytes(info) else {
                 return Err(EngineError::Corrupt {
                     path: path.clone(),
                     reason: format!(
@@ -160,21 +204,207 @@ impl ModelFile {
                 });
             }
         }
-        let mut this = Self {
+        Self {
             path,
             config,
             backing: Backing::Gguf {
                 content,
                 file: Mutex::new(file),
             },
-        };
-        if this.has_tensor("rope_freqs.weight") {
-            let t = this.read("rope_freqs.weight")?.dequantize()?;
-            let f = t.flatten_all()?.to_vec1::<f32>()?;
-            this.config.rope_scaling = super::config::RopeScaling::Factors(f);
-            this.config = this.config.clone().validate()?;
         }
-        Ok(this)
+        .with_rope_factors()
+    }
+
+    /// Applies GGUF `rope_freqs.weight` to the config when the model has it.
+    fn with_rope_factors(mut self) -> Result<Self> {
+        if self.has_tensor("rope_freqs.weight") {
+            let t = self.read("rope_freqs.weight")?.dequantize()?;
+            let f = t.flatten_all()?.to_vec1::<f32>()?;
+            self.config.rope_scaling = super::config::RopeScaling::Factors(f);
+            self.config = self.config.clone().validate()?;
+        }
+        Ok(self)
+    }
+
+    /// Opens model `id` from the weight store. Nothing is read but the
+    /// manifest: tensors are rebuilt from their chunks when read, so a span
+    /// needs only its own chunks in the store.
+    pub fn open_store(store: &ChunkStore, id: &Hash) -> Result<Self> {
+        let manifest = Arc::new(store.manifest(id)?);
+        Self::from_manifest(store.clone(), manifest, store.manifest_path(id))
+    }
+
+    fn from_manifest(store: ChunkStore, manifest: Arc<Manifest>, path: PathBuf) -> Result<Self> {
+        let corrupt = |reason: String| EngineError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let index: HashMap<String, usize> = manifest
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        match manifest.format {
+            ModelFormat::Gguf => {
+                let content = gguf_file::Content::read(&mut std::io::Cursor::new(&manifest.header))
+                    .map_err(|e| corrupt(format!("GGUF header: {e}")))?;
+                for (name, info) in &content.tensor_infos {
+                    let entry = index.get(name).map(|&i| &manifest.tensors[i]);
+                    let bytes = gguf_tensor_bytes(info);
+                    let dtype = format!("{:?}", info.ggml_dtype);
+                    if entry.map(|e| (Some(e.byte_len), &e.dtype)) != Some((bytes, &dtype)) {
+                        return Err(corrupt(format!(
+                            "tensor `{name}` of the GGUF header does not match the manifest's"
+                        )));
+                    }
+                }
+                let vocab_hint = content
+                    .tensor_infos
+                    .get("token_embd.weight")
+                    .and_then(|t| t.shape.dims().first().copied());
+                let mut config = ModelConfig::from_gguf(&content.metadata, vocab_hint)?;
+                config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+                Self {
+                    path,
+                    config,
+                    backing: Backing::Store {
+                        store,
+                        manifest,
+                        index,
+                        gguf: Some(content),
+                    },
+                }
+                .with_rope_factors()
+            }
+            ModelFormat::Safetensors => {
+                for t in &manifest.tensors {
+                    let elem = match t.dtype.as_str() {
+                        "F32" => 4,
+                        "F16" | "BF16" => 2,
+                        _ => 1,
+                    };
+                    let bytes = t.shape.iter().try_fold(elem, |a: u64, &d| a.checked_mul(d));
+                    if bytes != Some(t.byte_len) {
+                        return Err(corrupt(format!(
+                            "tensor `{}` has {} bytes for shape {:?} and dtype {}",
+                            t.name, t.byte_len, t.shape, t.dtype
+                        )));
+                    }
+                }
+                let text = std::str::from_utf8(&manifest.header)
+                    .map_err(|e| corrupt(format!("config.json: {e}")))?;
+                let config = ModelConfig::from_hf_json(text)?;
+                let config = ModelConfig {
+                    tie_word_embeddings: config.tie_word_embeddings
+                        || !index.contains_key("lm_head.weight"),
+                    ..config
+                };
+                Ok(Self {
+                    path,
+                    config,
+                    backing: Backing::Store {
+                        store,
+                        manifest,
+                        index,
+                        gguf: None,
+                    },
+                })
+            }
+            _ => Err(corrupt("unknown model format".into())),
+        }
+    }
+
+    /// The manifest, for a model opened from the weight store.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        match &self.backing {
+            Backing::Store { manifest, .. } => Some(manifest),
+            _ => None,
+        }
+    }
+
+    /// `tokenizer.json` and `tokenizer_config.json` of a safetensors model
+    /// opened from the weight store.
+    pub fn tokenizer_json(&self) -> Option<(&[u8], &[u8])> {
+        match &self.backing {
+            Backing::Store {
+                manifest,
+                gguf: None,
+                ..
+            } => Some((&manifest.tokenizer, &manifest.tokenizer_config)),
+            _ => None,
+        }
+    }
+
+    /// Where each tensor's bytes are in the original files, in file order,
+    /// and (GGUF) the length of the header before the tensor data.
+    pub(crate) fn tensor_sources(&self) -> (Vec<TensorSource>, Option<u64>) {
+        match &self.backing {
+            Backing::Gguf { content, .. } => {
+                let mut out: Vec<TensorSource> = content
+                    .tensor_infos
+                    .iter()
+                    .map(|(name, info)| TensorSource {
+                        name: name.clone(),
+                        dtype: format!("{:?}", info.ggml_dtype),
+                        shape: info.shape.dims().iter().map(|&d| d as u64).collect(),
+                        path: self.path.clone(),
+                        offset: content.tensor_data_offset + info.offset,
+                        // Checked when the file was opened.
+                        len: gguf_tensor_bytes(info).unwrap_or(0),
+                    })
+                    .collect();
+                out.sort_by_key(|t| t.offset);
+                (out, Some(content.tensor_data_offset))
+            }
+            Backing::Safetensors { files, entries, .. } => {
+                let mut out: Vec<(usize, TensorSource)> = entries
+                    .iter()
+                    .map(|(name, e)| {
+                        (
+                            e.file,
+                            TensorSource {
+                                name: name.clone(),
+                                dtype: e.dtype.clone(),
+                                shape: e.shape.iter().map(|&d| d as u64).collect(),
+                                path: files[e.file].0.clone(),
+                                offset: e.start,
+                                len: e.end - e.start,
+                            },
+                        )
+                    })
+                    .collect();
+                out.sort_by_key(|(f, t)| (*f, t.offset));
+                (out.into_iter().map(|(_, t)| t).collect(), None)
+            }
+            Backing::Store { .. } => (Vec::new(), None),
+        }
+    }
+
+    /// A tensor's bytes, rebuilt from its chunks in the store.
+    fn store_bytes(&self, store: &ChunkStore, manifest: &Manifest, i: usize) -> Result<Vec<u8>> {
+        let entry = &manifest.tensors[i];
+        let mut buf = Vec::with_capacity(entry.byte_len as usize);
+        for (c, hash) in entry.chunks.iter().enumerate() {
+            let before = buf.len();
+            if !store.read_into(hash, &mut buf)? {
+                return Err(EngineError::MissingChunk {
+                    tensor: entry.name.clone(),
+                    chunk: hash.to_string(),
+                });
+            }
+            if buf.len() - before != entry.chunk_len(c, manifest.chunk_size) as usize {
+                return Err(EngineError::Corrupt {
+                    path: store.chunk_path(hash),
+                    reason: format!(
+                        "stored chunk has {} bytes, the manifest says {}: run `nomoat verify`",
+                        buf.len() - before,
+                        entry.chunk_len(c, manifest.chunk_size)
+                    ),
+                });
+            }
+        }
+        Ok(buf)
     }
 
     fn open_safetensors_dir(dir: PathBuf) -> Result<Self> {
@@ -240,15 +470,19 @@ impl ModelFile {
     /// GGUF metadata, when the model is a GGUF file.
     pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
         match &self.backing {
-            Backing::Gguf { content, .. } => Some(&content.metadata),
-            Backing::Safetensors { .. } => None,
+            Backing::Gguf { content, .. }
+            | Backing::Store {
+                gguf: Some(content),
+                ..
+            } => Some(&content.metadata),
+            Backing::Safetensors { .. } | Backing::Store { .. } => None,
         }
     }
 
     /// The directory of a safetensors model (where `tokenizer.json` lives).
     pub fn directory(&self) -> Option<&Path> {
         match &self.backing {
-            Backing::Gguf { .. } => None,
+            Backing::Gguf { .. } | Backing::Store { .. } => None,
             Backing::Safetensors { dir, .. } => Some(dir),
         }
     }
@@ -287,6 +521,11 @@ impl ModelFile {
         match &self.backing {
             Backing::Gguf { content, .. } => content.tensor_infos.contains_key(name),
             Backing::Safetensors { entries, .. } => entries.contains_key(&Self::hf_name(name)),
+            Backing::Store {
+                gguf: Some(content),
+                ..
+            } => content.tensor_infos.contains_key(name),
+            Backing::Store { index, .. } => index.contains_key(&Self::hf_name(name)),
         }
     }
 
@@ -324,20 +563,49 @@ impl ModelFile {
                             source,
                         })?;
                 }
-                let dtype = match e.dtype.as_str() {
-                    "F32" => DType::F32,
-                    "F16" => DType::F16,
-                    "BF16" => DType::BF16,
-                    other => {
-                        return Err(EngineError::UnsupportedDType {
-                            tensor: hf,
-                            dtype: other.to_string(),
-                        })
-                    }
-                };
-                let t = Tensor::from_raw_buffer(&buf, dtype, &e.shape, &Device::Cpu)?
-                    .to_dtype(DType::F32)?;
-                Ok(RawWeight::Dense(t))
+                dense_from_bytes(&hf, &e.dtype, &e.shape, &buf)
+            }
+            Backing::Store {
+                store,
+                manifest,
+                index,
+                gguf: Some(content),
+            } => {
+                let info = content
+                    .tensor_infos
+                    .get(name)
+                    .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+                check_ggml_dtype(name, info.ggml_dtype)?;
+                let i = *index
+                    .get(name)
+                    .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+                let data = self.store_bytes(store, manifest, i)?;
+                let q = ggml_file::qtensor_from_ggml(
+                    info.ggml_dtype,
+                    &data,
+                    info.shape.dims().to_vec(),
+                    &Device::Cpu,
+                )
+                .map_err(|e| EngineError::Corrupt {
+                    path: self.path.clone(),
+                    reason: format!("tensor `{name}`: {e}"),
+                })?;
+                Ok(RawWeight::Quant(q))
+            }
+            Backing::Store {
+                store,
+                manifest,
+                index,
+                gguf: None,
+            } => {
+                let hf = Self::hf_name(name);
+                let i = *index
+                    .get(&hf)
+                    .ok_or_else(|| EngineError::MissingTensor(hf.clone()))?;
+                let e = &manifest.tensors[i];
+                let shape: Vec<usize> = e.shape.iter().map(|&d| d as usize).collect();
+                let data = self.store_bytes(store, manifest, i)?;
+                dense_from_bytes(&hf, &e.dtype, &shape, &data)
             }
         }
     }

@@ -153,19 +153,44 @@ impl ChatTokenizer {
     /// from `tokenizer_config.json` when present).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&path)
+        let json = std::fs::read(&path)
             .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config = std::fs::read(dir.join("tokenizer_config.json")).unwrap_or_default();
+        Self::from_json(&json, &config)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// Builds the tokenizer from the bytes of `tokenizer.json` and (possibly
+    /// empty) `tokenizer_config.json`.
+    pub fn from_json(json: &[u8], config: &[u8]) -> Result<Self> {
+        let inner = Tokenizer::from_bytes(json).map_err(tok_err)?;
         let mut stop_ids = Vec::new();
-        if let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) {
-            if let Ok(cfg) = serde_json::from_str::<serde_json::Value>(&text) {
-                if let Some(eos) = cfg["eos_token"].as_str() {
-                    stop_ids.extend(inner.token_to_id(eos));
-                }
+        if let Ok(cfg) = serde_json::from_slice::<serde_json::Value>(config) {
+            if let Some(eos) = cfg["eos_token"].as_str() {
+                stop_ids.extend(inner.token_to_id(eos));
             }
         }
         let mut this = Self { inner, stop_ids };
         this.add_chat_stops();
         Ok(this)
+    }
+
+    /// The tokenizer of an opened model: from GGUF metadata, a model
+    /// directory, or a manifest in the weight store.
+    pub fn from_model(file: &super::ModelFile) -> Result<Self> {
+        if let Some(md) = file.gguf_metadata() {
+            return Self::from_gguf(md);
+        }
+        if let Some(dir) = file.directory() {
+            return Self::from_dir(dir);
+        }
+        match file.tokenizer_json() {
+            Some((json, config)) if !json.is_empty() => Self::from_json(json, config),
+            _ => Err(EngineError::Tokenizer(format!(
+                "{} has no tokenizer",
+                file.path().display()
+            ))),
+        }
     }
 
     fn add_chat_stops(&mut self) {

@@ -91,6 +91,8 @@ pub struct ExecutorStats {
     pub throughput: f32,
     /// Steps computed.
     pub steps: u64,
+    /// Sessions still running on a span the server moved away from.
+    pub draining: usize,
 }
 
 enum Job {
@@ -111,10 +113,16 @@ enum Job {
     Close {
         id: SessionId,
     },
+    Move {
+        span: Arc<Span>,
+    },
     Shutdown,
 }
 
 struct Session {
+    /// The span the session was opened on: after a move, old sessions
+    /// finish on the old span (it is freed with the last of them).
+    span: Arc<Span>,
     cache: SpanCache,
     last_seq: u64,
     reserved: usize,
@@ -126,13 +134,14 @@ struct Session {
 pub struct Executor {
     tx: SyncSender<Job>,
     stats: Arc<Mutex<ExecutorStats>>,
-    span: Arc<Span>,
+    span: Arc<Mutex<Arc<Span>>>,
 }
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let span = self.span();
         f.debug_struct("Executor")
-            .field("blocks", &(self.span.start()..self.span.end()))
+            .field("blocks", &(span.start()..span.end()))
             .finish()
     }
 }
@@ -155,12 +164,26 @@ impl Executor {
         std::thread::Builder::new()
             .name("nomoat-executor".into())
             .spawn(move || worker.run(rx))?;
-        Ok(Self { tx, stats, span })
+        Ok(Self {
+            tx,
+            stats,
+            span: Arc::new(Mutex::new(span)),
+        })
     }
 
-    /// The span computed here.
-    pub fn span(&self) -> &Arc<Span> {
-        &self.span
+    /// The span new sessions open on.
+    pub fn span(&self) -> Arc<Span> {
+        self.span.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Moves the server to another span: new sessions open on `span` at
+    /// once; sessions already open finish on the old one, which is freed
+    /// when the last of them closes or expires.
+    pub fn move_to(&self, span: Arc<Span>) -> Result<(), ExecError> {
+        *self.span.lock().unwrap_or_else(|p| p.into_inner()) = span.clone();
+        self.tx
+            .send(Job::Move { span })
+            .map_err(|_| ExecError::new(ErrorCode::Internal, "executor stopped"))
     }
 
     /// Current figures.
@@ -274,6 +297,11 @@ impl Worker {
         let reserved = self.reserved();
         let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         st.sessions = self.sessions.len();
+        st.draining = self
+            .sessions
+            .values()
+            .filter(|s| !Arc::ptr_eq(&s.span, &self.span))
+            .count();
         st.reserved_kv_tokens = reserved;
         st.free_kv_tokens = self.cfg.kv_tokens.saturating_sub(reserved);
         if let Some(e) = self.ema {
@@ -307,6 +335,23 @@ impl Worker {
             }
             Job::Close { id } => {
                 self.sessions.remove(&id);
+            }
+            Job::Move { span } => {
+                tracing::info!(
+                    "moved to blocks {}..{}; {} session(s) finish on {}..{}",
+                    span.start(),
+                    span.end(),
+                    self.sessions.len(),
+                    self.span.start(),
+                    self.span.end()
+                );
+                // The same speed per block until the new span measures itself.
+                let (old, new) = (
+                    self.span.end() - self.span.start(),
+                    span.end() - span.start(),
+                );
+                self.ema = self.ema.map(|e| e * old as f32 / new.max(1) as f32);
+                self.span = span;
             }
             Job::Shutdown => {}
         }
@@ -349,6 +394,7 @@ impl Worker {
         self.sessions.insert(
             id,
             Session {
+                span: self.span.clone(),
                 cache,
                 last_seq: 0,
                 reserved: reserve,
@@ -365,7 +411,6 @@ impl Worker {
         start_pos: usize,
         hidden: &TensorFrame,
     ) -> Result<TensorFrame, ExecError> {
-        let hidden_size = self.span.config().hidden_size;
         let s = self.sessions.get_mut(&id).ok_or_else(|| {
             ExecError::new(ErrorCode::UnknownSession, format!("unknown session {id}"))
         })?;
@@ -376,7 +421,7 @@ impl Worker {
             ));
         }
         s.last_used = Instant::now();
-        let x = hidden_from_frame(hidden, hidden_size)?;
+        let x = hidden_from_frame(hidden, s.span.config().hidden_size)?;
         let t = x.dim(1).map_err(EngineError::from)?;
         if start_pos > s.cache.len() {
             return Err(ExecError::new(
@@ -391,9 +436,9 @@ impl Worker {
             s.cache.rollback(start_pos)?;
         }
         let began = Instant::now();
-        let out = self.span.forward(&x, start_pos, &mut s.cache)?;
+        let out = s.span.forward(&x, start_pos, &mut s.cache)?;
         s.last_seq = seq;
-        if t == 1 {
+        if t == 1 && Arc::ptr_eq(&s.span, &self.span) {
             let tps = 1.0 / began.elapsed().as_secs_f32().max(1e-6);
             self.ema = Some(match self.ema {
                 Some(e) => 0.9 * e + 0.1 * tps,

@@ -4,6 +4,7 @@ pub mod client;
 pub mod executor;
 pub mod net;
 pub mod process;
+pub mod rebalance;
 pub mod server;
 pub mod wire;
 

@@ -123,11 +123,16 @@ struct Behaviour {
 struct View {
     servers: HashMap<PeerId, (ServerInfo, Instant)>,
     rtts: HashMap<PeerId, Duration>,
+    /// Seconds per block this node measured on each server's single-token
+    /// steps (EMA): compute plus queueing, without the network leg.
+    observed: HashMap<PeerId, f64>,
     listen: Vec<Multiaddr>,
     external: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
     /// Sessions this node has open through each server (its own load there).
     own_sessions: HashMap<PeerId, usize>,
+    /// Peers that failed this node's sessions, kept off routes for a while.
+    backoff: nomoat_scheduler::Backoff<PeerId>,
     /// Addresses learnt for peers (announcements, discovery), newest last.
     book: HashMap<PeerId, Vec<Multiaddr>>,
     /// Every connection's remote address, oldest first (bounded).
@@ -180,6 +185,12 @@ impl std::fmt::Debug for NetHandle {
             .field("peer_id", &self.peer_id)
             .finish()
     }
+}
+
+/// Monotonic time since the first call, the backoff's clock.
+fn clock() -> Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
 }
 
 fn topic(model_id: &str) -> gossipsub::IdentTopic {
@@ -305,6 +316,23 @@ impl NetHandle {
         self.view().rtts.get(peer).copied()
     }
 
+    /// Records a single-token step measured through `peer`: `secs` from its
+    /// input to its output, over `blocks` blocks.
+    pub fn observe_step(&self, peer: PeerId, blocks: u32, secs: f64) {
+        if blocks == 0 || !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        let per_block = secs / f64::from(blocks);
+        let mut v = self.view();
+        let e = v.observed.entry(peer).or_insert(per_block);
+        *e = 0.8 * *e + 0.2 * per_block;
+    }
+
+    /// The measured seconds per block of `peer`, if any.
+    pub fn observed_secs_per_block(&self, peer: &PeerId) -> Option<f64> {
+        self.view().observed.get(peer).copied()
+    }
+
     /// Whether a connection to `peer` is open, and over which address.
     pub fn connected(&self, peer: &PeerId) -> Option<Multiaddr> {
         self.view().connected.get(peer).cloned()
@@ -326,6 +354,28 @@ impl NetHandle {
         let mut v = self.view();
         let n = v.own_sessions.entry(peer).or_default();
         *n = if opened { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Records that `peer` failed a session (timeout, disconnect, error of
+    /// its own): routes avoid it for an exponentially growing while.
+    /// Returns how long.
+    pub fn peer_failed(&self, peer: PeerId) -> Duration {
+        let now = clock();
+        let until = self.view().backoff.failed(peer, now, rand::random::<f64>());
+        until.saturating_sub(now)
+    }
+
+    /// Records that `peer` served a step: its failures are forgotten.
+    pub fn peer_succeeded(&self, peer: &PeerId) {
+        let mut v = self.view();
+        if v.backoff.failures(peer) > 0 {
+            v.backoff.succeeded(peer);
+        }
+    }
+
+    /// Whether routes must avoid `peer` now.
+    pub fn is_backed_off(&self, peer: &PeerId) -> bool {
+        self.view().backoff.is_backed_off(peer, clock())
     }
 
     /// Sessions this node has open through `peer`.

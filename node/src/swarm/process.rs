@@ -20,9 +20,21 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Runs `BIN serve ARGS` and waits (up to `timeout`) for its first line.
     pub fn spawn(bin: &Path, args: &[&str], timeout: Duration) -> Result<Self> {
+        Self::spawn_env(bin, args, &[], timeout)
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables (e.g. its
+    /// own `NOMOAT_HOME`).
+    pub fn spawn_env(
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        timeout: Duration,
+    ) -> Result<Self> {
         let mut child = Command::new(bin)
             .arg("serve")
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -14,8 +14,8 @@ use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncReadExt, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use nomoat_protocol::{
-    decode_info_request, encode_info_response, Blocks, ErrorCode, ErrorFrame, InferMessage,
-    OpenSession, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL,
+    decode_info_request, encode_info_response, Blocks, ErrorCode, ErrorFrame, Hop, InferMessage,
+    OpenSession, Reroute, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -32,12 +32,29 @@ pub const STREAM_QUEUE: usize = 64;
 /// How long a server waits for the first message of a new stream.
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where a session's hop sits in its route; changed by `Reroute`.
+#[derive(Debug)]
+struct HopState {
+    push: Option<mpsc::Sender<InferMessage>>,
+    hop_index: u32,
+    route: Vec<Hop>,
+    /// Whether the previous hop's push stream is attached.
+    attached: bool,
+    /// Counts attachments: a push stream runs steps only while the epoch it
+    /// attached in is current, so a replaced previous hop is ignored.
+    epoch: u64,
+}
+
 #[derive(Debug, Clone)]
 struct SessionCtx {
     client: mpsc::Sender<InferMessage>,
-    push: Option<mpsc::Sender<InferMessage>>,
-    hop_index: u32,
-    attached: bool,
+    state: Arc<Mutex<HopState>>,
+}
+
+impl SessionCtx {
+    fn state(&self) -> std::sync::MutexGuard<'_, HopState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 type Sessions = Arc<Mutex<HashMap<SessionId, SessionCtx>>>;
@@ -118,6 +135,7 @@ pub async fn run_server(
         .map(|(_, c)| c)
         .collect();
     for ctx in open {
+        let hop_index = ctx.state().hop_index;
         let _ = ctx
             .client
             .send(InferMessage::Error(ErrorFrame::new(
@@ -125,7 +143,7 @@ pub async fn run_server(
                 "server shutting down",
                 None,
                 0,
-                ctx.hop_index,
+                hop_index,
             )))
             .await;
     }
@@ -259,6 +277,7 @@ fn kind(m: &InferMessage) -> &'static str {
         InferMessage::Opened { .. } => "Opened",
         InferMessage::Error(_) => "Error",
         InferMessage::Close { .. } => "Close",
+        InferMessage::Reroute(_) => "Reroute",
         _ => "unknown",
     }
 }
@@ -340,9 +359,13 @@ async fn client_stream(
         };
         let ctx = SessionCtx {
             client: out.clone(),
-            push,
-            hop_index,
-            attached: false,
+            state: Arc::new(Mutex::new(HopState {
+                push,
+                hop_index,
+                route: open.route.clone(),
+                attached: false,
+                epoch: 0,
+            })),
         };
         sessions
             .lock()
@@ -359,7 +382,21 @@ async fn client_stream(
         loop {
             match read_message(&mut r).await {
                 Ok(Some(InferMessage::Step(step))) if step.session_id == id => {
-                    run_step(&exec, &ctx, step).await;
+                    run_step(&exec, &ctx, step, None).await;
+                }
+                Ok(Some(InferMessage::Reroute(r))) if r.session_id == id => {
+                    let answer = match reroute(&net, &ctx, blocks, r).await {
+                        Ok(hop_index) => InferMessage::Opened {
+                            session_id: id,
+                            hop_index,
+                            max_length: max_len as u32,
+                        },
+                        Err((code, msg)) => {
+                            let hop = ctx.state().hop_index;
+                            error(code, msg, Some(id), 0, hop)
+                        }
+                    };
+                    let _ = out.send(answer).await;
                 }
                 Ok(Some(InferMessage::Close { .. })) | Ok(None) => break,
                 Ok(Some(InferMessage::Step(step))) => {
@@ -456,16 +493,18 @@ async fn push_stream(
     out: mpsc::Sender<InferMessage>,
 ) {
     let known = {
-        let mut map = sessions.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get_mut(&id) {
-            Some(ctx) if ctx.hop_index == from_hop + 1 && !ctx.attached => {
-                ctx.attached = true;
-                Some(ctx.clone())
+        let map = sessions.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&id).and_then(|ctx| {
+            let mut st = ctx.state();
+            if st.hop_index == from_hop.wrapping_add(1) && !st.attached {
+                st.attached = true;
+                Some((ctx.clone(), st.epoch, st.hop_index))
+            } else {
+                None
             }
-            _ => None,
-        }
+        })
     };
-    let Some(ctx) = known else {
+    let Some((ctx, epoch, hop_index)) = known else {
         let _ = out
             .send(error(
                 ErrorCode::UnknownSession,
@@ -480,14 +519,17 @@ async fn push_stream(
     let _ = out
         .send(InferMessage::Opened {
             session_id: id,
-            hop_index: ctx.hop_index,
+            hop_index,
             max_length: 0,
         })
         .await;
     loop {
         match read_message(&mut r).await {
             Ok(Some(InferMessage::Step(step))) if step.session_id == id => {
-                run_step(&exec, &ctx, step).await
+                if !run_step(&exec, &ctx, step, Some(epoch)).await {
+                    debug!("push stream replaced by a reroute");
+                    break;
+                }
             }
             Ok(Some(InferMessage::Close { .. })) | Ok(None) => break,
             Ok(Some(other)) => warn!("unexpected {} on a push stream", kind(&other)),
@@ -500,22 +542,37 @@ async fn push_stream(
 }
 
 /// Computes one step and sends its output on: to the next hop, or as the
-/// result to the client; then a copy to the client.
-async fn run_step(exec: &Executor, ctx: &SessionCtx, step: Step) {
-    let (id, seq, start_pos) = (step.session_id, step.seq, step.start_pos);
-    match exec.step(id, seq, start_pos as usize, step.hidden).await {
+/// result to the client; then a copy to the client. A replay step stops at
+/// its `last_hop`. A step from a push stream attached in `epoch` is dropped
+/// (and `false` returned) once a reroute has replaced that stream.
+async fn run_step(exec: &Executor, ctx: &SessionCtx, step: Step, epoch: Option<u64>) -> bool {
+    let (id, seq, start_pos, last_hop) = (step.session_id, step.seq, step.start_pos, step.last_hop);
+    if let Some(e) = epoch {
+        if ctx.state().epoch != e {
+            return false;
+        }
+    }
+    let result = exec.step(id, seq, start_pos as usize, step.hidden).await;
+    let (push, hop_index) = {
+        let st = ctx.state();
+        (st.push.clone(), st.hop_index)
+    };
+    match result {
         Ok(out) => {
-            match &ctx.push {
+            let stops_here = last_hop.is_some_and(|h| h <= hop_index);
+            match &push {
+                _ if stops_here => {}
                 Some(push) => {
                     let next = InferMessage::Step(Step {
                         session_id: id,
                         seq,
                         start_pos,
                         hidden: out.clone(),
+                        last_hop,
                     });
                     if push.send(next).await.is_err() {
                         // Blame the next hop: its end of the push stream is gone.
-                        let next_hop = ctx.hop_index + 1;
+                        let next_hop = hop_index + 1;
                         let msg =
                             format!("hop {next_hop} is unreachable: the push stream to it closed");
                         let _ = ctx
@@ -540,7 +597,7 @@ async fn run_step(exec: &Executor, ctx: &SessionCtx, step: Step) {
                 .send(InferMessage::Copy {
                     session_id: id,
                     seq,
-                    hop_index: ctx.hop_index,
+                    hop_index,
                     hidden: out,
                 })
                 .await;
@@ -548,8 +605,62 @@ async fn run_step(exec: &Executor, ctx: &SessionCtx, step: Step) {
         Err(e) => {
             let _ = ctx
                 .client
-                .send(error(e.code, e.message, Some(id), seq, ctx.hop_index))
+                .send(error(e.code, e.message, Some(id), seq, hop_index))
                 .await;
         }
     }
+    true
+}
+
+/// Applies a new route to a session this hop stays in: attaches a push
+/// stream to a new next hop, and expects a new push stream when the previous
+/// hop changed. Returns the hop's new index.
+async fn reroute(
+    net: &NetHandle,
+    ctx: &SessionCtx,
+    blocks: Blocks,
+    r: Reroute,
+) -> Result<u32, (ErrorCode, String)> {
+    if r.hop().peer_id != net.peer_id().to_bytes() {
+        return Err((ErrorCode::Malformed, "hop_index names another peer".into()));
+    }
+    if r.hop().blocks != blocks {
+        return Err((
+            ErrorCode::WrongBlocks,
+            format!(
+                "a reroute cannot change a hop's blocks: {} asked, the session runs {blocks}",
+                r.hop().blocks
+            ),
+        ));
+    }
+    let (old_prev, old_next) = {
+        let st = ctx.state();
+        let i = st.hop_index as usize;
+        (
+            i.checked_sub(1).map(|p| st.route[p].clone()),
+            st.route.get(i + 1).cloned(),
+        )
+    };
+    let new_next = r.next_hop().cloned();
+    let push = if new_next != old_next {
+        match &new_next {
+            Some(next) => Some(
+                attach_next(net, r.session_id, r.hop_index, next.peer_id.clone())
+                    .await
+                    .map_err(|m| (ErrorCode::Internal, m))?,
+            ),
+            None => None,
+        }
+    } else {
+        ctx.state().push.clone()
+    };
+    let mut st = ctx.state();
+    if r.prev_hop().cloned() != old_prev {
+        st.attached = false;
+        st.epoch += 1;
+    }
+    st.push = push;
+    st.hop_index = r.hop_index;
+    st.route = r.route;
+    Ok(st.hop_index)
 }

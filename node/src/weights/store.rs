@@ -1,0 +1,372 @@
+//! The content-addressed weight store under `$NOMOAT_HOME/store`.
+//!
+//! ```text
+//! store/chunks/ab/abcdef...   one file per chunk, named by its BLAKE3 hash (hex)
+//! store/manifests/<model id>  a manifest's canonical bytes
+//! ```
+//!
+//! A chunk is hashed before it is written; it is written to a temporary file
+//! in its final directory, flushed to disk, and renamed into place, so a
+//! crash leaves either no chunk or a whole verified one (a temporary file
+//! starts with `.` and is never read as a chunk). Stored chunks are trusted
+//! by the loader and re-hashed on demand by [`ChunkStore::verify`].
+
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nomoat_protocol::{ChunkRef, Hash, Have, Manifest, MessageError, TensorRole};
+
+/// Why the weight store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The disk is full.
+    #[error("the disk is full while writing {path}: free some space, or set NOMOAT_HOME to a directory on a larger disk")]
+    DiskFull {
+        /// The file being written.
+        path: PathBuf,
+    },
+    /// The store's directory cannot be written.
+    #[error("cannot write {path} ({source}): make it writable, or set NOMOAT_HOME to a writable directory")]
+    NotWritable {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another I/O failure.
+    #[error("weight store I/O on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Data does not hash to the name it was to be stored under.
+    #[error("chunk data hashes to {got}, not {expected}: refused (nothing was stored)")]
+    WrongHash {
+        /// The name it came with.
+        expected: Hash,
+        /// Its hash.
+        got: Hash,
+    },
+    /// The store has no manifest for a model id.
+    #[error("model {0:#} is not in the weight store: import it with `nomoat import FILE`, or fetch it with `nomoat serve --model ID --bootstrap PEER`")]
+    UnknownModel(Hash),
+    /// A stored manifest does not decode (corrupt on disk).
+    #[error("the stored manifest of {id} is corrupt ({source}): delete {path} and fetch or import it again")]
+    BadManifest {
+        /// The model id.
+        id: Hash,
+        /// Its file.
+        path: PathBuf,
+        /// Why.
+        source: MessageError,
+    },
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    match source.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StoreError::DiskFull { path },
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem | ErrorKind::NotADirectory => {
+            StoreError::NotWritable { path, source }
+        }
+        _ => StoreError::Io { path, source },
+    }
+}
+
+/// Makes temporary file names unique within the process.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The weight store: chunks and manifests by hash. Cheap to clone; every
+/// method is blocking file I/O (call it from a blocking thread in async code).
+#[derive(Debug, Clone)]
+pub struct ChunkStore {
+    root: PathBuf,
+}
+
+/// What [`ChunkStore::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Chunks of the manifest that are stored and hash right.
+    pub good: usize,
+    /// Chunks that were stored but did not hash right (now deleted).
+    pub bad: Vec<Hash>,
+    /// Chunks of the manifest that are not stored.
+    pub missing: usize,
+    /// Distinct chunks in the manifest.
+    pub total: usize,
+}
+
+impl ChunkStore {
+    /// The store under `home` (`$NOMOAT_HOME`), created if needed.
+    pub fn open(home: &Path) -> Result<Self, StoreError> {
+        let root = home.join("store");
+        for d in [root.join("chunks"), root.join("manifests")] {
+            fs::create_dir_all(&d).map_err(|e| io_error(&d, e))?;
+        }
+        Ok(Self { root })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a chunk lives.
+    pub fn chunk_path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// Where a manifest lives.
+    pub fn manifest_path(&self, id: &Hash) -> PathBuf {
+        self.root.join("manifests").join(id.to_hex())
+    }
+
+    /// Whether a chunk is stored.
+    pub fn has(&self, hash: &Hash) -> bool {
+        self.chunk_path(hash).is_file()
+    }
+
+    /// Writes `data` to `path` atomically: temporary file in the same
+    /// directory, flushed to disk, renamed into place.
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = dir.join(format!(
+            ".{name}.{}.{}.tmp",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error(path, e));
+        }
+        Ok(())
+    }
+
+    /// Stores a chunk after checking that `data` hashes to `hash`. Returns
+    /// whether it was new (a chunk already stored is not written again).
+    pub fn put(&self, hash: &Hash, data: &[u8]) -> Result<bool, StoreError> {
+        self.put_timed(hash, data).map(|(new, _)| new)
+    }
+
+    /// [`put`](Self::put), also returning the time spent hashing.
+    pub fn put_timed(
+        &self,
+        hash: &Hash,
+        data: &[u8],
+    ) -> Result<(bool, std::time::Duration), StoreError> {
+        let t = std::time::Instant::now();
+        let got = Hash::of(data);
+        let hashing = t.elapsed();
+        if got != *hash {
+            return Err(StoreError::WrongHash {
+                expected: *hash,
+                got,
+            });
+        }
+        let path = self.chunk_path(hash);
+        if path.is_file() {
+            return Ok((false, hashing));
+        }
+        self.write_atomic(&path, data)?;
+        Ok((true, hashing))
+    }
+
+    /// Reads a stored chunk (`None` if it is not stored).
+    pub fn get(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.chunk_path(hash);
+        match fs::read(&path) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&path, e)),
+        }
+    }
+
+    /// Appends a stored chunk to `out`; `false` if it is not stored.
+    pub fn read_into(&self, hash: &Hash, out: &mut Vec<u8>) -> Result<bool, StoreError> {
+        let path = self.chunk_path(hash);
+        match File::open(&path) {
+            Ok(mut f) => {
+                f.read_to_end(out).map_err(|e| io_error(&path, e))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error(&path, e)),
+        }
+    }
+
+    /// Stores a manifest (its canonical bytes) and returns its id.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<Hash, StoreError> {
+        let bytes = manifest.encode();
+        let id = Hash::of(&bytes);
+        let path = self.manifest_path(&id);
+        if !path.is_file() {
+            self.write_atomic(&path, &bytes)?;
+        }
+        Ok(id)
+    }
+
+    /// Stores manifest bytes fetched for `id`, after checking them.
+    pub fn put_manifest_bytes(&self, id: &Hash, bytes: &[u8]) -> Result<Manifest, StoreError> {
+        let m = Manifest::decode_verified(bytes, id).map_err(|source| StoreError::BadManifest {
+            id: *id,
+            path: self.manifest_path(id),
+            source,
+        })?;
+        self.put_manifest(&m)?;
+        Ok(m)
+    }
+
+    /// The manifest's canonical bytes, if stored (checked against the id).
+    pub fn manifest_bytes(&self, id: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.manifest_path(id);
+        match fs::read(&path) {
+            Ok(b) if Hash::of(&b) == *id => Ok(Some(b)),
+            Ok(b) => Err(StoreError::BadManifest {
+                id: *id,
+                path,
+                source: MessageError::WrongHash {
+                    what: "stored manifest",
+                    expected: id.to_hex(),
+                    got: Hash::of(&b).to_hex(),
+                },
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&path, e)),
+        }
+    }
+
+    /// A stored manifest, checked against its id.
+    pub fn manifest(&self, id: &Hash) -> Result<Manifest, StoreError> {
+        let bytes = self
+            .manifest_bytes(id)?
+            .ok_or(StoreError::UnknownModel(*id))?;
+        Manifest::decode(&bytes).map_err(|source| StoreError::BadManifest {
+            id: *id,
+            path: self.manifest_path(id),
+            source,
+        })
+    }
+
+    /// The chunks of `chunks` that are not stored.
+    pub fn missing(&self, chunks: &[ChunkRef]) -> Vec<ChunkRef> {
+        chunks
+            .iter()
+            .filter(|c| !self.has(&c.hash))
+            .copied()
+            .collect()
+    }
+
+    /// Which blocks (and whether the head) of `manifest` are stored entirely.
+    pub fn have(&self, manifest: &Manifest) -> Have {
+        let shared = manifest
+            .tensors
+            .iter()
+            .filter(|t| t.role == TensorRole::Shared)
+            .all(|t| t.chunks.iter().all(|h| self.has(h)));
+        if !shared {
+            return Have::default();
+        }
+        let mut complete = vec![true; manifest.num_blocks as usize];
+        let mut head = true;
+        for t in &manifest.tensors {
+            let stored = || t.chunks.iter().all(|h| self.has(h));
+            match t.role {
+                TensorRole::Block(b) if complete[b as usize] && !stored() => {
+                    complete[b as usize] = false;
+                }
+                r if r.is_head() && r != TensorRole::Shared && head && !stored() => {
+                    head = false;
+                }
+                _ => {}
+            }
+        }
+        Have {
+            blocks: (0..manifest.num_blocks)
+                .filter(|b| complete[*b as usize])
+                .collect(),
+            head,
+        }
+    }
+
+    /// Re-hashes every stored chunk of a model; a chunk that does not hash
+    /// right is deleted (it will be fetched again).
+    pub fn verify(&self, id: &Hash) -> Result<VerifyReport, StoreError> {
+        let manifest = self.manifest(id)?;
+        let all = manifest.chunks_for(&(0..manifest.num_blocks), true);
+        let mut report = VerifyReport {
+            total: all.len(),
+            ..VerifyReport::default()
+        };
+        for c in all {
+            match self.get(&c.hash)? {
+                None => report.missing += 1,
+                Some(d) if d.len() == c.len as usize && Hash::of(&d) == c.hash => report.good += 1,
+                Some(_) => {
+                    let path = self.chunk_path(&c.hash);
+                    fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
+                    report.bad.push(c.hash);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Ids of every stored manifest.
+    pub fn models(&self) -> Result<Vec<Hash>, StoreError> {
+        let dir = self.root.join("manifests");
+        let mut out: Vec<Hash> = fs::read_dir(&dir)
+            .map_err(|e| io_error(&dir, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| Hash::from_hex(&e.file_name().to_string_lossy()).ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_verified_before_they_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let data = b"some weights".to_vec();
+        let h = Hash::of(&data);
+        assert!(matches!(
+            store.put(&Hash::of(b"other"), &data),
+            Err(StoreError::WrongHash { .. })
+        ));
+        assert!(!store.has(&Hash::of(b"other")));
+        assert!(store.put(&h, &data).unwrap());
+        assert!(!store.put(&h, &data).unwrap(), "stored once");
+        assert_eq!(store.get(&h).unwrap().unwrap(), data);
+        // No temporary file is left behind.
+        let dir = store.chunk_path(&h).parent().unwrap().to_path_buf();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_unwritable_store_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, b"x").unwrap();
+        let err = ChunkStore::open(&file).unwrap_err();
+        assert!(err.to_string().contains("NOMOAT_HOME"), "{err}");
+    }
+}
