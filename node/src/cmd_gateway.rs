@@ -274,6 +274,8 @@ fn remove_peer_homes(servers: usize) {
     for i in 1..servers {
         let _ = std::fs::remove_dir_all(peer_home(i));
     }
+    // The parent only if nothing else is in it.
+    let _ = std::fs::remove_dir(nomoat_node::catalog::home().join("demo"));
 }
 
 /// Imports the model into this node's weight store and starts `servers`
