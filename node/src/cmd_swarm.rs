@@ -110,11 +110,15 @@ pub(crate) struct ServeArgs {
     /// machine should share the cores rather than each take all of them.
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+    /// Also serve the OpenAI-compatible API, dashboard and /metrics on this
+    /// address (e.g. 127.0.0.1:8080), generating through the swarm.
+    #[arg(long)]
+    api: Option<std::net::SocketAddr>,
     #[command(flatten)]
     fetch: crate::cmd_weights::FetchArgs,
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -274,6 +278,27 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(r) = &fetched {
         hello["fetch"] = r.to_json();
     }
+    let api = match args.api {
+        Some(addr) => Some(
+            crate::cmd_gateway::serve_api(
+                addr,
+                &args.model,
+                &file,
+                &net,
+                &args.net.listen,
+                &args.bootstrap,
+                &model_id,
+                args.weights,
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    if let Some((addr, _)) = &api {
+        hello["api"] = format!("http://{addr}/v1").into();
+        hello["dashboard"] = format!("http://{addr}/").into();
+    }
     println!("{hello}");
     std::io::stdout().flush()?;
     if args.blocks == "auto" && !args.no_rebalance {
@@ -329,6 +354,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     exec.shutdown();
+    if let Some((_, api_net)) = api {
+        api_net.shutdown().await;
+    }
     net.shutdown().await;
     Ok(())
 }

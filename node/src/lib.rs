@@ -9,5 +9,7 @@
 
 pub mod catalog;
 pub mod engine;
+pub mod gateway;
+pub mod metrics;
 pub mod swarm;
 pub mod weights;

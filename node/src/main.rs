@@ -1,6 +1,8 @@
 //! The `nomoat` command.
 
+mod cli_config;
 mod cmd_failover;
+mod cmd_gateway;
 mod cmd_swarm;
 mod cmd_weights;
 
@@ -21,6 +23,12 @@ use nomoat_scheduler::BlockRange;
 #[derive(Debug, Parser)]
 #[command(name = "nomoat", version, about, long_about = None)]
 struct Cli {
+    /// A TOML file of defaults for the flags: top-level keys apply to every
+    /// command with that flag, `[serve]`, `[gateway]`, `[bench.api]` ... to
+    /// one command. Flags given on the command line and NOMOAT_* variables
+    /// win over the file.
+    #[arg(long, global = true, env = "NOMOAT_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +44,12 @@ enum Command {
     Serve(cmd_swarm::ServeArgs),
     /// Show which peers serve which blocks, their RTT, throughput and load.
     Status(cmd_swarm::StatusArgs),
+    /// Serve the OpenAI-compatible API, the live dashboard and /metrics,
+    /// running the blocks on a swarm (or the whole model here).
+    Gateway(cmd_gateway::GatewayArgs),
+    /// Start a local swarm of three servers and a gateway, answer a sample
+    /// question, and keep serving until Ctrl-C.
+    Demo(cmd_gateway::DemoArgs),
     /// List the models nomoat can fetch by name.
     Models,
     /// Fetch a catalog model into the cache and print its path.
@@ -59,6 +73,10 @@ enum BenchCommand {
     /// Decode speed of local swarms of 1, 2, 3... server processes on
     /// loopback against the local engine, measured in the same run.
     Swarm(cmd_swarm::BenchSwarmArgs),
+    /// Time to first token and tokens/s through the OpenAI API of a local
+    /// swarm, for 1 and 4 concurrent clients, against the local engine in
+    /// the same run.
+    Api(cmd_gateway::BenchApiArgs),
     /// The time from a server's death to the next token: three servers and
     /// a spare on loopback, the middle one killed mid-session.
     Failover(cmd_failover::BenchFailoverArgs),
@@ -535,7 +553,7 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = cli_config::parse()?;
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine(args),
@@ -571,6 +589,12 @@ fn main() -> Result<()> {
             runtime()?.block_on(cmd_swarm::serve(args))
         }
         Command::Status(args) => runtime()?.block_on(cmd_swarm::status(args)),
+        Command::Gateway(args) => runtime()?.block_on(cmd_gateway::run_gateway(args)),
+        Command::Demo(args) => runtime()?.block_on(cmd_gateway::demo(args)),
+        Command::Bench(BenchCommand::Api(args)) => {
+            std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
+            runtime()?.block_on(cmd_gateway::bench_api(args))
+        }
         Command::Models => {
             let home = catalog::home();
             for e in catalog::CATALOG {

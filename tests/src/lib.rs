@@ -8,6 +8,7 @@
 //! Hugging Face safetensors directory with `config.json`.
 
 pub mod harness;
+pub mod web;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

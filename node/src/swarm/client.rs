@@ -850,6 +850,9 @@ impl RemoteSession {
                 prev = *at;
                 continue;
             };
+            crate::metrics::global()
+                .hop_latency
+                .observe(at.saturating_duration_since(p));
             let rtt = self.net.rtt(&h.peer).unwrap_or_default().as_secs_f64();
             let leg = if i == 0 { rtt } else { rtt / 2.0 };
             let secs = (at.saturating_duration_since(p).as_secs_f64() - leg).max(0.0);

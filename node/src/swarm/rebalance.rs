@@ -110,7 +110,17 @@ pub async fn run_rebalancer(
     let num_blocks = exec.span().config().num_blocks as u32;
     let mut last_move: Option<Instant> = None;
     let jittered = |d: Duration| d.mul_f64(1.0 + 0.5 * rand::random::<f64>());
-    let look = |net: &NetHandle| decide(&net.servers(&model_id), &me, num_blocks, cfg.margin);
+    // The swarm as announced, with this server where it really is now (its
+    // own announcement may lag a move by a heartbeat).
+    let look = |net: &NetHandle| {
+        let mut servers = net.servers(&model_id);
+        let span = exec.span();
+        for s in servers.iter_mut().filter(|s| s.peer_id == me) {
+            s.blocks.start = span.start() as u32;
+            s.blocks.end = span.end() as u32;
+        }
+        decide(&servers, &me, num_blocks, cfg.margin)
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -628,8 +628,12 @@ async fn fetch_batch(
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
         match result {
-            Ok((_, hash_time)) => shared.done(&peer, u64::from(want.len), hash_time),
+            Ok((_, hash_time)) => {
+                crate::metrics::global().chunks_verified.inc();
+                shared.done(&peer, u64::from(want.len), hash_time)
+            }
             Err(StoreError::WrongHash { got, .. }) => {
+                crate::metrics::global().chunks_rejected.inc();
                 shared.sched().report.rejected += 1;
                 let why = format!("chunk {} hashes to {got}: corrupt, dropped", want.hash);
                 shared.requeue(i, Some((&peer, why.clone())));

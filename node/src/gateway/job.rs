@@ -1,0 +1,354 @@
+//! One generation job: a session (on the swarm or the local model), the
+//! token loop, stop strings, and events on a bounded channel.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::{debug, Instrument};
+
+use super::{ApiError, Backend, Gateway, SessionGuard};
+use crate::engine::{
+    hidden_from_frame, hidden_to_frame, EngineError, GenerateOptions, Head, LocalModel,
+    LocalSession, TextStream, TokenLoop,
+};
+use crate::swarm::client::{plan, RemoteSession, SwarmError};
+
+/// Events buffered between a job and its HTTP response.
+pub const EVENT_QUEUE: usize = 64;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The prompt's token ids.
+    pub prompt: Vec<u32>,
+    /// Sampling, token limit and stop tokens.
+    pub opts: GenerateOptions,
+    /// Strings that end the text (not included).
+    pub stops: Vec<String>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// `stop` (a stop token or string) or `length` (the token limit or the
+    /// context).
+    pub reason: &'static str,
+}
+
+/// What a job reports, in order: text pieces, then `Done` or `Failed`.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// The next piece of text.
+    Text(String),
+    /// The job ended.
+    Done(Finish),
+    /// The job failed after it started.
+    Failed(String),
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Swarm(#[from] SwarmError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("a compute task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("the session's KV cache was lost in an earlier failed step; send the request again")]
+    CacheLost,
+}
+
+/// Runs steps of one session.
+enum Stepper {
+    Local {
+        model: Arc<LocalModel>,
+        session: Option<LocalSession>,
+    },
+    Swarm {
+        head: Arc<Head>,
+        session: Box<RemoteSession>,
+    },
+}
+
+impl Stepper {
+    /// Feeds `tokens` at positions `pos..` and returns the last logits.
+    async fn step(&mut self, pos: u32, tokens: Vec<u32>) -> Result<Vec<f32>, StepError> {
+        let m = crate::metrics::global();
+        let t = Instant::now();
+        let logits = match self {
+            Stepper::Local { model, session } => {
+                let model = model.clone();
+                let mut s = session.take().ok_or(StepError::CacheLost)?;
+                let (s, r) = tokio::task::spawn_blocking(move || {
+                    let r = model.forward_last(&mut s, &tokens);
+                    (s, r)
+                })
+                .await?;
+                *session = Some(s);
+                r?
+            }
+            Stepper::Swarm { head, session } => {
+                let h = head.clone();
+                let frame =
+                    tokio::task::spawn_blocking(move || hidden_to_frame(&h.embed(&tokens)?))
+                        .await??;
+                m.bytes_out.add(frame.data().len() as u64);
+                let failovers = session.failovers().len();
+                let out = session.step(pos, frame).await;
+                m.failovers
+                    .add(session.failovers().len().saturating_sub(failovers) as u64);
+                let out = out?;
+                m.bytes_in.add(out.data().len() as u64);
+                let h = head.clone();
+                let hidden = h.config().hidden_size;
+                tokio::task::spawn_blocking(move || {
+                    h.last_logits(&hidden_from_frame(&out, hidden)?)
+                })
+                .await??
+            }
+        };
+        m.steps.inc();
+        m.step_latency.observe(t.elapsed());
+        Ok(logits)
+    }
+
+    async fn close(self) {
+        if let Stepper::Swarm { session, .. } = self {
+            (*session).close().await;
+        }
+    }
+}
+
+/// Holds back text that may be the start of a stop string, and cuts the
+/// text at the first stop string.
+#[derive(Debug, Default)]
+pub(crate) struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    pub(crate) fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
+    }
+
+    /// Adds a piece; returns the text that is safe to emit and whether a
+    /// stop string was reached (the text then ends before it).
+    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
+        self.held.push_str(piece);
+        if let Some(i) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..i].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        let mut keep = 0;
+        for s in &self.stops {
+            for k in (1..s.len().min(self.held.len() + 1)).rev() {
+                if s.is_char_boundary(k) && self.held.ends_with(&s[..k]) {
+                    keep = keep.max(k);
+                    break;
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    /// The text held back, once no more comes.
+    pub(crate) fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+impl Gateway {
+    /// Starts a job: plans a route and opens a session (errors here become
+    /// the HTTP status: 503 for a coverage gap), then generates in a task
+    /// that reports on the returned channel. Dropping the receiver stops the
+    /// generation at the next token.
+    pub async fn start_job(&self, job: Job) -> Result<mpsc::Receiver<JobEvent>, ApiError> {
+        let limit = self.inner.cfg.max_concurrent;
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::busy(limit))?;
+        let max_seq = self.inner.model.max_seq_len;
+        let max_len = max_seq.min(job.prompt.len() + job.opts.max_tokens + 1) as u32;
+        let (stepper, route) = match &self.inner.backend {
+            Backend::Local(model) => (
+                Stepper::Local {
+                    model: model.clone(),
+                    session: Some(model.new_session()),
+                },
+                vec!["local".to_string()],
+            ),
+            Backend::Swarm(s) => {
+                let mut servers = s.servers();
+                if servers.is_empty() {
+                    servers = s.refresh().await?;
+                }
+                let n = self.inner.model.num_blocks as u32;
+                let route = plan(&s.net, &s.model_id, n, &servers, max_len)?;
+                let session = RemoteSession::open(
+                    &s.net,
+                    &s.model_id,
+                    route,
+                    max_len,
+                    self.inner.cfg.step_timeout,
+                )
+                .await?;
+                let names = session
+                    .route()
+                    .iter()
+                    .map(|(p, b)| format!("{p} {b}"))
+                    .collect();
+                (
+                    Stepper::Swarm {
+                        head: s.head.clone(),
+                        session: Box::new(session),
+                    },
+                    names,
+                )
+            }
+        };
+        let guard = self.track(job.prompt.len(), route);
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let gw = self.clone();
+        let span = tracing::info_span!("session", id = guard.id, prompt = job.prompt.len());
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let mut stepper = stepper;
+                let result = gw.drive(&mut stepper, &job, &tx, &guard).await;
+                stepper.close().await;
+                drop(guard);
+                let m = crate::metrics::global();
+                let event = match result {
+                    Ok(fin) => {
+                        m.requests_ok.inc();
+                        m.prompt_tokens.add(fin.prompt_tokens as u64);
+                        m.generated_tokens.add(fin.completion_tokens as u64);
+                        JobEvent::Done(fin)
+                    }
+                    Err(e) => {
+                        // Counted as failed where the response reports it.
+                        debug!("generation failed: {e}");
+                        JobEvent::Failed(e.to_string())
+                    }
+                };
+                let _ = tx.send(event).await;
+            }
+            .instrument(span),
+        );
+        Ok(rx)
+    }
+
+    async fn drive(
+        &self,
+        stepper: &mut Stepper,
+        job: &Job,
+        tx: &mpsc::Sender<JobEvent>,
+        guard: &SessionGuard,
+    ) -> Result<Finish, StepError> {
+        let tok = &self.inner.tokenizer;
+        let mut tokens = TokenLoop::new(&job.prompt, &job.opts, self.inner.model.max_seq_len)?;
+        let mut text = TextStream::default();
+        let mut stop = StopMatcher::new(job.stops.clone());
+        let mut logits = stepper.step(0, job.prompt.clone()).await?;
+        let mut pos = job.prompt.len() as u32;
+        let mut stopped_by_string = false;
+        loop {
+            let mut pieces = Vec::new();
+            let next = tokens.next(&logits, &mut |id| -> Result<bool, EngineError> {
+                guard.token();
+                if let Some(p) = text.push(tok, id)? {
+                    let (emit, hit) = stop.push(&p);
+                    if !emit.is_empty() {
+                        pieces.push(emit);
+                    }
+                    if hit {
+                        stopped_by_string = true;
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            })?;
+            let mut gone = false;
+            for p in pieces {
+                gone |= tx.send(JobEvent::Text(p)).await.is_err();
+            }
+            let Some(next) = next else { break };
+            if gone {
+                debug!("the client went away; stopping");
+                break;
+            }
+            logits = stepper.step(pos, vec![next]).await?;
+            pos += 1;
+        }
+        if !stopped_by_string {
+            let rest = stop.flush();
+            if !rest.is_empty() {
+                let _ = tx.send(JobEvent::Text(rest)).await;
+            }
+        }
+        let (out, stats) = tokens.finish();
+        Ok(Finish {
+            prompt_tokens: job.prompt.len(),
+            completion_tokens: out.len(),
+            reason: if stats.stopped || stopped_by_string {
+                "stop"
+            } else {
+                "length"
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for p in pieces {
+            let (e, hit) = m.push(p);
+            out.push_str(&e);
+            if hit {
+                return (out, true);
+            }
+        }
+        out.push_str(&m.flush());
+        (out, false)
+    }
+
+    #[test]
+    fn stop_strings_cut_across_pieces() {
+        assert_eq!(run(&["."], &["Paris", ". Yes"]), ("Paris".into(), true));
+        assert_eq!(
+            run(&["END"], &["ab", "cE", "N", "Dxyz"]),
+            ("abc".into(), true)
+        );
+        assert_eq!(run(&["END"], &["ab", "cE", "x"]), ("abcEx".into(), false));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+        assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
+        assert_eq!(run(&["xy", "b"], &["axyb"]), ("a".into(), true));
+    }
+}

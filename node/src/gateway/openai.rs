@@ -1,0 +1,546 @@
+//! OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions` and
+//! `/v1/completions`, with and without streaming (server-sent events).
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::{ApiError, Finish, Gateway, Job, JobEvent, DEFAULT_API_MAX_TOKENS};
+use crate::engine::{ChatMessage, GenerateOptions, SamplingParams, DEFAULT_REPETITION_WINDOW};
+
+/// Most stop strings per request (as OpenAI).
+pub const MAX_STOPS: usize = 4;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Debug, Deserialize)]
+struct Sampling {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop: Option<Stop>,
+    seed: Option<u64>,
+    n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let msg = if e.is_syntax() || e.is_eof() {
+            format!("the request body is not valid JSON ({e}); send a JSON object with Content-Type: application/json")
+        } else {
+            format!("the request body does not match the API: {e}")
+        };
+        ApiError::invalid(None, msg).with_code("invalid_json")
+    })
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// Checks the model name and sampling fields against the model and turns
+/// them into a job for `prompt`.
+fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
+    let id = s.model.as_str();
+    let known = id == gw.model_name()
+        || matches!(&gw.inner.backend, super::Backend::Swarm(b) if b.model_id == id);
+    if !known {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model `{id}` does not exist here; this gateway serves `{}` (GET /v1/models lists it)",
+                gw.model_name()
+            ),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        });
+    }
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            Some("n"),
+            "only n = 1 is supported; send one request per completion",
+        ));
+    }
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("temperature {temperature} is out of range: use 0 (greedy) to 2"),
+        ));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            Some("top_p"),
+            format!("top_p {top_p} is out of range: use a value in (0, 1]"),
+        ));
+    }
+    let stops = match &s.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            format!("at most {MAX_STOPS} stop strings"),
+        ));
+    }
+    let context = gw.model_config().max_seq_len;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "the prompt is empty: send some text",
+        ));
+    }
+    if prompt.len() >= context {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            format!(
+                "the prompt is {} tokens, but the model's context is {context}: shorten it",
+                prompt.len()
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = context - prompt.len();
+    let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                "max_tokens must be at least 1",
+            ))
+        }
+        Some(n) if n > room => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "max_tokens {n} plus the prompt's {} tokens exceeds the model's context of {context} tokens: ask for at most {room}",
+                    prompt.len()
+                ),
+            )
+            .with_code("context_length_exceeded"))
+        }
+        Some(n) => n,
+        None => DEFAULT_API_MAX_TOKENS.min(room),
+    };
+    Ok(Job {
+        prompt,
+        opts: GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k: 0,
+                top_p,
+                repetition_penalty: 1.0,
+                repetition_window: DEFAULT_REPETITION_WINDOW,
+                seed: s.seed.unwrap_or_else(rand::random),
+            },
+            stop_ids: gw.tokenizer().stop_ids().to_vec(),
+        },
+        stops,
+    })
+}
+
+fn usage(f: &Finish) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+    })
+}
+
+fn model_object(gw: &Gateway) -> serde_json::Value {
+    serde_json::json!({
+        "id": gw.model_name(),
+        "object": "model",
+        "created": 0,
+        "owned_by": "nomoat",
+    })
+}
+
+/// `GET /v1/models`.
+pub(super) async fn models(State(gw): State<Gateway>) -> Response {
+    Json(serde_json::json!({"object": "list", "data": [model_object(&gw)]})).into_response()
+}
+
+/// `GET /v1/models/{id}`.
+pub(super) async fn model(
+    State(gw): State<Gateway>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if id == gw.model_name() {
+        Json(model_object(&gw)).into_response()
+    } else {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model `{id}` does not exist here; this gateway serves `{}`",
+                gw.model_name()
+            ),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }
+        .into_response()
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub(super) async fn chat_completions(State(gw): State<Gateway>, body: Bytes) -> Response {
+    match chat(gw, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(body)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "messages is empty: send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}]",
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer" | "tool"
+        ) {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                format!("unknown role `{}`: use system, user or assistant", m.role),
+            ));
+        }
+        let text = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            Some("messages"),
+                            format!("content parts of type `{}` are not supported: this model reads text only", p.kind),
+                        ));
+                    }
+                    t.push_str(&p.text);
+                }
+                t
+            }
+        };
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            &m.role
+        };
+        messages.push(ChatMessage::new(role, text));
+    }
+    let text = gw.tokenizer().chat_prompt(&messages);
+    let prompt = gw
+        .tokenizer()
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let job = job(&gw, &req.sampling, prompt)?;
+    let rx = gw.start_job(job).await?;
+    let id = new_id("chatcmpl");
+    let model = gw.model_name().to_string();
+    let created = now_s();
+    if req.sampling.stream {
+        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+        let chunk = move |delta: serde_json::Value, finish: Option<&str>| {
+            serde_json::json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": null,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            })
+        };
+        let first = chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            None,
+        );
+        Ok(sse(rx, first, include_usage, move |ev| match ev {
+            Piece::Text(t) => chunk(serde_json::json!({"content": t}), None),
+            Piece::End(f) => chunk(serde_json::json!({}), Some(f.reason)),
+            Piece::Usage(f) => {
+                let mut c = chunk(serde_json::json!({}), None);
+                c["choices"] = serde_json::json!([]);
+                c["usage"] = usage(f);
+                c
+            }
+        }))
+    } else {
+        let (text, fin) = collect(rx).await?;
+        Ok(Json(serde_json::json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": fin.reason,
+            }],
+            "usage": usage(&fin),
+        }))
+        .into_response())
+    }
+}
+
+/// `POST /v1/completions`.
+pub(super) async fn completions(State(gw): State<Gateway>, body: Bytes) -> Response {
+    match complete(gw, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn complete(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(body)?;
+    let text = match req.prompt {
+        Prompt::One(t) => t,
+        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Many(_) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "send one prompt per request (a string, or an array of one string)",
+            ))
+        }
+    };
+    let prompt = gw
+        .tokenizer()
+        .encode(&text)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "the prompt is empty: send some text",
+        ));
+    }
+    let job = job(&gw, &req.sampling, prompt)?;
+    let rx = gw.start_job(job).await?;
+    let id = new_id("cmpl");
+    let model = gw.model_name().to_string();
+    let created = now_s();
+    if req.sampling.stream {
+        let include_usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+        let chunk = move |text: &str, finish: Option<&str>| {
+            serde_json::json!({
+                "id": id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            })
+        };
+        Ok(sse(
+            rx,
+            serde_json::Value::Null,
+            include_usage,
+            move |ev| match ev {
+                Piece::Text(t) => chunk(t, None),
+                Piece::End(f) => chunk("", Some(f.reason)),
+                Piece::Usage(f) => {
+                    let mut c = chunk("", None);
+                    c["choices"] = serde_json::json!([]);
+                    c["usage"] = usage(f);
+                    c
+                }
+            },
+        ))
+    } else {
+        let (text, fin) = collect(rx).await?;
+        Ok(Json(serde_json::json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": fin.reason}],
+            "usage": usage(&fin),
+        }))
+        .into_response())
+    }
+}
+
+/// Waits for a whole answer.
+async fn collect(mut rx: mpsc::Receiver<JobEvent>) -> Result<(String, Finish), ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            JobEvent::Text(t) => text.push_str(&t),
+            JobEvent::Done(f) => return Ok((text, f)),
+            JobEvent::Failed(e) => {
+                return Err(ApiError {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: format!(
+                        "generation failed: {e}; retry, a new request plans a new route"
+                    ),
+                    kind: "server_error",
+                    param: None,
+                    code: Some("generation_failed"),
+                })
+            }
+        }
+    }
+    Err(ApiError::internal("the generation ended without an answer"))
+}
+
+/// What one SSE chunk carries.
+enum Piece<'a> {
+    Text(&'a str),
+    End(&'a Finish),
+    Usage(&'a Finish),
+}
+
+/// Streams a job as server-sent events: `first` (unless null), a chunk
+/// per piece, the final chunk, optionally a usage chunk, then `[DONE]`. A
+/// failure mid-stream becomes an `{"error": ...}` event.
+fn sse(
+    rx: mpsc::Receiver<JobEvent>,
+    first: serde_json::Value,
+    include_usage: bool,
+    render: impl Fn(Piece<'_>) -> serde_json::Value + Send + 'static,
+) -> Response {
+    enum St {
+        First,
+        Body,
+        Done,
+    }
+    let stream = futures::stream::unfold(
+        (rx, St::First, first, Vec::<Event>::new(), render),
+        move |(mut rx, mut st, first, mut queue, render)| {
+            async move {
+                loop {
+                    if let Some(e) = queue.pop() {
+                        return Some((e, (rx, st, first, queue, render)));
+                    }
+                    match st {
+                        St::First => {
+                            st = St::Body;
+                            if !first.is_null() {
+                                queue.push(Event::default().data(first.to_string()));
+                            }
+                        }
+                        St::Done => return None,
+                        St::Body => match rx.recv().await {
+                            Some(JobEvent::Text(t)) => queue
+                                .push(Event::default().data(render(Piece::Text(&t)).to_string())),
+                            Some(JobEvent::Done(f)) => {
+                                st = St::Done;
+                                // Popped from the back: pushed in reverse.
+                                queue.push(Event::default().data("[DONE]"));
+                                if include_usage {
+                                    queue.push(
+                                        Event::default().data(render(Piece::Usage(&f)).to_string()),
+                                    );
+                                }
+                                queue.push(
+                                    Event::default().data(render(Piece::End(&f)).to_string()),
+                                );
+                            }
+                            Some(JobEvent::Failed(e)) => {
+                                st = St::Done;
+                                crate::metrics::global().requests_failed.inc();
+                                let err = ApiError {
+                                    status: StatusCode::BAD_GATEWAY,
+                                    message: format!("generation failed: {e}"),
+                                    kind: "server_error",
+                                    param: None,
+                                    code: Some("generation_failed"),
+                                };
+                                queue.push(Event::default().data(err.body().to_string()));
+                            }
+                            None => return None,
+                        },
+                    }
+                }
+            }
+        },
+    );
+    let stream = futures::StreamExt::map(stream, Ok::<_, Infallible>);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

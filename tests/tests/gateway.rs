@@ -1,0 +1,616 @@
+//! The gateway with real processes and the real SmolLM2: the official
+//! `openai` Python client, raw HTTP for every bad request and for a swarm
+//! with a coverage gap, the dashboard in headless Chromium, a config file,
+//! and `nomoat demo --once`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use nomoat_node::gateway::http;
+use nomoat_tests::harness::{nomoat_bin, serve, Proc};
+use nomoat_tests::web::{wait_for, Browser, NomoatProc};
+use serde_json::{json, Value};
+
+/// The tests of this file run one at a time: several start three servers,
+/// and on a small machine many at once would starve each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const MODEL: &str = "smollm2-135m";
+const HTTP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Servers for `ranges`, the first one everyone's bootstrap.
+fn servers(ranges: &[&str]) -> Result<Vec<Proc>> {
+    let mut procs: Vec<Proc> = Vec::new();
+    for r in ranges {
+        let boot = procs.first().map(Proc::addr);
+        let mut args = vec![
+            "--model",
+            MODEL,
+            "--blocks",
+            r,
+            "--heartbeat",
+            "0.5",
+            "--threads",
+            "1",
+        ];
+        if let Some(b) = &boot {
+            args.extend(["--bootstrap", b.as_str()]);
+        }
+        procs.push(serve(&args)?);
+    }
+    Ok(procs)
+}
+
+/// `nomoat gateway` on a free port, over the swarm of `boot` (or the whole
+/// model when `None`).
+fn gateway(boot: Option<&str>, extra: &[&str]) -> Result<NomoatProc> {
+    let mut args = vec!["gateway", "--model", MODEL, "--api", "127.0.0.1:0"];
+    if let Some(b) = boot {
+        args.extend(["--swarm", b]);
+    }
+    args.extend(extra);
+    NomoatProc::spawn(&args, Duration::from_secs(120))
+}
+
+fn rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn get(addr: SocketAddr, path: &str) -> Result<http::HttpResponse> {
+    Ok(rt()?.block_on(http::request(addr, "GET", path, None, HTTP_TIMEOUT))?)
+}
+
+fn post(addr: SocketAddr, path: &str, body: &str) -> Result<http::HttpResponse> {
+    Ok(rt()?.block_on(http::request(
+        addr,
+        "POST",
+        path,
+        Some(body.as_bytes()),
+        HTTP_TIMEOUT,
+    ))?)
+}
+
+/// Waits until the gateway's dashboard view shows `peers` peers and every
+/// block covered.
+fn wait_covered(addr: SocketAddr, peers: usize) -> Result<Value> {
+    wait_for(
+        "full coverage on the dashboard",
+        Duration::from_secs(60),
+        || {
+            let v = get(addr, "/api/swarm")?.json();
+            let n = v["peers"].as_array().map_or(0, Vec::len);
+            Ok((n == peers && v["covered"] == true).then_some(v))
+        },
+    )
+}
+
+/// Checks OpenAI's error shape and returns the error object.
+fn openai_error(r: &http::HttpResponse, status: u16) -> Result<Value> {
+    ensure!(
+        r.status == status,
+        "expected {status}, got {}: {}",
+        r.status,
+        r.text()
+    );
+    let e = r.json()["error"].clone();
+    for k in ["message", "type", "param", "code"] {
+        ensure!(e.get(k).is_some(), "error object without `{k}`: {e}");
+    }
+    ensure!(
+        !e["message"].as_str().unwrap_or_default().is_empty(),
+        "empty message: {e}"
+    );
+    Ok(e)
+}
+
+fn chat_body(content: &str, extra: Value) -> String {
+    let mut b = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 48,
+    });
+    if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    b.to_string()
+}
+
+#[test]
+fn openai_python_client_against_a_three_server_swarm() -> Result<()> {
+    let _serial = serial();
+    let procs = servers(&["0..10", "10..20", "20..30"])?;
+    let gw = gateway(Some(&procs[0].addr()), &[])?;
+    let addr = gw.http_addr()?;
+    wait_covered(addr, 3)?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client.py");
+    let python = std::env::var("NOMOAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args([script, &format!("http://{addr}/v1"), MODEL])
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'openai'") {
+        bail!("the openai package is missing: `{python} -m pip install openai` (.ci/run does)");
+    }
+    ensure!(
+        out.status.success(),
+        "the openai client failed:\n{stderr}\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let seen: Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap_or_default(),
+    )?;
+    assert!(
+        seen["answer"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Paris"),
+        "{seen}"
+    );
+    // The same answer as `nomoat generate` on one node.
+    let local = Command::new(nomoat_bin()?)
+        .args([
+            "generate",
+            "--model",
+            MODEL,
+            "--chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+            "--prompt",
+            "What is the capital of France?",
+        ])
+        .output()?;
+    let local = String::from_utf8(local.stdout)?;
+    assert_eq!(
+        seen["answer"].as_str().unwrap_or_default(),
+        local.trim_end()
+    );
+    // Four requests at once through the swarm, each on its own session.
+    let body = chat_body("What is the capital of France?", json!({}));
+    let answers = rt()?.block_on(async {
+        let all = (0..4).map(|_| {
+            http::request(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(body.as_bytes()),
+                HTTP_TIMEOUT,
+            )
+        });
+        futures::future::try_join_all(all).await
+    })?;
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(
+            a.json()["choices"][0]["message"]["content"],
+            seen["answer"],
+            "{}",
+            a.text()
+        );
+    }
+    // The metrics saw the sessions and steps.
+    let metrics = get(addr, "/metrics")?.text();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(value("nomoat_sessions_total") >= 3, "{metrics}");
+    assert!(value("nomoat_steps_total") > 10, "{metrics}");
+    assert!(value("nomoat_bytes_out_total") > 0, "{metrics}");
+    assert!(value("nomoat_step_latency_seconds_count") > 10, "{metrics}");
+    assert!(value("nomoat_hop_latency_seconds_count") > 10, "{metrics}");
+    assert!(metrics.contains("nomoat_failovers_total 0"));
+    Ok(())
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_concurrent_requests_work() -> Result<()> {
+    let _serial = serial();
+    let gw = gateway(None, &[])?;
+    let addr = gw.http_addr()?;
+    let chat = "/v1/chat/completions";
+
+    let e = openai_error(&post(addr, chat, "{not json")?, 400)?;
+    assert_eq!(e["type"], "invalid_request_error");
+    assert_eq!(e["code"], "invalid_json");
+
+    let e = openai_error(
+        &post(addr, chat, &chat_body("hi", json!({"model": "gpt-9"})))?,
+        404,
+    )?;
+    assert_eq!(e["code"], "model_not_found");
+    assert_eq!(e["param"], "model");
+    assert!(e["message"].as_str().unwrap_or_default().contains(MODEL));
+
+    let e = openai_error(
+        &post(
+            addr,
+            chat,
+            &chat_body("hi", json!({"max_tokens": 9_000_000})),
+        )?,
+        400,
+    )?;
+    assert_eq!(e["code"], "context_length_exceeded");
+    assert_eq!(e["param"], "max_tokens");
+
+    let e = openai_error(
+        &post(
+            addr,
+            chat,
+            &json!({"model": MODEL, "messages": []}).to_string(),
+        )?,
+        400,
+    )?;
+    assert_eq!(e["param"], "messages");
+
+    let e = openai_error(
+        &post(addr, chat, &json!({"model": MODEL}).to_string())?,
+        400,
+    )?;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("messages"),
+        "{e}"
+    );
+
+    for bad in [
+        json!({"temperature": 5}),
+        json!({"top_p": 0}),
+        json!({"n": 3}),
+    ] {
+        openai_error(&post(addr, chat, &chat_body("hi", bad))?, 400)?;
+    }
+    let e = openai_error(
+        &post(
+            addr,
+            "/v1/completions",
+            &json!({"model": MODEL, "prompt": ""}).to_string(),
+        )?,
+        400,
+    )?;
+    assert_eq!(e["param"], "prompt");
+    openai_error(&get(addr, "/v1/nothing-here")?, 404)?;
+    openai_error(&get(addr, "/v1/models/gpt-9")?, 404)?;
+    assert_eq!(
+        get(addr, &format!("/v1/models/{MODEL}"))?.json()["id"],
+        MODEL
+    );
+
+    // Text completion with a stop string.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stop": "."}).to_string(),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Paris"),
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // Four requests at once, each on its own session, all answered alike.
+    let body = chat_body("What is the capital of France?", json!({}));
+    let answers: Vec<Value> = rt()?
+        .block_on(async {
+            let all = (0..4)
+                .map(|_| http::request(addr, "POST", chat, Some(body.as_bytes()), HTTP_TIMEOUT));
+            futures::future::try_join_all(all).await
+        })?
+        .into_iter()
+        .map(|r| r.json())
+        .collect();
+    let first = &answers[0]["choices"][0]["message"]["content"];
+    assert!(
+        first.as_str().unwrap_or_default().contains("Paris"),
+        "{}",
+        answers[0]
+    );
+    for a in &answers {
+        assert_eq!(&a["choices"][0]["message"]["content"], first, "{a}");
+    }
+    // SSE: chunks, then the finish, then [DONE].
+    let mut events = Vec::new();
+    let (status, _) = rt()?.block_on(http::stream_events(
+        addr,
+        chat,
+        chat_body("What is the capital of France?", json!({"stream": true})).as_bytes(),
+        HTTP_TIMEOUT,
+        |d| {
+            events.push(d.to_string());
+            true
+        },
+    ))?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text.as_str(), first.as_str().unwrap_or_default());
+    Ok(())
+}
+
+#[test]
+fn a_coverage_gap_gets_503_naming_the_missing_blocks() -> Result<()> {
+    let _serial = serial();
+    let procs = servers(&["0..10", "20..30"])?;
+    let gw = gateway(Some(&procs[0].addr()), &[])?;
+    let addr = gw.http_addr()?;
+    wait_for(
+        "both servers on the dashboard",
+        Duration::from_secs(60),
+        || {
+            let v = get(addr, "/api/swarm")?.json();
+            Ok((v["peers"].as_array().map_or(0, Vec::len) == 2).then_some(()))
+        },
+    )?;
+    let view = get(addr, "/api/swarm")?.json();
+    assert_eq!(view["covered"], false);
+    assert_eq!(view["gaps"], json!([{"start": 10, "end": 20}]));
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let body = if path.contains("chat") {
+            chat_body("hi", json!({}))
+        } else {
+            json!({"model": MODEL, "prompt": "hi"}).to_string()
+        };
+        let e = openai_error(&post(addr, path, &body)?, 503)?;
+        assert_eq!(e["code"], "coverage_gap");
+        assert!(
+            e["message"].as_str().unwrap_or_default().contains("10..20"),
+            "{e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dashboard_in_headless_chromium_shows_the_swarm_and_streams_a_chat() -> Result<()> {
+    let _serial = serial();
+    let procs = servers(&["0..10", "10..20", "20..30"])?;
+    let gw = gateway(Some(&procs[0].addr()), &[])?;
+    let addr = gw.http_addr()?;
+    wait_covered(addr, 3)?;
+    let mut browser = Browser::launch()?;
+    let page = browser.open(&format!("http://{addr}/"))?;
+    wait_for(
+        "the map with three peers and full coverage",
+        Duration::from_secs(60),
+        || {
+            let v = browser.eval(
+                &page,
+                "JSON.stringify({rows: document.querySelectorAll('#map .peer-row').length, \
+             peers: document.querySelectorAll('#peers tbody tr').length, \
+             coverage: document.getElementById('coverage').textContent, \
+             gaps: document.querySelectorAll('#coverage-cells .gap').length, \
+             covered: document.querySelectorAll('#coverage-cells .covered').length})",
+            )?;
+            let v: Value = serde_json::from_str(v.as_str().unwrap_or("{}"))?;
+            Ok((v["rows"] == 3
+                && v["peers"] == 3
+                && v["coverage"] == "full coverage"
+                && v["gaps"] == 0
+                && v["covered"] == 30)
+                .then_some(()))
+        },
+    )?;
+    for p in &procs {
+        let id = p.peer_id();
+        let shown = browser.eval(
+            &page,
+            &format!(
+                "document.getElementById('peers').innerHTML.includes('{}')",
+                &id[id.len() - 6..]
+            ),
+        )?;
+        assert_eq!(shown, true, "peer {id} not in the peers table");
+    }
+    browser.eval(
+        &page,
+        "document.getElementById('chat-input').value = 'What is the capital of France?'; \
+         document.getElementById('chat-send').click(); true",
+    )?;
+    let (answer, chunks) = wait_for("the streamed answer", Duration::from_secs(180), || {
+        let v = browser.eval(
+            &page,
+            "(() => { const a = document.querySelector('[data-answer=\"0\"]'); \
+             return a && a.getAttribute('data-done') === '1' \
+             ? JSON.stringify({text: a.textContent, chunks: a.getAttribute('data-chunks')}) : null })()",
+        )?;
+        Ok(v.as_str().map(serde_json::from_str::<Value>).transpose()?)
+    })
+    .map(|v| {
+        (
+            v["text"].as_str().unwrap_or_default().to_string(),
+            v["chunks"].as_str().and_then(|c| c.parse::<usize>().ok()).unwrap_or(0),
+        )
+    })?;
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts/dashboard.png");
+    browser.screenshot(&page, &shot)?;
+    println!("dashboard screenshot: {}", shot.display());
+    assert!(answer.contains("Paris"), "{answer:?}");
+    assert!(
+        chunks > 1,
+        "the answer came in {chunks} chunk(s), not streamed"
+    );
+    assert!(std::fs::metadata(&shot)?.len() > 1000);
+    Ok(())
+}
+
+#[test]
+fn a_config_file_and_variables_set_the_flags() -> Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("nomoat.toml");
+    std::fs::write(
+        &cfg,
+        format!("model = \"{MODEL}\"\n\n[gateway]\napi = \"127.0.0.1:0\"\nname = \"from-the-file\"\nmax_concurrent = 2\n"),
+    )?;
+    let path = cfg.to_string_lossy().to_string();
+    let gw = NomoatProc::spawn(&["gateway", "--config", &path], Duration::from_secs(120))?;
+    let models = get(gw.http_addr()?, "/v1/models")?.json();
+    assert_eq!(models["data"][0]["id"], "from-the-file", "{models}");
+    drop(gw);
+    // A variable wins over the file, a flag over both.
+    let mut child = Command::new(nomoat_bin()?)
+        .args(["gateway", "--config", &path, "--api", "127.0.0.1:0"])
+        .env("NOMOAT_NAME", "from-the-variable")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let hello: Value = serde_json::from_str(&line)?;
+    assert_eq!(hello["model"], "from-the-variable", "{hello}");
+    // A key that is no flag of the command is an error naming it.
+    std::fs::write(&cfg, "[gateway]\nno_such_flag = 1\n")?;
+    let out = Command::new(nomoat_bin()?)
+        .args(["gateway", "--config", &path])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_flag"));
+    // --help documents the variables.
+    let help = Command::new(nomoat_bin()?)
+        .args(["gateway", "--help"])
+        .output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("NOMOAT_MAX_CONCURRENT"), "{help}");
+    Ok(())
+}
+
+#[test]
+fn demo_once_answers_and_leaves_no_process_behind() -> Result<()> {
+    let _serial = serial();
+    let mut child = Command::new(nomoat_bin()?)
+        .args(["demo", "--once", "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let read_all = |r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut BufReader::new(r), &mut s);
+            s
+        })
+    };
+    let reader = read_all(Box::new(child.stdout.take().context("stdout")?));
+    let err_reader = read_all(Box::new(child.stderr.take().context("stderr")?));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("nomoat demo --once did not exit within 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    assert!(
+        status.success(),
+        "demo failed: {status}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    let answer = out
+        .lines()
+        .find(|l| l.starts_with("A: "))
+        .unwrap_or_default();
+    assert!(answer.contains("Paris"), "stdout:\n{out}");
+    assert!(out.contains("dashboard: http://127.0.0.1:"), "{out}");
+    let pids: Vec<u32> = out
+        .lines()
+        .filter(|l| l.starts_with("server "))
+        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 3, "{out}");
+    // Only the first server held the weights; the others fetched theirs.
+    let fetched: Vec<u64> = out
+        .lines()
+        .filter(|l| l.starts_with("server "))
+        .filter_map(|l| l.split("fetched ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(fetched.len(), 2, "{out}");
+    assert!(fetched.iter().all(|&n| n > 0), "{out}");
+    for pid in pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        assert!(!alive, "server process {pid} is still running");
+    }
+    Ok(())
+}
+
+#[test]
+fn serve_with_api_answers_through_its_own_swarm() -> Result<()> {
+    let _serial = serial();
+    let server = NomoatProc::spawn(
+        &[
+            "serve",
+            "--model",
+            MODEL,
+            "--blocks",
+            "0..30",
+            "--heartbeat",
+            "0.5",
+            "--threads",
+            "1",
+            "--api",
+            "127.0.0.1:0",
+        ],
+        Duration::from_secs(120),
+    )?;
+    let addr = server.http_addr()?;
+    let view = wait_covered(addr, 1)?;
+    assert_eq!(view["peers"][0]["connection"], "direct", "{view}");
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body("What is the capital of France?", json!({})),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.json()["choices"][0]["message"]["content"].clone();
+    assert!(
+        text.as_str().unwrap_or_default().contains("Paris"),
+        "{text}"
+    );
+    Ok(())
+}
