@@ -11,7 +11,7 @@ use nomoat_node::engine::{
     hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, Sampler, SamplingParams,
     WeightMode,
 };
-use nomoat_node::swarm::client::{discover, plan, RemoteSession};
+use nomoat_node::swarm::client::{plan, RemoteSession};
 use nomoat_node::swarm::model_file_id;
 use nomoat_node::swarm::net::{self, NetConfig};
 use nomoat_node::swarm::process::ServeProcess;
@@ -94,40 +94,19 @@ pub(crate) async fn bench_failover(args: BenchFailoverArgs) -> Result<()> {
         let mut procs: Vec<ServeProcess> = Vec::new();
         let ranges = [splits[2], splits[1], splits[0], splits[1]];
         for r in ranges {
-            let blocks = r.to_string();
-            let mut a = vec![
-                "--model",
-                path_str.as_str(),
-                "--blocks",
-                blocks.as_str(),
-                "--weights",
-                weights.as_str(),
-                "--heartbeat",
-                "0.5",
-                "--threads",
-                threads.as_str(),
-            ];
             let boot = procs.first().map(|p| p.addr());
-            if let Some(b) = &boot {
-                a.extend(["--bootstrap", b.as_str()]);
-            }
-            procs.push(ServeProcess::spawn(&bin, &a, Duration::from_secs(120))?);
+            procs.push(crate::cmd_swarm::bench_server(
+                &bin,
+                &path_str,
+                r,
+                &weights,
+                &threads,
+                boot.as_deref(),
+            )?);
         }
         let boot: Vec<Multiaddr> = vec![procs[0].addr().parse()?];
         let client = net::start(NetConfig::default()).await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let servers = loop {
-            let found = discover(&client, &boot, &model_id).await?;
-            if found.len() >= 4 {
-                break found;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "only {} of 4 servers announced",
-                found.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let servers = crate::cmd_swarm::discover_at_least(&client, &boot, &model_id, 4).await?;
         // Every server must know the spare before the death.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let max_len = (args.context + args.decoded + after + 2) as u32;

@@ -136,9 +136,6 @@ pub(crate) async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Throughput assumed for servers that have not measured themselves.
-const UNKNOWN_THROUGHPUT: f64 = 1.0;
-
 /// `--blocks auto`: waits a random moment (so servers starting together do
 /// not all pick the same window), looks at the swarm and takes the window
 /// that most raises its weakest block.
@@ -158,23 +155,11 @@ async fn auto_blocks(
     } else {
         discover(net, bootstrap, model_id).await?
     };
-    let placed: Vec<nomoat_scheduler::Placed> = servers
-        .iter()
-        .map(|s| nomoat_scheduler::Placed {
-            span: BlockRange {
-                start: s.blocks.start,
-                end: s.blocks.end,
-            },
-            throughput: if s.throughput > 0.0 {
-                f64::from(s.throughput)
-            } else {
-                UNKNOWN_THROUGHPUT
-            },
-        })
-        .collect();
-    let (span, min) =
-        nomoat_scheduler::choose_span(num_blocks, &placed, max_blocks, UNKNOWN_THROUGHPUT)
-            .context("the model has no blocks")?;
+    let placed = nomoat_node::swarm::rebalance::placed(&servers);
+    // A joining server is assumed typical too.
+    let mine = nomoat_node::swarm::rebalance::typical_throughput(&servers);
+    let (span, min) = nomoat_scheduler::choose_span(num_blocks, &placed, max_blocks, mine)
+        .context("the model has no blocks")?;
     eprintln!(
         "placement: {} server(s) known; taking blocks {span} (weakest block then at {min:.1} tokens/s)",
         servers.len()
@@ -617,6 +602,57 @@ async fn swarm_decode(
     Ok((times, out))
 }
 
+/// Starts `nomoat serve` for a benchmark: blocks `blocks` of the model at
+/// `model`, announcing every half second, on `threads` compute threads.
+pub(crate) fn bench_server(
+    bin: &std::path::Path,
+    model: &str,
+    blocks: BlockRange,
+    weights: &str,
+    threads: &str,
+    bootstrap: Option<&str>,
+) -> Result<nomoat_node::swarm::process::ServeProcess> {
+    let blocks = blocks.to_string();
+    let mut a = vec![
+        "--model",
+        model,
+        "--blocks",
+        blocks.as_str(),
+        "--weights",
+        weights,
+        "--heartbeat",
+        "0.5",
+        "--threads",
+        threads,
+    ];
+    if let Some(b) = bootstrap {
+        a.extend(["--bootstrap", b]);
+    }
+    nomoat_node::swarm::process::ServeProcess::spawn(bin, &a, Duration::from_secs(120))
+}
+
+/// Waits (30 s at most) until at least `n` servers of `model_id` are known.
+pub(crate) async fn discover_at_least(
+    net: &net::NetHandle,
+    bootstrap: &[Multiaddr],
+    model_id: &str,
+    n: usize,
+) -> Result<Vec<ServerInfo>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = discover(net, bootstrap, model_id).await?;
+        if found.len() >= n {
+            return Ok(found);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} servers announced",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
     use nomoat_node::engine::{LocalModel, Sampler, SamplingParams};
     use nomoat_node::swarm::process::ServeProcess;
@@ -673,42 +709,14 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
         let threads = args.threads.max(1).to_string();
         let mut procs: Vec<ServeProcess> = Vec::new();
         for (i, r) in splits.iter().enumerate().rev() {
-            let blocks = r.to_string();
-            let mut a = vec![
-                "--model",
-                path_str.as_str(),
-                "--blocks",
-                blocks.as_str(),
-                "--weights",
-                weights.as_str(),
-                "--heartbeat",
-                "0.5",
-                "--threads",
-                threads.as_str(),
-            ];
             let boot = procs.first().map(|p| p.addr());
-            if let Some(b) = &boot {
-                a.extend(["--bootstrap", b.as_str()]);
-            }
-            let p = ServeProcess::spawn(&bin, &a, Duration::from_secs(120))?;
-            eprintln!("started server {} of {n}: blocks {blocks}", i + 1);
+            let p = bench_server(&bin, &path_str, *r, &weights, &threads, boot.as_deref())?;
+            eprintln!("started server {} of {n}: blocks {r}", i + 1);
             procs.insert(0, p);
         }
         let boot: Vec<Multiaddr> = vec![procs.last().context("a server")?.addr().parse()?];
         let net = net::start(NetConfig::default()).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let servers = loop {
-            let found = discover(&net, &boot, &model_id).await?;
-            if found.len() >= n {
-                break found;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "only {} of {n} servers announced",
-                found.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let servers = discover_at_least(&net, &boot, &model_id, n).await?;
         let max_len = (prompt.len() + args.tokens + 2) as u32;
         let route = plan(&net, &model_id, n_blocks as u32, &servers, max_len)?;
         let hops = route.len();

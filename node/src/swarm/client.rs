@@ -727,16 +727,7 @@ impl RemoteSession {
         while self.live.len() > 1024 {
             self.live.pop_first();
         }
-        self.seq += 1;
-        self.live.insert(
-            self.seq,
-            LiveStep {
-                start,
-                end: start + t,
-                stop,
-            },
-        );
-        self.seq
+        self.begin_step_keep(start, t, stop)
     }
 
     fn decode_timeout(&self, t: u32) -> Duration {

@@ -49,23 +49,12 @@ impl Default for RebalanceConfig {
     }
 }
 
-/// Where the server `me` (peer id bytes) should move among `servers`, if
-/// anywhere. Servers that have not measured their throughput count as the
-/// median of those that have (1 token/s when none has).
-pub fn decide(
-    servers: &[ServerInfo],
-    me: &[u8],
-    num_blocks: u32,
-    margin: f64,
-) -> Option<BlockRange> {
-    let mut known: Vec<f64> = servers
-        .iter()
-        .filter(|s| s.throughput > 0.0)
-        .map(|s| f64::from(s.throughput))
-        .collect();
-    known.sort_by(f64::total_cmp);
-    let typical = known.get(known.len() / 2).copied().unwrap_or(1.0);
-    let placed: Vec<Placed> = servers
+/// The swarm as placement sees it. Servers that have not measured their
+/// throughput count as the median of those that have (1 token/s when none
+/// has), so a new server neither attracts nor repels placements.
+pub fn placed(servers: &[ServerInfo]) -> Vec<Placed> {
+    let typical = typical_throughput(servers);
+    servers
         .iter()
         .map(|s| Placed {
             span: BlockRange {
@@ -78,9 +67,31 @@ pub fn decide(
                 typical
             },
         })
+        .collect()
+}
+
+/// The median measured throughput of `servers`, tokens/s (1 when none has
+/// measured itself).
+pub fn typical_throughput(servers: &[ServerInfo]) -> f64 {
+    let mut known: Vec<f64> = servers
+        .iter()
+        .filter(|s| s.throughput > 0.0)
+        .map(|s| f64::from(s.throughput))
         .collect();
+    known.sort_by(f64::total_cmp);
+    known.get(known.len() / 2).copied().unwrap_or(1.0)
+}
+
+/// Where the server `me` (peer id bytes) should move among `servers`, if
+/// anywhere (see [`placed`] for unmeasured servers).
+pub fn decide(
+    servers: &[ServerInfo],
+    me: &[u8],
+    num_blocks: u32,
+    margin: f64,
+) -> Option<BlockRange> {
     let i = servers.iter().position(|s| s.peer_id == me)?;
-    nomoat_scheduler::should_move(num_blocks, &placed, i, margin)
+    nomoat_scheduler::should_move(num_blocks, &placed(servers), i, margin)
 }
 
 /// Moves of one server so far (for status and tests).
