@@ -764,7 +764,7 @@ impl RemoteSession {
             })?;
         let timeout = self.decode_timeout(t);
         let sent = Instant::now();
-        let deadline = sent + timeout;
+        let mut deadline = sent + timeout;
         let mut copies = vec![false; self.hops.len()];
         let mut arrived: Vec<Option<Instant>> = vec![None; self.hops.len()];
         loop {
@@ -776,11 +776,22 @@ impl RemoteSession {
                     .position(|c| !c)
                     .unwrap_or(self.hops.len() - 1);
                 let (peer, blocks) = (self.hops[hop].peer, self.hops[hop].blocks);
+                let waited = sent.elapsed();
+                // A slow server beats none: past the adaptive timeout, wait
+                // up to the full one when nobody could take over.
+                if waited < self.step_timeout && !self.has_replacement(hop).await {
+                    tracing::warn!(
+                        "hop {hop} ({peer}) is slow ({waited:?}) and no other server holds {blocks}; waiting up to {:?}",
+                        self.step_timeout
+                    );
+                    deadline = sent + self.step_timeout;
+                    continue;
+                }
                 return Err(SwarmError::HopFailed {
                     hop,
                     peer,
                     blocks,
-                    reason: format!("no answer to step {seq} within {timeout:?}"),
+                    reason: format!("no answer to step {seq} within {waited:.1?}"),
                 });
             };
             let Some(hop) = self.hop_of(conn) else {
@@ -903,6 +914,21 @@ impl RemoteSession {
             }
         }
         true
+    }
+
+    /// Whether another live server could run hop `hop`'s blocks now.
+    async fn has_replacement(&self, hop: usize) -> bool {
+        let (peer, blocks) = (self.hops[hop].peer, self.hops[hop].blocks);
+        let servers = self.live_servers(&[peer]).await;
+        plan_range(
+            &self.net,
+            &self.model_id,
+            blocks.start,
+            blocks.end,
+            &servers,
+            self.max_length,
+        )
+        .is_ok()
     }
 
     /// The live servers of the model, as the hops that stay and this node's
