@@ -461,6 +461,25 @@ fn dashboard_in_headless_chromium_shows_the_swarm_and_streams_a_chat() -> Result
             v["chunks"].as_str().and_then(|c| c.parse::<usize>().ok()).unwrap_or(0),
         )
     })?;
+    // The live counters pick the chat's session up on a later poll.
+    wait_for(
+        "the dashboard counting the chat's session",
+        Duration::from_secs(30),
+        || {
+            let v = browser.eval(
+                &page,
+                "JSON.stringify({sessions: document.getElementById('total-sessions').textContent, \
+                 tokens: document.getElementById('total-tokens').textContent})",
+            )?;
+            let v: Value = serde_json::from_str(v.as_str().unwrap_or("{}"))?;
+            let n = |k: &str| {
+                v[k].as_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            Ok((n("sessions") >= 1 && n("tokens") >= 1).then_some(()))
+        },
+    )?;
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts/dashboard.png");
     browser.screenshot(&page, &shot)?;
     println!("dashboard screenshot: {}", shot.display());
