@@ -21,6 +21,10 @@ use crate::engine::{
 
 /// Default time a step may take end to end before the client gives up.
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Retries of a session open that failed transiently.
+pub const OPEN_RETRIES: u32 = 2;
+/// Wait before the first retry (doubled for the second).
+pub const OPEN_RETRY_DELAY: Duration = Duration::from_millis(300);
 /// How long opening a session on one hop may take.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -516,6 +520,18 @@ impl SwarmError {
         }
     }
 
+    /// Whether the same route might work a moment later.
+    fn transient(&self) -> bool {
+        match self {
+            SwarmError::HopFailed { .. } => true,
+            SwarmError::Hop { code, .. } => matches!(
+                code,
+                Some(ErrorCode::Internal | ErrorCode::Busy | ErrorCode::UnknownSession)
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether another server might succeed where this one failed.
     fn replaceable(&self) -> bool {
         match self {
@@ -538,7 +554,39 @@ impl SwarmError {
 
 impl RemoteSession {
     /// Opens a session on every hop, last hop first.
+    ///
+    /// A transient failure (a hop that cannot reach its successor yet
+    /// because announcements are still spreading, a busy or silent hop) is
+    /// retried [`OPEN_RETRIES`] times, a little later each time, with a new
+    /// session id; hops opened by a failed attempt drop it when its streams
+    /// close.
     pub async fn open(
+        net: &NetHandle,
+        model_id: &str,
+        route: Vec<Hop>,
+        max_length: u32,
+        step_timeout: Duration,
+    ) -> Result<Self, SwarmError> {
+        let mut attempt = 0u32;
+        loop {
+            match Self::open_once(net, model_id, route.clone(), max_length, step_timeout).await {
+                Err(e) if e.transient() && attempt < OPEN_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!("opening the session failed ({e}); retrying");
+                    tokio::time::sleep(OPEN_RETRY_DELAY * attempt).await;
+                }
+                Err(e) => {
+                    if let (true, Some((_, peer))) = (e.replaceable(), e.failed_hop()) {
+                        net.peer_failed(peer);
+                    }
+                    return Err(e);
+                }
+                ok => return ok,
+            }
+        }
+    }
+
+    async fn open_once(
         net: &NetHandle,
         model_id: &str,
         route: Vec<Hop>,
@@ -566,8 +614,10 @@ impl RemoteSession {
             match w {
                 Ok(w) => writers[hop] = Some(w),
                 Err(e) => {
-                    if e.replaceable() {
-                        net.peer_failed(peers[hop].0);
+                    // The hops already opened free the session at once.
+                    let close = InferMessage::Close { session_id: id };
+                    for w in writers.iter_mut().flatten() {
+                        let _ = write_message(w, &close).await;
                     }
                     return Err(e);
                 }
