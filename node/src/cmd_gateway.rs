@@ -87,6 +87,29 @@ fn tokenizer_of(file: &ModelFile, path: &Path) -> Result<ChatTokenizer> {
     })
 }
 
+/// A gateway on loopback in front of the local servers `procs` (the demo's
+/// and `bench api`'s), for the model imported as `model_id`.
+async fn local_swarm_gateway(
+    path: &Path,
+    name: String,
+    procs: &[ServeProcess],
+    model_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<(Gateway, NetHandle)> {
+    let boot: Multiaddr = procs.first().context("no server")?.addr().parse()?;
+    swarm_gateway(
+        &path.to_string_lossy(),
+        name,
+        vec![boot],
+        vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+        WeightMode::Fast,
+        |c| c,
+        shutdown.clone(),
+        Some(model_id.to_string()),
+    )
+    .await
+}
+
 /// A gateway over the swarm reached through `bootstrap`, on a new network
 /// node; returns it with the node. `model` is a catalog name, a file or a
 /// model id from `nomoat import`; `model_id_override` names the swarm's
@@ -432,20 +455,9 @@ async fn demo_with(
     model_id: &str,
     procs: &[ServeProcess],
 ) -> Result<()> {
-    let boot: Multiaddr = procs.first().context("no server")?.addr().parse()?;
     let shutdown = CancellationToken::new();
     let name = model_name(&args.model);
-    let (gw, net) = swarm_gateway(
-        &path.to_string_lossy(),
-        name.clone(),
-        vec![boot],
-        vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
-        WeightMode::Fast,
-        |c| c,
-        shutdown.clone(),
-        Some(model_id.to_string()),
-    )
-    .await?;
+    let (gw, net) = local_swarm_gateway(path, name.clone(), procs, model_id, &shutdown).await?;
     let result = async {
         wait_covered(&gw, COVERAGE_TIMEOUT).await?;
         let (listener, addr) =
@@ -584,19 +596,8 @@ pub(crate) async fn bench_api(args: BenchApiArgs) -> Result<()> {
     );
     let servers = args.servers.max(1);
     let (model_id, procs) = start_servers(&path, servers, args.threads)?;
-    let boot: Multiaddr = procs.first().context("no server")?.addr().parse()?;
     let shutdown = CancellationToken::new();
-    let (gw, net) = swarm_gateway(
-        &path.to_string_lossy(),
-        name.clone(),
-        vec![boot],
-        vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
-        WeightMode::Fast,
-        |c| c,
-        shutdown.clone(),
-        Some(model_id),
-    )
-    .await?;
+    let (gw, net) = local_swarm_gateway(&path, name.clone(), &procs, &model_id, &shutdown).await?;
     let result = async {
         wait_covered(&gw, COVERAGE_TIMEOUT).await?;
         let (listener, addr) = gateway::bind("127.0.0.1:0".parse()?).await?;

@@ -19,50 +19,27 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::harness::nomoat_bin;
+use nomoat_node::swarm::process::ServeProcess;
 
 /// A `nomoat` process whose first stdout line is a JSON object (`gateway`,
 /// `serve --api`); killed when dropped.
 #[derive(Debug)]
-pub struct NomoatProc {
-    /// The process.
-    pub child: Child,
-    /// Its first stdout line.
-    pub hello: Value,
-}
+pub struct NomoatProc(ServeProcess);
 
 impl NomoatProc {
     /// Runs `nomoat ARGS` and waits (up to `timeout`) for its first line.
     pub fn spawn(args: &[&str], timeout: Duration) -> Result<Self> {
-        let mut child = Command::new(nomoat_bin()?)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(timeout) {
-            Ok(l) if !l.is_empty() => l,
-            _ => {
-                let _ = child.kill();
-                let out = child.wait_with_output()?;
-                bail!(
-                    "nomoat {args:?} printed no first line; stderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        };
-        let hello = serde_json::from_str(&line).with_context(|| format!("first line {line:?}"))?;
-        Ok(Self { child, hello })
+        Ok(Self(ServeProcess::spawn_command(
+            &nomoat_bin()?,
+            args,
+            &[],
+            timeout,
+        )?))
     }
 
     /// The HTTP address of its API (from `"dashboard": "http://ADDR/"`).
     pub fn http_addr(&self) -> Result<SocketAddr> {
-        let url = self.hello["dashboard"]
+        let url = self.0.hello["dashboard"]
             .as_str()
             .context("no dashboard URL in the first line")?;
         let hostport = url
@@ -70,13 +47,6 @@ impl NomoatProc {
             .trim_end_matches('/')
             .to_string();
         Ok(hostport.parse()?)
-    }
-}
-
-impl Drop for NomoatProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

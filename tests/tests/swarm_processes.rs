@@ -17,38 +17,29 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A SmolLM2 server of `blocks`, announcing every half second.
+fn smollm2_server(blocks: &str, bootstrap: Option<&str>) -> Result<Proc> {
+    let mut args = vec![
+        "--model",
+        "smollm2-135m",
+        "--blocks",
+        blocks,
+        "--heartbeat",
+        "0.5",
+    ];
+    if let Some(b) = bootstrap {
+        args.extend(["--bootstrap", b]);
+    }
+    serve(&args)
+}
+
 /// Starts the three servers (last first, the others bootstrapping from it)
 /// and waits until `nomoat status` shows every block covered.
 fn three_servers() -> Result<Vec<Proc>> {
-    let s3 = serve(&[
-        "--model",
-        "smollm2-135m",
-        "--blocks",
-        "20..30",
-        "--heartbeat",
-        "0.5",
-    ])?;
+    let s3 = smollm2_server("20..30", None)?;
     let boot = s3.addr();
-    let s2 = serve(&[
-        "--model",
-        "smollm2-135m",
-        "--blocks",
-        "10..20",
-        "--bootstrap",
-        &boot,
-        "--heartbeat",
-        "0.5",
-    ])?;
-    let s1 = serve(&[
-        "--model",
-        "smollm2-135m",
-        "--blocks",
-        "0..10",
-        "--bootstrap",
-        &boot,
-        "--heartbeat",
-        "0.5",
-    ])?;
+    let s2 = smollm2_server("10..20", Some(&boot))?;
+    let s1 = smollm2_server("0..10", Some(&boot))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new(nomoat_bin()?)
@@ -318,16 +309,7 @@ fn a_killed_middle_server_fails_over_to_a_spare_with_the_same_text() -> Result<(
     let _serial = serial();
     let mut servers = three_servers()?;
     let boot = servers[2].addr();
-    let spare = serve(&[
-        "--model",
-        "smollm2-135m",
-        "--blocks",
-        "10..20",
-        "--bootstrap",
-        &boot,
-        "--heartbeat",
-        "0.5",
-    ])?;
+    let spare = smollm2_server("10..20", Some(&boot))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while status(&boot)?["servers"].as_array().map_or(0, Vec::len) < 4 {
         assert!(Instant::now() < deadline, "the spare never announced");

@@ -218,6 +218,13 @@ fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
     })
 }
 
+/// The final streamed chunk when usage was asked for: no choices, the usage.
+fn usage_chunk(mut chunk: serde_json::Value, f: &Finish) -> serde_json::Value {
+    chunk["choices"] = serde_json::json!([]);
+    chunk["usage"] = usage(f);
+    chunk
+}
+
 fn usage(f: &Finish) -> serde_json::Value {
     serde_json::json!({
         "prompt_tokens": f.prompt_tokens,
@@ -342,12 +349,7 @@ async fn chat(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
         Ok(sse(rx, first, include_usage, move |ev| match ev {
             Piece::Text(t) => chunk(serde_json::json!({"content": t}), None),
             Piece::End(f) => chunk(serde_json::json!({}), Some(f.reason)),
-            Piece::Usage(f) => {
-                let mut c = chunk(serde_json::json!({}), None);
-                c["choices"] = serde_json::json!([]);
-                c["usage"] = usage(f);
-                c
-            }
+            Piece::Usage(f) => usage_chunk(chunk(serde_json::json!({}), None), f),
         }))
     } else {
         let (text, fin) = collect(rx).await?;
@@ -422,12 +424,7 @@ async fn complete(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
             move |ev| match ev {
                 Piece::Text(t) => chunk(t, None),
                 Piece::End(f) => chunk("", Some(f.reason)),
-                Piece::Usage(f) => {
-                    let mut c = chunk("", None);
-                    c["choices"] = serde_json::json!([]);
-                    c["usage"] = usage(f);
-                    c
-                }
+                Piece::Usage(f) => usage_chunk(chunk("", None), f),
             },
         ))
     } else {

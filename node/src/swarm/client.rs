@@ -532,23 +532,20 @@ impl SwarmError {
         }
     }
 
-    /// Whether another server might succeed where this one failed.
+    /// Whether another server might succeed where this one failed: every
+    /// transient failure, and a server that cannot run this model or range.
     fn replaceable(&self) -> bool {
-        match self {
-            SwarmError::HopFailed { .. } => true,
-            SwarmError::Hop { code, .. } => matches!(
-                code,
-                None | Some(
-                    ErrorCode::Internal
-                        | ErrorCode::Busy
-                        | ErrorCode::UnknownSession
-                        | ErrorCode::WrongBlocks
-                        | ErrorCode::WrongModel
-                        | ErrorCode::Unsupported
-                )
-            ),
-            _ => false,
-        }
+        self.transient()
+            || matches!(
+                self,
+                SwarmError::Hop {
+                    code: None
+                        | Some(
+                            ErrorCode::WrongBlocks | ErrorCode::WrongModel | ErrorCode::Unsupported
+                        ),
+                    ..
+                }
+            )
     }
 }
 

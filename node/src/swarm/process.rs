@@ -31,8 +31,20 @@ impl ServeProcess {
         env: &[(&str, &std::ffi::OsStr)],
         timeout: Duration,
     ) -> Result<Self> {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        Self::spawn_command(bin, &all, env, timeout)
+    }
+
+    /// Runs `BIN ARGS` (any command whose first stdout line is one JSON
+    /// object: `serve`, `gateway`) and waits (up to `timeout`) for that line.
+    pub fn spawn_command(
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        timeout: Duration,
+    ) -> Result<Self> {
         let mut child = Command::new(bin)
-            .arg("serve")
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -52,7 +64,7 @@ impl ServeProcess {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
                 bail!(
-                    "nomoat serve {args:?} printed no JSON line; stderr:\n{}",
+                    "nomoat {args:?} printed no JSON line; stderr:\n{}",
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
