@@ -293,18 +293,100 @@ fn synthetic(store: &ChunkStore, mib: u32) -> Result<(Hash, Manifest, Vec<u8>)> 
     Ok((id, manifest, all))
 }
 
+/// Busy CPU time of the whole machine (all cores, kernel threads included),
+/// from `/proc/stat`; `None` where that file does not exist.
+fn machine_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait.
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle) / 100.0)
+}
+
+/// UDP datagrams the machine's kernel dropped for want of socket buffer
+/// space (`RcvbufErrors` in `/proc/net/snmp`); each one is a loss that QUIC's
+/// congestion control answers by slowing down.
+fn udp_drops() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let i = names.iter().position(|n| *n == "RcvbufErrors")?;
+    values.get(i)?.parse().ok()
+}
+
+/// Wall time, machine CPU time and UDP drops of one measured phase.
+struct Phase {
+    t: Instant,
+    cpu: Option<f64>,
+    drops: Option<u64>,
+}
+
+/// What one phase measured.
+#[derive(Debug, Clone, Copy)]
+struct PhaseStats {
+    secs: f64,
+    /// Cores busy on average (NaN where unknown).
+    cores: f64,
+    /// UDP datagrams dropped (0 where unknown).
+    drops: u64,
+}
+
+impl Phase {
+    fn start() -> Self {
+        Self {
+            t: Instant::now(),
+            cpu: machine_cpu_secs(),
+            drops: udp_drops(),
+        }
+    }
+
+    fn end(&self) -> PhaseStats {
+        let secs = self.t.elapsed().as_secs_f64();
+        let cores = match (self.cpu, machine_cpu_secs()) {
+            (Some(a), Some(b)) => (b - a) / secs.max(1e-9),
+            _ => f64::NAN,
+        };
+        let drops = match (self.drops, udp_drops()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        PhaseStats { secs, cores, drops }
+    }
+}
+
 const RAW_PROTOCOL: &str = "/nomoat/bench-raw/1";
 
-async fn provider(store: &ChunkStore, shutdown: &CancellationToken) -> Result<NetHandle> {
-    let net = net::start(NetConfig::default()).await?;
-    net.wait_listening(1, Duration::from_secs(10)).await;
-    tokio::spawn(serve_weights(
-        net.clone(),
-        store.clone(),
-        Fault::None,
-        shutdown.clone(),
-    ));
-    Ok(net)
+/// A node of its own, as a `nomoat serve` process would be: its network
+/// runs on its own runtime with the one worker thread `serve` gives it.
+fn node_runtime(name: &str) -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+/// A provider serving `store`, on runtime `rt`.
+async fn provider(
+    rt: &tokio::runtime::Runtime,
+    store: &ChunkStore,
+    shutdown: &CancellationToken,
+) -> Result<NetHandle> {
+    let (store, shutdown) = (store.clone(), shutdown.clone());
+    rt.spawn(async move {
+        let net = net::start(NetConfig::default()).await?;
+        net.wait_listening(1, Duration::from_secs(10)).await;
+        tokio::spawn(serve_weights(net.clone(), store, Fault::None, shutdown));
+        Ok(net)
+    })
+    .await?
 }
 
 pub(crate) async fn bench_weights(args: BenchWeightsArgs) -> Result<()> {
@@ -315,14 +397,85 @@ pub(crate) async fn bench_weights(args: BenchWeightsArgs) -> Result<()> {
     result
 }
 
+/// What storing costs on this machine, per MiB, measured before the
+/// transfers: the work a fetch must do on top of what a raw stream does.
+#[derive(Debug, Clone, Copy)]
+struct StoreCosts {
+    /// BLAKE3 over the chunks, CPU time of one thread.
+    hash_ms: f64,
+    /// Writing the chunks durably (temporary file, fdatasync, rename), the
+    /// whole machine's CPU time (kernel writeback included), hashing excluded.
+    write_ms: f64,
+    /// Reading the chunks back from the store (the provider's side).
+    read_ms: f64,
+}
+
+/// Measures [`StoreCosts`] with the synthetic model's chunks in a scratch
+/// store under `root` (removed with `root` at the end).
+fn store_costs(
+    root: &std::path::Path,
+    source: &ChunkStore,
+    manifest: &Manifest,
+) -> Result<StoreCosts> {
+    let hashes: Vec<Hash> = manifest
+        .tensors
+        .iter()
+        .flat_map(|t| t.chunks.iter().copied())
+        .collect();
+    let chunks: Vec<Vec<u8>> = hashes
+        .iter()
+        .map(|h| source.get(h)?.context("a synthetic chunk is missing"))
+        .collect::<Result<_>>()?;
+    let mib = chunks.iter().map(Vec::len).sum::<usize>() as f64 / f64::from(1u32 << 20);
+    let cpu = || {
+        weights::background::thread_cpu_time()
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let t = cpu();
+    for c in &chunks {
+        std::hint::black_box(Hash::of(c));
+    }
+    let hash_ms = (cpu() - t) * 1e3 / mib;
+    let dir = root.join("scratch");
+    let scratch = ChunkStore::open(&dir)?;
+    let phase = Phase::start();
+    for (h, c) in hashes.iter().zip(&chunks) {
+        scratch.put(h, c)?;
+    }
+    let st = phase.end();
+    let write_ms = (st.cores * st.secs * 1e3 / mib - hash_ms).max(0.0);
+    let phase = Phase::start();
+    for h in &hashes {
+        std::hint::black_box(source.get(h)?);
+    }
+    let st = phase.end();
+    let read_ms = st.cores * st.secs * 1e3 / mib;
+    Ok(StoreCosts {
+        hash_ms,
+        write_ms,
+        read_ms,
+    })
+}
+
 async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let source = ChunkStore::open(&root.join("source"))?;
     eprintln!("writing a synthetic {} MiB model...", args.mib);
     let (id, manifest, raw_bytes) = synthetic(&source, args.mib)?;
     let total = raw_bytes.len() as f64;
-    let p1 = provider(&source, &shutdown).await?;
-    let p2 = provider(&source, &shutdown).await?;
+    let mib = total / f64::from(1u32 << 20);
+    eprintln!("measuring what hashing, writing and reading chunks cost here...");
+    let costs = {
+        let (root, source, manifest) = (root.to_path_buf(), source.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || store_costs(&root, &source, &manifest)).await??
+    };
+    let runtimes = [
+        node_runtime("nomoat-provider-1")?,
+        node_runtime("nomoat-provider-2")?,
+    ];
+    let p1 = provider(&runtimes[0], &source, &shutdown).await?;
+    let p2 = provider(&runtimes[1], &source, &shutdown).await?;
     // The raw baseline: provider 1 sends the same bytes on one stream.
     let mut raw_in = p1
         .control()
@@ -331,7 +484,7 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
     let raw_bytes = std::sync::Arc::new(raw_bytes);
     {
         let data = raw_bytes.clone();
-        tokio::spawn(async move {
+        runtimes[0].spawn(async move {
             while let Some((_, mut s)) = raw_in.next().await {
                 let mut go = [0u8; 1];
                 if s.read_exact(&mut go).await.is_ok() {
@@ -351,33 +504,45 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
         blocks: 0..manifest.num_blocks,
         head: false,
     };
-    let (mut raw, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut hash1, mut hash2) = (Vec::new(), Vec::new());
+    // Per round: raw, 1 provider, 2 providers.
+    let mut rounds: Vec<[Measured; 3]> = Vec::new();
     for round in 0..args.rounds.max(1) {
-        // Raw: one stream, no framing, no hashing, nothing stored.
-        let t = Instant::now();
-        let mut s = client
-            .control()
-            .open_stream(peers[0], StreamProtocol::new(RAW_PROTOCOL))
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        s.write_all(&[1]).await?;
-        s.flush().await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0usize;
-        loop {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
+        // Raw: one stream, no framing, no hashing, nothing stored; read by a
+        // task on the node's runtime, as the fetch's workers are.
+        let phase = Phase::start();
+        let mut control = client.control();
+        let provider = peers[0];
+        let got = tokio::spawn(async move {
+            let mut s = control
+                .open_stream(provider, StreamProtocol::new(RAW_PROTOCOL))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            s.write_all(&[1]).await?;
+            s.flush().await?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0usize;
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<_, anyhow::Error>(got);
+                }
+                got += n;
             }
-            got += n;
-        }
+        })
+        .await??;
         anyhow::ensure!(got == raw_bytes.len(), "raw stream ended early");
-        raw.push(total / t.elapsed().as_secs_f64() / 1e6);
-        for (k, rates, hashes) in [(1usize, &mut one, &mut hash1), (2, &mut two, &mut hash2)] {
+        let st = phase.end();
+        let raw = Measured {
+            mb_s: total / st.secs / 1e6,
+            hash_share: 0.0,
+            phase: st,
+        };
+        let mut fetched = Vec::new();
+        for k in [1usize, 2] {
             let dir = root.join(format!("fetch-{round}-{k}"));
             let store = ChunkStore::open(&dir)?;
             store.put_manifest(&manifest)?;
+            let phase = Phase::start();
             let r = fetch::fetch_chunks(
                 &client,
                 &store,
@@ -392,37 +557,53 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
                 },
             )
             .await?;
+            let st = phase.end();
             anyhow::ensure!(r.fetched == manifest.chunks_for(&need.blocks, false).len());
-            rates.push(r.bytes as f64 / r.secs / 1e6);
-            hashes.push(r.hash_secs / r.secs);
+            fetched.push(Measured {
+                mb_s: r.bytes as f64 / r.secs / 1e6,
+                hash_share: r.hash_secs / r.secs,
+                phase: st,
+            });
+            // Kept until the end, as a node keeps what it fetched (deleting
+            // files here would make the next round's file creation slower).
             drop(store);
         }
+        let m = [raw, fetched[0], fetched[1]];
         eprintln!(
-            "round {}: raw {:.0} MB/s, 1 provider {:.0} MB/s, 2 providers {:.0} MB/s",
+            "round {}: raw {}; 1 provider {}; 2 providers {}",
             round + 1,
-            raw[round],
-            one[round],
-            two[round]
+            m[0],
+            m[1],
+            m[2]
         );
+        rounds.push(m);
     }
-    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    let (raw_b, one_b, two_b) = (best(&raw), best(&one), best(&two));
-    let share = |h: &[f64], r: &[f64]| {
-        let i = r
+    // The best round of each kind.
+    let best = |k: usize| {
+        rounds
             .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i);
-        h.get(i).copied().unwrap_or(0.0)
+            .map(|r| r[k])
+            .max_by(|a, b| a.mb_s.total_cmp(&b.mb_s))
+            .expect("at least one round")
     };
-    let (h1, h2) = (share(&hash1, &one), share(&hash2, &two));
+    let (raw, one, two) = (best(0), best(1), best(2));
+    let raw_ms = raw.phase.cores * raw.phase.secs * 1e3 / mib;
+    let extra_ms = costs.hash_ms + costs.write_ms + costs.read_ms;
+    let ceiling = raw_ms / (raw_ms + extra_ms);
     println!(
-        "{} MiB over loopback QUIC: raw stream {raw_b:.1} MB/s; 1 provider {one_b:.1} MB/s ({:.2}x raw), hashing {:.1}% of fetch time; 2 providers {two_b:.1} MB/s ({:.2}x one provider), hashing {:.1}%",
+        "{} MiB over loopback QUIC: raw stream {:.1} MB/s; 1 provider {:.1} MB/s ({:.2}x raw), hashing {:.1}% of fetch time; 2 providers {:.1} MB/s ({:.2}x one provider), hashing {:.1}%",
         args.mib,
-        one_b / raw_b,
-        h1 * 100.0,
-        two_b / one_b,
-        h2 * 100.0
+        raw.mb_s,
+        one.mb_s,
+        one.mb_s / raw.mb_s,
+        one.hash_share * 100.0,
+        two.mb_s,
+        two.mb_s / one.mb_s,
+        two.hash_share * 100.0
+    );
+    println!(
+        "CPU per MiB here: raw stream {raw_ms:.2} ms (all cores), BLAKE3 {:.2} ms, durable write {:.2} ms, read {:.2} ms; with every core busy a fetch that hashes, writes and reads each byte reaches at most {ceiling:.2}x the raw rate",
+        costs.hash_ms, costs.write_ms, costs.read_ms
     );
     println!(
         "{}",
@@ -433,18 +614,49 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
             "rounds": args.rounds,
             "streams_per_peer": args.streams_per_peer,
             "batch": args.batch,
-            "raw_quic_mb_s": raw_b,
-            "one_provider_mb_s": one_b,
-            "two_providers_mb_s": two_b,
-            "one_vs_raw": one_b / raw_b,
-            "two_vs_one": two_b / one_b,
-            "hash_share_one": h1,
-            "hash_share_two": h2,
+            "raw_quic_mb_s": raw.mb_s,
+            "one_provider_mb_s": one.mb_s,
+            "two_providers_mb_s": two.mb_s,
+            "one_vs_raw": one.mb_s / raw.mb_s,
+            "two_vs_one": two.mb_s / one.mb_s,
+            "hash_share_one": one.hash_share,
+            "hash_share_two": two.hash_share,
+            "cores_busy": {"raw": raw.phase.cores, "one": one.phase.cores, "two": two.phase.cores},
+            "udp_drops": {"raw": raw.phase.drops, "one": one.phase.drops, "two": two.phase.drops},
+            "cpu_ms_per_mib": {
+                "raw_stream": raw_ms,
+                "blake3": costs.hash_ms,
+                "durable_write": costs.write_ms,
+                "read": costs.read_ms,
+            },
+            "cpu_bound_ceiling_vs_raw": ceiling,
         })
     );
     shutdown.cancel();
     client.shutdown().await;
     p1.shutdown().await;
     p2.shutdown().await;
+    for rt in runtimes {
+        rt.shutdown_background();
+    }
     Ok(())
+}
+
+/// One transfer's figures.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    mb_s: f64,
+    /// Hashing CPU time over the transfer's wall time.
+    hash_share: f64,
+    phase: PhaseStats,
+}
+
+impl std::fmt::Display for Measured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} MB/s ({:.2} cores busy, {} UDP drops)",
+            self.mb_s, self.phase.cores, self.phase.drops
+        )
+    }
 }

@@ -568,12 +568,8 @@ fn main() -> Result<()> {
             runtime()?.block_on(cmd_failover::bench_failover(args))
         }
         Command::Bench(BenchCommand::Weights(args)) => {
-            // Provider and fetcher tasks share this process: two workers.
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(cmd_weights::bench_weights(args))
+            // The fetching node's runtime; each provider gets one of its own.
+            runtime()?.block_on(cmd_weights::bench_weights(args))
         }
         Command::Bench(BenchCommand::Scheduler {
             blocks,

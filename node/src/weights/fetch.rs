@@ -132,7 +132,7 @@ pub struct FetchReport {
     pub bytes: u64,
     /// Wall time of the chunk transfer.
     pub secs: f64,
-    /// Time spent hashing received chunks.
+    /// CPU time spent hashing received chunks.
     pub hash_secs: f64,
     /// Chunks that failed their check (wrong hash or length).
     pub rejected: usize,
@@ -367,6 +367,8 @@ struct Shared {
     holds: HashMap<PeerId, Holds>,
     sched: Mutex<Sched>,
     wake: Notify,
+    /// Permits (one per KiB) for received chunks not yet stored.
+    unstored: Arc<tokio::sync::Semaphore>,
     store: ChunkStore,
     model_id: Hash,
     cfg: FetchConfig,
@@ -530,7 +532,8 @@ enum Batch {
 }
 
 /// Fetches one batch from `peer`. Received chunks are verified and written
-/// on blocking threads while the next ones arrive.
+/// on the low-priority store threads ([`super::background`]) while the next
+/// ones arrive.
 async fn fetch_batch(
     shared: &Arc<Shared>,
     net: &NetHandle,
@@ -565,7 +568,6 @@ async fn fetch_batch(
             return Batch::Refused(e.to_string());
         }
     };
-    let mut storing = Vec::with_capacity(batch.len());
     let mut banned = false;
     for (k, &i) in batch.iter().enumerate() {
         let want = shared.chunks[i];
@@ -582,9 +584,7 @@ async fn fetch_batch(
                 ))
             }
             Ok(WeightsResponse::Chunk { data, .. }) => {
-                let store = shared.store.clone();
-                let job = tokio::task::spawn_blocking(move || store.put_timed(&want.hash, &data));
-                storing.push((i, job));
+                store_chunk(shared, peer, i, data).await;
                 None
             }
             Ok(WeightsResponse::Error(e)) if e.code == Some(ErrorCode::NotFound) => {
@@ -620,13 +620,28 @@ async fn fetch_batch(
         }
     }
     ex.close().await;
-    let mut fatal = false;
-    for (i, job) in storing {
-        let want = shared.chunks[i];
-        let result = match job.await {
-            Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
+    if banned {
+        Batch::Stop
+    } else {
+        Batch::Done
+    }
+}
+
+/// Hands a received chunk to the store threads, which verify and write it
+/// while the worker goes on receiving (and asks for its next batch); the
+/// outcome is booked when they finish. Waits first while
+/// [`MAX_UNSTORED_BYTES`] of received chunks are still waiting for them.
+async fn store_chunk(shared: &Arc<Shared>, peer: PeerId, i: usize, data: Bytes) {
+    let want = shared.chunks[i];
+    let kib = (data.len() as u32).div_ceil(1024).max(1);
+    let Ok(permit) = shared.unstored.clone().acquire_many_owned(kib).await else {
+        unreachable!("the fetch never closes its own semaphore");
+    };
+    let store = shared.store.clone();
+    let job = super::background::spawn(move || store.put_timed(&want.hash, &data));
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let result = job.await;
         match result {
             Ok((_, hash_time)) => {
                 crate::metrics::global().chunks_verified.inc();
@@ -637,7 +652,7 @@ async fn fetch_batch(
                 shared.sched().report.rejected += 1;
                 let why = format!("chunk {} hashes to {got}: corrupt, dropped", want.hash);
                 shared.requeue(i, Some((&peer, why.clone())));
-                banned |= shared.penalise(&peer, &why);
+                shared.penalise(&peer, &why);
             }
             Err(e) => {
                 // Disk full or unwritable: nothing else will succeed.
@@ -646,16 +661,15 @@ async fn fetch_batch(
                 s.fatal.get_or_insert(e);
                 drop(s);
                 shared.wake.notify_waiters();
-                fatal = true;
             }
         }
-    }
-    if banned || fatal {
-        Batch::Stop
-    } else {
-        Batch::Done
-    }
+        drop(permit);
+    });
 }
+
+/// Most bytes of received chunks that may wait for the store threads; a
+/// worker that would exceed it waits before reading on.
+pub const MAX_UNSTORED_BYTES: usize = 128 << 20;
 
 /// What a node needs of a model: the blocks of its span (possibly none)
 /// and, for a client, the head.
@@ -773,6 +787,7 @@ pub async fn fetch_chunks(
             report: FetchReport::default(),
         }),
         wake: Notify::new(),
+        unstored: Arc::new(tokio::sync::Semaphore::new(MAX_UNSTORED_BYTES >> 10)),
         store: store.clone(),
         model_id: *id,
         cfg: cfg.clone(),
@@ -795,6 +810,9 @@ pub async fn fetch_chunks(
         }
     }
     while tasks.join_next().await.is_some() {}
+    // Chunks handed to the store threads are booked before the report.
+    let all = (MAX_UNSTORED_BYTES >> 10) as u32;
+    let _stored = shared.unstored.acquire_many(all).await;
     shared.bar.finish_and_clear();
     let last = {
         let mut s = shared.sched();

@@ -5,6 +5,7 @@
 //! * [`serve`]: answers `/nomoat/weights/1` from the store.
 //! * [`fetch`]: fetches a manifest and the chunks of a span from peers.
 
+pub mod background;
 pub mod fetch;
 pub mod import;
 pub mod serve;

@@ -16,6 +16,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::background::thread_cpu_time;
 use nomoat_protocol::{ChunkRef, Hash, Have, Manifest, MessageError, TensorRole};
 
 /// Why the weight store failed.
@@ -168,15 +169,19 @@ impl ChunkStore {
         self.put_timed(hash, data).map(|(new, _)| new)
     }
 
-    /// [`put`](Self::put), also returning the time spent hashing.
+    /// [`put`](Self::put), also returning the CPU time spent hashing.
     pub fn put_timed(
         &self,
         hash: &Hash,
         data: &[u8],
     ) -> Result<(bool, std::time::Duration), StoreError> {
-        let t = std::time::Instant::now();
+        let (t, cpu) = (std::time::Instant::now(), thread_cpu_time());
         let got = Hash::of(data);
-        let hashing = t.elapsed();
+        // CPU time, not wall time: a low-priority thread may be preempted.
+        let hashing = match (cpu, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => t.elapsed(),
+        };
         if got != *hash {
             return Err(StoreError::WrongHash {
                 expected: *hash,
