@@ -401,3 +401,80 @@ fn a_manifest_tampered_with_in_transit_is_rejected() -> Result<()> {
     assert_eq!(stored_chunks(homes[1].path()), 0);
     Ok(())
 }
+
+/// A disk that fills up mid-fetch: a real ENOSPC from a small tmpfs mounted
+/// as the fetching node's home, inside a user and mount namespace of its
+/// own (`unshare -Urm`, no privilege needed). The node stops with the
+/// disk-full error that says what to do, leaves no temporary file, and every
+/// chunk it did store re-verifies.
+#[test]
+fn a_full_disk_stops_the_fetch_with_a_clear_error_and_keeps_only_whole_chunks() -> Result<()> {
+    let _serial = serial();
+    let homes: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?;
+    let id = import_into(homes[0].path())?;
+    let provider = serve_in(homes[0].path(), &serve_args(&id, "0..30", &[]))?;
+    let addr = provider.addr();
+    // The manifest (1.8 MB) fits; the span's 90 MB of chunks do not.
+    let script = r#"mount -t tmpfs -o size=8m nomoat-full "$NOMOAT_HOME" || exit 90
+"$0" serve "$@"
+echo "serve-exit=$?"
+echo "temp-files=$(find "$NOMOAT_HOME/store" -name '.*' -type f | wc -l)"
+"$0" verify "$MODEL"
+echo "verify-exit=$?""#;
+    let mut args = vec!["-Urm", "sh", "-c", script];
+    let bin = nomoat_bin()?;
+    let bin = bin.to_str().context("binary path")?;
+    args.push(bin);
+    args.extend(serve_args(&id, "0..30", &[&addr]));
+    let mut child = Command::new("unshare")
+        .args(&args)
+        .env("NOMOAT_HOME", homes[1].path())
+        .env("MODEL", &id)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("unshare (util-linux) is needed to give the node a small disk")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            child.kill()?;
+            bail!("the node neither failed nor finished within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(90),
+        "could not mount a tmpfs in a new namespace: {stderr}"
+    );
+    assert!(
+        stdout.contains("serve-exit=1"),
+        "serve must fail: {stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("the disk is full while writing")
+            && stderr.contains("free some space, or set NOMOAT_HOME"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("the disk is full").count(),
+        1,
+        "said once: {stderr}"
+    );
+    assert!(stdout.contains("temp-files=0"), "{stdout}");
+    // Some chunks made it; all of them are whole.
+    let verified = stdout
+        .lines()
+        .find(|l| l.starts_with("model "))
+        .with_context(|| format!("no verify line: {stdout}{stderr}"))?;
+    assert!(verified.contains(" 0 corrupt"), "{verified}");
+    assert!(!verified.contains(" 0 verified"), "{verified}");
+    assert!(stdout.contains("verify-exit=0"), "{stdout}");
+    drop(provider);
+    Ok(())
+}

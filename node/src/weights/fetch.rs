@@ -113,7 +113,7 @@ pub enum FetchError {
         reason: String,
     },
     /// The store failed (disk full, not writable).
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
