@@ -138,6 +138,14 @@ struct GenerateArgs {
     /// Penalty for repeating recent tokens (1: none).
     #[arg(long, default_value_t = 1.0)]
     repeat_penalty: f32,
+    /// Subtracted once from the logit of every token already generated
+    /// (OpenAI's presence_penalty; 0: none).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated
+    /// (OpenAI's frequency_penalty; 0: none).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
     /// Random seed.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     seed: u64,
@@ -230,6 +238,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
             top_k: args.top_k,
             top_p: args.top_p,
             repetition_penalty: args.repeat_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
             seed: args.seed,
             ..SamplingParams::default()
         },

@@ -282,6 +282,13 @@ fn bad_requests_get_openai_errors_and_concurrent_requests_work() -> Result<()> {
     ] {
         openai_error(&post(addr, chat, &chat_body("hi", bad))?, 400)?;
     }
+    for param in ["presence_penalty", "frequency_penalty"] {
+        let e = openai_error(
+            &post(addr, chat, &chat_body("hi", json!({param: 2.5})))?,
+            400,
+        )?;
+        assert_eq!(e["param"], param);
+    }
     let e = openai_error(
         &post(
             addr,
@@ -315,6 +322,24 @@ fn bad_requests_get_openai_errors_and_concurrent_requests_work() -> Result<()> {
         "{v}"
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // A frequency penalty changes a greedy answer: every repeat costs more.
+    let completion = |extra: Value| -> Result<String> {
+        let mut body = json!({"model": MODEL, "prompt": "List the planets of the solar system:", "max_tokens": 24, "temperature": 0});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        let r = post(addr, "/v1/completions", &body.to_string())?;
+        assert_eq!(r.status, 200, "{}", r.text());
+        Ok(r.json()["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    };
+    let plain = completion(json!({}))?;
+    assert_eq!(plain, completion(json!({"frequency_penalty": 0}))?);
+    let penalised = completion(json!({"frequency_penalty": 2}))?;
+    assert_ne!(plain, penalised, "the penalty changed nothing: {plain:?}");
 
     // Four requests at once, each on its own session, all answered alike.
     let body = chat_body("What is the capital of France?", json!({}));

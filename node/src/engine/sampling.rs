@@ -15,6 +15,12 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many recent tokens the repetition penalty looks at.
     pub repetition_window: usize,
+    /// OpenAI's presence penalty: subtracted once from the logit of every
+    /// token this generation has already produced (`0` disables it).
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once per
+    /// time this generation has produced it (`0` disables it).
+    pub frequency_penalty: f32,
     /// Seed of the random generator: the same seed gives the same tokens.
     pub seed: u64,
 }
@@ -36,6 +42,8 @@ impl Default for SamplingParams {
             top_p: DEFAULT_TOP_P,
             repetition_penalty: 1.0,
             repetition_window: DEFAULT_REPETITION_WINDOW,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: DEFAULT_SEED,
         }
     }
@@ -56,13 +64,20 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each token has been sampled so far (the generation's own
+    /// tokens, which the presence and frequency penalties look at).
+    produced: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     /// A sampler with its own seeded generator.
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            produced: std::collections::HashMap::new(),
+        }
     }
 
     /// The parameters.
@@ -72,6 +87,12 @@ impl Sampler {
 
     /// Picks the next token; `history` feeds the repetition penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let t = self.choose(logits, history);
+        *self.produced.entry(t).or_default() += 1;
+        t
+    }
+
+    fn choose(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
         let mut logits = logits.to_vec();
         if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
@@ -86,6 +107,13 @@ impl Sampler {
                             *l * p.repetition_penalty
                         };
                     }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.produced {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
             }
         }
@@ -148,6 +176,32 @@ pub(crate) fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frequency_penalty_grows_with_each_repeat_and_presence_penalty_does_not() {
+        let logits = [2.0, 1.9, 0.0];
+        let run = |presence, frequency| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..SamplingParams::greedy()
+            });
+            (0..6).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(0.0, 0.0), [0; 6]);
+        // 0 once (2.0 - 0.15 < 1.9), then 1 once (1.9 - 0.15 = 1.75 < 1.85),
+        // then 0 for good: each is penalised once, however often it comes.
+        assert_eq!(run(0.15, 0.0), [0, 1, 0, 0, 0, 0]);
+        // Each repeat costs 0.06 more: the two tokens alternate in turn.
+        assert_eq!(run(0.0, 0.06), [0, 0, 1, 0, 1, 0]);
+        // A negative penalty favours what was already said.
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: -1.0,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&[1.0, 1.5], &[]), 1);
+        assert_eq!(s.sample(&[1.4, 0.6], &[]), 1);
+    }
 
     #[test]
     fn greedy_takes_argmax() {

@@ -73,6 +73,8 @@ struct Sampling {
     max_completion_tokens: Option<usize>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     stop: Option<Stop>,
     seed: Option<u64>,
     n: Option<u32>,
@@ -151,6 +153,15 @@ fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
             format!("top_p {top_p} is out of range: use a value in (0, 1]"),
         ));
     }
+    let penalty = |name: &'static str, v: Option<f32>| match v.unwrap_or(0.0) {
+        v if (-2.0..=2.0).contains(&v) => Ok(v),
+        v => Err(ApiError::invalid(
+            Some(name),
+            format!("{name} {v} is out of range: use -2 to 2"),
+        )),
+    };
+    let presence_penalty = penalty("presence_penalty", s.presence_penalty)?;
+    let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty)?;
     let stops = match &s.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],
@@ -210,6 +221,8 @@ fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
                 top_p,
                 repetition_penalty: 1.0,
                 repetition_window: DEFAULT_REPETITION_WINDOW,
+                presence_penalty,
+                frequency_penalty,
                 seed: s.seed.unwrap_or_else(rand::random),
             },
             stop_ids: gw.tokenizer().stop_ids().to_vec(),
