@@ -392,6 +392,60 @@ fn bad_requests_get_openai_errors_and_concurrent_requests_work() -> Result<()> {
     Ok(())
 }
 
+/// A gateway with one generation slot answers a request that arrives while
+/// the slot is busy with OpenAI's 429, and serves again once it is free.
+#[test]
+fn a_request_beyond_max_concurrent_gets_429_and_the_slot_frees() -> Result<()> {
+    let _serial = serial();
+    let gw = gateway(None, &["--max-concurrent", "1"])?;
+    let addr = gw.http_addr()?;
+    // A long completion holds the only slot.
+    let long = json!({"model": MODEL, "prompt": "Once upon a time, in a village by the sea,", "max_tokens": 300, "temperature": 0}).to_string();
+    let first = std::thread::spawn(move || post(addr, "/v1/completions", &long));
+    wait_for(
+        "the first request generating",
+        Duration::from_secs(30),
+        || {
+            let m = get(addr, "/metrics")?.text();
+            Ok(m.lines()
+                .any(|l| l == "nomoat_sessions_active 1")
+                .then_some(()))
+        },
+    )?;
+    let e = openai_error(
+        &post(addr, "/v1/chat/completions", &chat_body("hi", json!({})))?,
+        429,
+    )?;
+    assert_eq!(e["type"], "rate_limit_error");
+    assert_eq!(e["code"], "too_many_concurrent_requests");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--max-concurrent"),
+        "{e}"
+    );
+    let first = first
+        .join()
+        .map_err(|_| anyhow::anyhow!("the first request's thread panicked"))??;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(
+        first.json()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+            > 10,
+        "the first request was still generating when the second came"
+    );
+    // The slot is free again.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body("hi", json!({"max_tokens": 4})),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    Ok(())
+}
+
 #[test]
 fn a_coverage_gap_gets_503_naming_the_missing_blocks() -> Result<()> {
     let _serial = serial();
