@@ -535,6 +535,8 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
         let raw = Measured {
             mb_s: total / st.secs / 1e6,
             hash_share: 0.0,
+            tail_share: 0.0,
+            wait_secs: 0.0,
             phase: st,
         };
         let mut fetched = Vec::new();
@@ -562,6 +564,8 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
             fetched.push(Measured {
                 mb_s: r.bytes as f64 / r.secs / 1e6,
                 hash_share: r.hash_secs / r.secs,
+                tail_share: r.store_tail_secs / r.secs,
+                wait_secs: r.store_wait_secs,
                 phase: st,
             });
             // Kept until the end, as a node keeps what it fetched (deleting
@@ -602,6 +606,13 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
         two.hash_share * 100.0
     );
     println!(
+        "verifying and storing run beside the transfer: after the last chunk arrived the fetch waited {:.1}% (1 provider) and {:.1}% (2 providers) of its time for the store threads, and before that workers waited {:.0} and {:.0} ms for them",
+        one.tail_share * 100.0,
+        two.tail_share * 100.0,
+        one.wait_secs * 1e3,
+        two.wait_secs * 1e3
+    );
+    println!(
         "CPU per MiB here: raw stream {raw_ms:.2} ms (all cores), BLAKE3 {:.2} ms, durable write {:.2} ms, read {:.2} ms; with every core busy a fetch that hashes, writes and reads each byte reaches at most {ceiling:.2}x the raw rate",
         costs.hash_ms, costs.write_ms, costs.read_ms
     );
@@ -621,6 +632,8 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
             "two_vs_one": two.mb_s / one.mb_s,
             "hash_share_one": one.hash_share,
             "hash_share_two": two.hash_share,
+            "store_tail_share": {"one": one.tail_share, "two": two.tail_share},
+            "store_wait_secs": {"one": one.wait_secs, "two": two.wait_secs},
             "cores_busy": {"raw": raw.phase.cores, "one": one.phase.cores, "two": two.phase.cores},
             "udp_drops": {"raw": raw.phase.drops, "one": one.phase.drops, "two": two.phase.drops},
             "cpu_ms_per_mib": {
@@ -648,6 +661,11 @@ struct Measured {
     mb_s: f64,
     /// Hashing CPU time over the transfer's wall time.
     hash_share: f64,
+    /// The part of the transfer's wall time after the last chunk arrived
+    /// (the store threads finishing).
+    tail_share: f64,
+    /// Seconds workers waited for the store threads (summed).
+    wait_secs: f64,
     phase: PhaseStats,
 }
 

@@ -134,6 +134,12 @@ pub struct FetchReport {
     pub secs: f64,
     /// CPU time spent hashing received chunks.
     pub hash_secs: f64,
+    /// How long the fetch went on after the last chunk arrived, waiting for
+    /// the store threads to verify and write what they still held.
+    pub store_tail_secs: f64,
+    /// Time workers spent waiting because [`MAX_UNSTORED_BYTES`] of received
+    /// chunks were waiting for the store threads (summed over workers).
+    pub store_wait_secs: f64,
     /// Chunks that failed their check (wrong hash or length).
     pub rejected: usize,
     /// Chunks stored from each peer.
@@ -153,6 +159,8 @@ impl FetchReport {
             "bytes": self.bytes,
             "secs": self.secs,
             "hash_secs": self.hash_secs,
+            "store_tail_secs": self.store_tail_secs,
+            "store_wait_secs": self.store_wait_secs,
             "rejected": self.rejected,
             "per_peer": self.per_peer.iter().map(|(p, n)| (p.to_string(), (*n).into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "banned": self.banned.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
@@ -356,6 +364,8 @@ struct Sched {
     failed: usize,
     last_failure: String,
     fatal: Option<StoreError>,
+    /// When the latest chunk arrived.
+    last_received: Option<Instant>,
     report: FetchReport,
 }
 
@@ -634,9 +644,12 @@ async fn fetch_batch(
 async fn store_chunk(shared: &Arc<Shared>, peer: PeerId, i: usize, data: Bytes) {
     let want = shared.chunks[i];
     let kib = (data.len() as u32).div_ceil(1024).max(1);
+    let waiting = Instant::now();
+    shared.sched().last_received = Some(waiting);
     let Ok(permit) = shared.unstored.clone().acquire_many_owned(kib).await else {
         unreachable!("the fetch never closes its own semaphore");
     };
+    shared.sched().report.store_wait_secs += waiting.elapsed().as_secs_f64();
     let store = shared.store.clone();
     let job = super::background::spawn(move || store.put_timed(&want.hash, &data));
     let shared = shared.clone();
@@ -784,6 +797,7 @@ pub async fn fetch_chunks(
             failed: 0,
             last_failure: String::new(),
             fatal: None,
+            last_received: None,
             report: FetchReport::default(),
         }),
         wake: Notify::new(),
@@ -813,6 +827,10 @@ pub async fn fetch_chunks(
     // Chunks handed to the store threads are booked before the report.
     let all = (MAX_UNSTORED_BYTES >> 10) as u32;
     let _stored = shared.unstored.acquire_many(all).await;
+    let tail = shared
+        .sched()
+        .last_received
+        .map_or(0.0, |t| t.elapsed().as_secs_f64());
     shared.bar.finish_and_clear();
     let last = {
         let mut s = shared.sched();
@@ -824,6 +842,8 @@ pub async fn fetch_chunks(
         report.fetched = r.fetched;
         report.bytes = r.bytes;
         report.hash_secs = r.hash_secs;
+        report.store_tail_secs = tail;
+        report.store_wait_secs = r.store_wait_secs;
         report.rejected = r.rejected;
         report.secs = shared.started.elapsed().as_secs_f64();
         report.per_peer = s.per_peer.iter().map(|(p, n)| (*p, *n)).collect();
