@@ -361,6 +361,13 @@ impl Phase {
     }
 }
 
+impl PhaseStats {
+    /// Milliseconds of machine CPU per MiB when the phase moved `mib` MiB.
+    fn cpu_ms_per(&self, mib: f64) -> f64 {
+        self.cores * self.secs * 1e3 / mib
+    }
+}
+
 const RAW_PROTOCOL: &str = "/nomoat/bench-raw/1";
 
 /// A node of its own, as a `nomoat serve` process would be: its network
@@ -443,14 +450,12 @@ fn store_costs(
     for (h, c) in hashes.iter().zip(&chunks) {
         scratch.put(h, c)?;
     }
-    let st = phase.end();
-    let write_ms = (st.cores * st.secs * 1e3 / mib - hash_ms).max(0.0);
+    let write_ms = (phase.end().cpu_ms_per(mib) - hash_ms).max(0.0);
     let phase = Phase::start();
     for h in &hashes {
         std::hint::black_box(source.get(h)?);
     }
-    let st = phase.end();
-    let read_ms = st.cores * st.secs * 1e3 / mib;
+    let read_ms = phase.end().cpu_ms_per(mib);
     Ok(StoreCosts {
         hash_ms,
         write_ms,
@@ -591,7 +596,7 @@ async fn bench_in(root: &std::path::Path, args: &BenchWeightsArgs) -> Result<()>
             .expect("at least one round")
     };
     let (raw, one, two) = (best(0), best(1), best(2));
-    let raw_ms = raw.phase.cores * raw.phase.secs * 1e3 / mib;
+    let raw_ms = raw.phase.cpu_ms_per(mib);
     let extra_ms = costs.hash_ms + costs.write_ms + costs.read_ms;
     let ceiling = raw_ms / (raw_ms + extra_ms);
     println!(

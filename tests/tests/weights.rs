@@ -22,6 +22,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// `n` empty homes, one per node.
+fn homes(n: usize) -> Result<Vec<tempfile::TempDir>> {
+    Ok((0..n)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?)
+}
+
 fn smollm2() -> Result<PathBuf> {
     Ok(nomoat_node::catalog::resolve("smollm2-135m", false)?)
 }
@@ -208,9 +215,7 @@ fn tiny_models_from_the_store_compute_what_their_files_compute() -> Result<()> {
 #[test]
 fn four_nodes_share_weights_and_generate_the_local_text() -> Result<()> {
     let _serial = serial();
-    let homes: Vec<_> = (0..4)
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let homes = homes(4)?;
     let id = import_into(homes[0].path())?;
     let a = serve_in(homes[0].path(), &serve_args(&id, "0..10", &[]))?;
     let a_addr = a.addr();
@@ -262,9 +267,7 @@ fn four_nodes_share_weights_and_generate_the_local_text() -> Result<()> {
 #[test]
 fn a_peer_sending_flipped_bytes_is_banned_and_the_download_completes() -> Result<()> {
     let _serial = serial();
-    let homes: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let homes = homes(3)?;
     let id = import_into(homes[0].path())?;
     assert_eq!(import_into(homes[1].path())?, id);
     let honest = serve_in(homes[0].path(), &serve_args(&id, "0..10", &[]))?;
@@ -300,9 +303,7 @@ fn a_peer_sending_flipped_bytes_is_banned_and_the_download_completes() -> Result
 #[test]
 fn a_stalling_peer_is_banned_and_the_download_completes_elsewhere() -> Result<()> {
     let _serial = serial();
-    let homes: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let homes = homes(3)?;
     let id = import_into(homes[0].path())?;
     assert_eq!(import_into(homes[1].path())?, id);
     let honest = serve_in(homes[0].path(), &serve_args(&id, "0..10", &[]))?;
@@ -328,9 +329,7 @@ fn a_stalling_peer_is_banned_and_the_download_completes_elsewhere() -> Result<()
 #[test]
 fn an_interrupted_download_resumes_without_fetching_stored_chunks_again() -> Result<()> {
     let _serial = serial();
-    let homes: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let homes = homes(2)?;
     let id = import_into(homes[0].path())?;
     let a = serve_in(homes[0].path(), &serve_args(&id, "0..10", &[]))?;
     let a_addr = a.addr();
@@ -376,9 +375,7 @@ fn an_interrupted_download_resumes_without_fetching_stored_chunks_again() -> Res
 #[test]
 fn a_manifest_tampered_with_in_transit_is_rejected() -> Result<()> {
     let _serial = serial();
-    let homes: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let homes = homes(2)?;
     let id = import_into(homes[0].path())?;
     let mut args = serve_args(&id, "0..30", &[]);
     args.extend(["--fault", "tamper-manifest"]);
@@ -410,9 +407,7 @@ fn a_manifest_tampered_with_in_transit_is_rejected() -> Result<()> {
 #[test]
 fn a_full_disk_stops_the_fetch_with_a_clear_error_and_keeps_only_whole_chunks() -> Result<()> {
     let _serial = serial();
-    let homes: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir())
-        .collect::<Result<_, _>>()?;
+    let homes = homes(2)?;
     let id = import_into(homes[0].path())?;
     let provider = serve_in(homes[0].path(), &serve_args(&id, "0..30", &[]))?;
     let addr = provider.addr();

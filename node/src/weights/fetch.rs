@@ -644,12 +644,15 @@ async fn fetch_batch(
 async fn store_chunk(shared: &Arc<Shared>, peer: PeerId, i: usize, data: Bytes) {
     let want = shared.chunks[i];
     let kib = (data.len() as u32).div_ceil(1024).max(1);
-    let waiting = Instant::now();
-    shared.sched().last_received = Some(waiting);
+    let arrived = Instant::now();
     let Ok(permit) = shared.unstored.clone().acquire_many_owned(kib).await else {
         unreachable!("the fetch never closes its own semaphore");
     };
-    shared.sched().report.store_wait_secs += waiting.elapsed().as_secs_f64();
+    {
+        let mut s = shared.sched();
+        s.last_received = s.last_received.max(Some(arrived));
+        s.report.store_wait_secs += arrived.elapsed().as_secs_f64();
+    }
     let store = shared.store.clone();
     let job = super::background::spawn(move || store.put_timed(&want.hash, &data));
     let shared = shared.clone();
@@ -683,6 +686,9 @@ async fn store_chunk(shared: &Arc<Shared>, peer: PeerId, i: usize, data: Bytes) 
 /// Most bytes of received chunks that may wait for the store threads; a
 /// worker that would exceed it waits before reading on.
 pub const MAX_UNSTORED_BYTES: usize = 128 << 20;
+
+/// [`MAX_UNSTORED_BYTES`] as semaphore permits of one KiB.
+const UNSTORED_PERMITS: u32 = (MAX_UNSTORED_BYTES >> 10) as u32;
 
 /// What a node needs of a model: the blocks of its span (possibly none)
 /// and, for a client, the head.
@@ -801,7 +807,7 @@ pub async fn fetch_chunks(
             report: FetchReport::default(),
         }),
         wake: Notify::new(),
-        unstored: Arc::new(tokio::sync::Semaphore::new(MAX_UNSTORED_BYTES >> 10)),
+        unstored: Arc::new(tokio::sync::Semaphore::new(UNSTORED_PERMITS as usize)),
         store: store.clone(),
         model_id: *id,
         cfg: cfg.clone(),
@@ -825,8 +831,7 @@ pub async fn fetch_chunks(
     }
     while tasks.join_next().await.is_some() {}
     // Chunks handed to the store threads are booked before the report.
-    let all = (MAX_UNSTORED_BYTES >> 10) as u32;
-    let _stored = shared.unstored.acquire_many(all).await;
+    let _stored = shared.unstored.acquire_many(UNSTORED_PERMITS).await;
     let tail = shared
         .sched()
         .last_received
