@@ -1,4 +1,9 @@
-//! Compiles `proto/nomoat/v1/*.proto` with protox (no system protoc).
+//! Compiles `proto/nomoat/v1/*.proto` with protox (no system protoc), and
+//! writes the field numbers of every message to `OUT_DIR/field_numbers.txt`
+//! (one `Message.field number` a line), against which the crate's named
+//! field numbers are tested.
+
+use std::fmt::Write as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
@@ -11,6 +16,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let fds = protox::compile(files, [&root])?;
+    let mut numbers = String::new();
+    for file in &fds.file {
+        for message in &file.message_type {
+            for field in &message.field {
+                writeln!(
+                    numbers,
+                    "{}.{} {}",
+                    message.name(),
+                    field.name(),
+                    field.number()
+                )?;
+            }
+        }
+    }
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("field_numbers.txt"), numbers)?;
     prost_build::Config::new()
         // Hidden states are sliced out of the received buffer, not copied.
         .bytes([

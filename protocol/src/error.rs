@@ -1,4 +1,4 @@
-//! Tensor frame errors, and the wire's error codes they map to.
+//! Tensor frame and message errors, and the wire's error codes they map to.
 
 use crate::{DType, MAX_TENSOR_RANK};
 
@@ -42,6 +42,49 @@ pub enum TensorError {
     /// The frame's shape `got` does not match `expected`, where `?` matches any dimension.
     #[error("expected shape {expected}, got {got:?}")]
     ShapeMismatch { expected: String, got: Vec<usize> },
+}
+
+/// Why a message could not be decoded or is not valid.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// The bytes are not a protobuf message of the expected type.
+    #[error("malformed message: {0}")]
+    Decode(String),
+    /// The message is longer than [`MAX_MESSAGE_BYTES`](crate::MAX_MESSAGE_BYTES),
+    /// or a part of it longer than the limit of that part.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Declared or actual length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The envelope carries no message.
+    #[error("empty frame")]
+    Empty,
+    /// A field is missing or out of range.
+    #[error("invalid field `{field}`: {reason}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor inside the message is invalid.
+    #[error("tensor: {0}")]
+    Tensor(#[from] TensorError),
+    /// Content does not hash to the name it was asked for by (a manifest
+    /// and its model id, a chunk and its hash): corrupt or forged in transit.
+    #[error("{what} hashes to {got}, not to the {expected} it was asked for: corrupt or forged; fetch it from another peer")]
+    WrongHash {
+        /// What was checked.
+        what: &'static str,
+        /// The hash asked for (hex).
+        expected: String,
+        /// The hash of what arrived (hex).
+        got: String,
+    },
 }
 
 /// The wire's one error namespace, sent as a `u16` in every nomoat error reply.
@@ -123,6 +166,19 @@ impl From<&TensorError> for ErrorCode {
             | TensorError::ZeroDim { .. }
             | TensorError::ShapeMismatch { .. } => Self::BadShape,
             TensorError::TooLarge { .. } => Self::TooLarge,
+        }
+    }
+}
+
+/// The one mapping from message errors to wire codes: an oversized message
+/// is [`ErrorCode::TooLarge`], a bad tensor maps by its kind, anything else is
+/// [`ErrorCode::Malformed`].
+impl From<&MessageError> for ErrorCode {
+    fn from(e: &MessageError) -> Self {
+        match e {
+            MessageError::TooLarge { .. } => ErrorCode::TooLarge,
+            MessageError::Tensor(t) => ErrorCode::from(t),
+            _ => ErrorCode::Malformed,
         }
     }
 }

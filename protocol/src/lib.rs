@@ -503,25 +503,38 @@
 //!   dtypes; no streaming of a single frame (a frame is at most [`MAX_TENSOR_BYTES`]
 //!   and is decoded from one contiguous buffer).
 
+mod blocks;
+mod codec;
 mod error;
-mod messages;
+mod ids;
+mod infer;
+mod info;
+mod manifest;
+mod pb;
 mod tensor;
 mod weights;
 
-pub use error::{ErrorCode, TensorError};
-pub use messages::{
-    check_message_len, decode_info_request, decode_info_response, encode_info_request,
-    encode_info_response, Blocks, ErrorFrame, Hop, InferMessage, MessageError, OpenSession,
-    Reachability, Reroute, ServerInfo, SessionId, Step, INFER_PROTOCOL, INFO_PROTOCOL, MAX_ADDRS,
-    MAX_CONTROL_BYTES, MAX_INFO_BYTES, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS,
-    MAX_TEXT_BYTES, SESSION_ID_LEN,
+pub use blocks::{BlockRange, RangeError};
+pub use codec::{
+    check_message_len, chunk_frame_header, MAX_CONTROL_BYTES, MAX_MESSAGE_BYTES, MAX_TEXT_BYTES,
+};
+pub use error::{ErrorCode, MessageError, TensorError};
+pub use ids::{Hash, Hop, SessionId, HASH_LEN, SESSION_ID_LEN};
+pub use infer::{
+    ErrorFrame, InferMessage, OpenSession, Reroute, Step, INFER_PROTOCOL, MAX_ROUTE_HOPS,
+};
+pub use info::{
+    decode_info_request, decode_info_response, encode_info_request, encode_info_response,
+    Reachability, ServerInfo, INFO_PROTOCOL, MAX_ADDRS, MAX_INFO_BYTES, MAX_INFO_SERVERS,
+};
+pub use manifest::{
+    ChunkRef, Manifest, ModelFormat, TensorEntry, TensorRole, CHUNK_SIZE, MANIFEST_VERSION,
+    MAX_CHUNK_BYTES, MAX_MANIFEST_BLOCKS, MAX_MANIFEST_BYTES, MAX_MANIFEST_DIMS,
+    MAX_MANIFEST_TENSORS, MIN_CHUNK_BYTES,
 };
 pub use tensor::{DType, TensorFrame};
 pub use weights::{
-    chunk_frame_header, ChunkRef, Hash, Have, Manifest, ModelFormat, TensorEntry, TensorRole,
-    WeightsRequest, WeightsResponse, CHUNK_SIZE, HASH_LEN, MANIFEST_VERSION,
-    MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BYTES, MAX_MANIFEST_BLOCKS, MAX_MANIFEST_BYTES,
-    MAX_MANIFEST_DIMS, MAX_MANIFEST_TENSORS, MIN_CHUNK_BYTES, WEIGHTS_PROTOCOL,
+    Have, WeightsRequest, WeightsResponse, MAX_CHUNKS_PER_REQUEST, WEIGHTS_PROTOCOL,
 };
 
 /// Largest data section of one tensor frame, in bytes (64 MiB).

@@ -214,11 +214,6 @@ impl TensorFrame {
         &self.data
     }
 
-    /// The element bytes as a shared buffer (no copy).
-    pub fn data_bytes(&self) -> &Bytes {
-        &self.data
-    }
-
     /// Rows `start..start + len` of the outermost axis, sharing this frame's
     /// buffer (no copy); `None` when the frame is a scalar, `len` is zero or
     /// the rows are out of range.

@@ -7,9 +7,10 @@
 
 use nomoat_protocol::{
     check_message_len, decode_info_request, decode_info_response, encode_info_request,
-    encode_info_response, Blocks, DType, ErrorCode, ErrorFrame, Hop, InferMessage, MessageError,
-    OpenSession, Reachability, Reroute, ServerInfo, SessionId, Step, TensorError, TensorFrame,
-    MAX_ADDRS, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS, MAX_TEXT_BYTES, SESSION_ID_LEN,
+    encode_info_response, BlockRange, DType, ErrorCode, ErrorFrame, Hop, InferMessage,
+    MessageError, OpenSession, Reachability, Reroute, ServerInfo, SessionId, Step, TensorError,
+    TensorFrame, MAX_ADDRS, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS, MAX_TEXT_BYTES,
+    SESSION_ID_LEN,
 };
 use proptest::prelude::*;
 
@@ -163,11 +164,11 @@ fn golden_open() -> (InferMessage, Vec<u8>) {
         route: vec![
             Hop {
                 peer_id: vec![0xaa],
-                blocks: Blocks { start: 0, end: 2 },
+                blocks: BlockRange { start: 0, end: 2 },
             },
             Hop {
                 peer_id: vec![0xbb],
-                blocks: Blocks { start: 2, end: 4 },
+                blocks: BlockRange { start: 2, end: 4 },
             },
         ],
         hop_index: 1,
@@ -326,7 +327,7 @@ fn golden_server_info() -> (ServerInfo, Vec<u8>) {
     let info = ServerInfo {
         peer_id: vec![0xaa],
         model_id: "m".to_owned(),
-        blocks: Blocks { start: 2, end: 4 },
+        blocks: BlockRange { start: 2, end: 4 },
         num_blocks: 4,
         hidden_size: 8,
         throughput: 1.5,
@@ -562,7 +563,7 @@ fn open_session_limits_are_inclusive() {
     assert_eq!(open.route.len(), MAX_ROUTE_HOPS);
     assert_eq!(
         open.hop().blocks,
-        Blocks {
+        BlockRange {
             start: 126,
             end: 128
         }
@@ -584,7 +585,10 @@ fn open_session_limits_are_inclusive() {
     assert_eq!(open.model_id.len(), MAX_TEXT_BYTES);
     assert_eq!(open.hop_index, 0);
     assert_eq!(open.hop().peer_id, [1; 128]);
-    assert_eq!(open.next_hop().unwrap().blocks, Blocks { start: 2, end: 3 });
+    assert_eq!(
+        open.next_hop().unwrap().blocks,
+        BlockRange { start: 2, end: 3 }
+    );
 }
 
 #[test]
@@ -815,7 +819,7 @@ fn server_info_rules() {
         .f32(7, 0.0);
     let info = ServerInfo::decode(&edge.build()).unwrap();
     assert_eq!(info.addrs.len(), MAX_ADDRS);
-    assert_eq!(info.blocks, Blocks { start: 0, end: 4 });
+    assert_eq!(info.blocks, BlockRange { start: 0, end: 4 });
     assert_eq!(info.reachability, Reachability::Unknown);
 }
 
@@ -868,7 +872,7 @@ fn route() -> impl Strategy<Value = Vec<Hop>> {
     (0u32..1000, prop::collection::vec(hop, 1..=MAX_ROUTE_HOPS)).prop_map(|(mut start, hops)| {
         hops.into_iter()
             .map(|(peer_id, len)| {
-                let blocks = Blocks {
+                let blocks = BlockRange {
                     start,
                     end: start + len,
                 };
@@ -998,7 +1002,7 @@ fn server_info() -> impl Strategy<Value = ServerInfo> {
             )| ServerInfo {
                 peer_id,
                 model_id,
-                blocks: Blocks {
+                blocks: BlockRange {
                     start,
                     end: start + len,
                 },
