@@ -236,10 +236,10 @@
 //! Any peer may ask another which servers it knows. The asker opens a stream and sends
 //! one `InfoRequest` ([`encode_info_request`]) naming a model id, or empty for every
 //! model. The answerer sends one `InfoResponse` ([`encode_info_response`]): every live
-//! [`ServerInfo`] it knows for that model, at most [`MAX_INFO_SERVERS`], its own
-//! included when it is a server. Then the stream closes. Both messages are framed as
-//! above, and [`decode_info_response`] rejects the whole answer if any entry is
-//! invalid.
+//! [`ServerInfo`] it knows for that model, at most [`MAX_INFO_SERVERS`] in at most
+//! [`MAX_INFO_BYTES`], its own included when it is a server. Then the stream
+//! closes. Both messages are framed as above, and [`decode_info_response`] rejects
+//! the whole answer if any entry is invalid.
 //!
 //! # Weight sharing, `/nomoat/weights/1`
 //!
@@ -354,7 +354,7 @@
 //! hints: routing trusts its own measurements over them.
 //!
 //! [`ServerInfo::decode`] accepts a heartbeat only if it is at most
-//! [`MAX_MESSAGE_BYTES`] long, its peer id is 1 to 128 bytes, its block range is
+//! [`MAX_CONTROL_BYTES`] long, its peer id is 1 to 128 bytes, its block range is
 //! non-empty and ends at or before `num_blocks`, throughput and load are finite and
 //! not negative, it has at most [`MAX_ADDRS`] addresses, and every text and address
 //! is at most [`MAX_TEXT_BYTES`] bytes. An unknown reachability reads as
@@ -454,21 +454,28 @@
 //!
 //! Every read is bounded before anything is allocated.
 //!
-//! | limit                 | value           | bounds                                         |
-//! |-----------------------|-----------------|------------------------------------------------|
-//! | [`MAX_MESSAGE_BYTES`] | 64 MiB + 64 KiB | one message body, length prefix excluded       |
-//! | [`MAX_TENSOR_BYTES`]  | 64 MiB          | the data of one tensor frame                   |
-//! | [`MAX_TENSOR_RANK`]   | 4               | the axes of one tensor frame                   |
-//! | [`MAX_ROUTE_HOPS`]    | 64              | the hops of one route                          |
-//! | [`MAX_INFO_SERVERS`]  | 4096            | the entries of one information answer          |
-//! | [`MAX_ADDRS`]         | 32              | the addresses of one `ServerInfo`              |
-//! | [`MAX_TEXT_BYTES`]    | 4096            | a model id, error message, version or address  |
-//! | [`SESSION_ID_LEN`]    | 16              | a session id, exactly                          |
-//! | [`MAX_MANIFEST_BYTES`] | 32 MiB         | a manifest's canonical bytes                   |
-//! | [`MAX_MANIFEST_TENSORS`] | 65,536       | the tensors of one manifest                    |
-//! | [`MAX_CHUNK_BYTES`]   | 4 MiB           | a manifest's chunk size, and so one chunk      |
-//! | [`MAX_CHUNKS_PER_REQUEST`] | 64         | the hashes of one `GetChunks`                  |
-//! | peer id               | 1 to 128 bytes  | a peer id in a route or a `ServerInfo`         |
+//! | limit                      | value           | bounds                                             |
+//! |----------------------------|-----------------|----------------------------------------------------|
+//! | [`MAX_MESSAGE_BYTES`]      | 64 MiB + 64 KiB | one message body, length prefix excluded           |
+//! | [`MAX_CONTROL_BYTES`]      | 256 KiB         | a message without hidden states, chunk or manifest |
+//! | [`MAX_TENSOR_BYTES`]       | 64 MiB          | the data of one tensor frame                       |
+//! | [`MAX_TENSOR_RANK`]        | 4               | the axes of one tensor frame                       |
+//! | [`MAX_ROUTE_HOPS`]         | 64              | the hops of one route                              |
+//! | [`MAX_INFO_BYTES`]         | 4 MiB           | one information answer                             |
+//! | [`MAX_INFO_SERVERS`]       | 1,024           | the entries of one information answer              |
+//! | [`MAX_ADDRS`]              | 32              | the addresses of one `ServerInfo`                  |
+//! | [`MAX_TEXT_BYTES`]         | 4,096           | a model id, error message, version or address      |
+//! | [`SESSION_ID_LEN`]         | 16              | a session id, exactly                              |
+//! | [`MAX_MANIFEST_BYTES`]     | 32 MiB          | a manifest's canonical bytes                       |
+//! | [`MAX_MANIFEST_TENSORS`]   | 65,536          | the tensors of one manifest                        |
+//! | [`MAX_MANIFEST_BLOCKS`]    | 65,536          | the blocks of one manifest, and of one `Have`      |
+//! | [`MAX_MANIFEST_DIMS`]      | 8               | the axes of a tensor in a manifest                 |
+//! | [`MIN_CHUNK_BYTES`]        | 4 KiB           | a manifest's chunk size, at least                  |
+//! | [`MAX_CHUNK_BYTES`]        | 4 MiB           | a manifest's chunk size, and so one chunk          |
+//! | [`MAX_CHUNKS_PER_REQUEST`] | 64              | the hashes of one `GetChunks`                      |
+//! | peer id                    | 1 to 128 bytes  | a peer id in a route or a `ServerInfo`             |
+//!
+//! The numbers in this table are checked against the constants by a test.
 //!
 //! A receiver may read at most `8 + 4 * MAX_TENSOR_RANK + MAX_TENSOR_BYTES` bytes for
 //! one tensor frame; [`MAX_MESSAGE_BYTES`] leaves room for one frame and its envelope.
@@ -548,3 +555,127 @@ pub const TENSOR_HEADER_MAGIC: [u8; 2] = *b"NT";
 
 /// Version of the tensor frame layout described in the crate docs.
 pub const TENSOR_FRAME_VERSION: u8 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The crate's sources, where the limits are documented and defined.
+    const SOURCES: [&str; 8] = [
+        include_str!("lib.rs"),
+        include_str!("codec.rs"),
+        include_str!("ids.rs"),
+        include_str!("infer.rs"),
+        include_str!("info.rs"),
+        include_str!("manifest.rs"),
+        include_str!("weights.rs"),
+        include_str!("tensor.rs"),
+    ];
+
+    /// The value of the limit a table row names.
+    fn limit(name: &str) -> Option<usize> {
+        Some(match name {
+            "MAX_MESSAGE_BYTES" => MAX_MESSAGE_BYTES,
+            "MAX_CONTROL_BYTES" => MAX_CONTROL_BYTES,
+            "MAX_TENSOR_BYTES" => MAX_TENSOR_BYTES,
+            "MAX_TENSOR_RANK" => MAX_TENSOR_RANK,
+            "MAX_ROUTE_HOPS" => MAX_ROUTE_HOPS,
+            "MAX_INFO_BYTES" => MAX_INFO_BYTES,
+            "MAX_INFO_SERVERS" => MAX_INFO_SERVERS,
+            "MAX_ADDRS" => MAX_ADDRS,
+            "MAX_TEXT_BYTES" => MAX_TEXT_BYTES,
+            "SESSION_ID_LEN" => SESSION_ID_LEN,
+            "MAX_MANIFEST_BYTES" => MAX_MANIFEST_BYTES,
+            "MAX_MANIFEST_TENSORS" => MAX_MANIFEST_TENSORS,
+            "MAX_MANIFEST_BLOCKS" => MAX_MANIFEST_BLOCKS as usize,
+            "MAX_MANIFEST_DIMS" => MAX_MANIFEST_DIMS,
+            "MIN_CHUNK_BYTES" => MIN_CHUNK_BYTES as usize,
+            "MAX_CHUNK_BYTES" => MAX_CHUNK_BYTES as usize,
+            "MAX_CHUNKS_PER_REQUEST" => MAX_CHUNKS_PER_REQUEST,
+            _ => return None,
+        })
+    }
+
+    /// A value as the table writes it: `65,536`, `4 MiB`, `64 MiB + 64 KiB`.
+    fn value(text: &str) -> usize {
+        text.split(" + ")
+            .map(|term| {
+                let (number, unit) = term.split_once(' ').unwrap_or((term, ""));
+                let number: usize = number.replace(',', "").parse().expect(term);
+                number
+                    * match unit {
+                        "" => 1,
+                        "KiB" => 1 << 10,
+                        "MiB" => 1 << 20,
+                        other => panic!("unit {other:?} in {text:?}"),
+                    }
+            })
+            .sum()
+    }
+
+    /// The rows of the limits table in the crate docs: first and second cell.
+    fn table() -> Vec<(String, String)> {
+        let docs = SOURCES[0]
+            .split("//! # Limits")
+            .nth(1)
+            .expect("a Limits section");
+        docs.lines()
+            .skip(1) // the rest of the heading's line
+            .take_while(|l| l.starts_with("//!"))
+            .filter_map(|l| l.strip_prefix("//! |"))
+            .skip(2) // the header and the rule
+            .map(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                (cells[0].to_owned(), cells[1].to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_limits_table_gives_each_constant_its_value() {
+        let rows = table();
+        assert!(rows.len() > 10, "{rows:?}");
+        for (name, text) in &rows {
+            if name == "peer id" {
+                let max = text
+                    .strip_prefix("1 to ")
+                    .and_then(|t| t.strip_suffix(" bytes"));
+                assert_eq!(
+                    max.map(value),
+                    Some(ids::MAX_PEER_ID_BYTES),
+                    "peer id: {text}"
+                );
+                continue;
+            }
+            let name = name
+                .strip_prefix("[`")
+                .and_then(|n| n.strip_suffix("`]"))
+                .unwrap_or_else(|| panic!("row {name:?} names no constant"));
+            let expected = limit(name).unwrap_or_else(|| panic!("{name} is not a known limit"));
+            assert_eq!(
+                value(text),
+                expected,
+                "{name} is {expected}, the table says {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_limits_table_lists_every_limit() {
+        let listed: Vec<String> = table().into_iter().map(|(name, _)| name).collect();
+        for source in SOURCES {
+            for line in source.lines() {
+                let Some(rest) = line.strip_prefix("pub const ") else {
+                    continue;
+                };
+                let name = rest.split(':').next().unwrap_or_default();
+                if name.starts_with("MAX_") || name.starts_with("MIN_") {
+                    assert!(
+                        listed.contains(&format!("[`{name}`]")),
+                        "{name} is missing from the limits table"
+                    );
+                }
+            }
+        }
+    }
+}
