@@ -1039,6 +1039,14 @@ proptest! {
     }
 
     #[test]
+    fn a_message_is_named_by_its_variant(msg in infer_message()) {
+        // `Step(Step { .. })`, `Result { .. }`: the variant's name comes first.
+        let debug = format!("{msg:?}");
+        let variant = debug.split(['(', ' ']).next().unwrap();
+        prop_assert_eq!(msg.name(), variant);
+    }
+
+    #[test]
     fn server_info_round_trips(info in server_info()) {
         prop_assert_eq!(ServerInfo::decode(&info.encode()).unwrap(), info);
     }
