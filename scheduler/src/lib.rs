@@ -55,11 +55,11 @@ mod route;
 pub use backoff::{Backoff, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
 pub use chunks::{ChunkQueue, Penalty, Requeued, Take};
 pub use coverage::{all_splits, chain, coverage_gaps, even_splits};
-pub use nomoat_protocol::{BlockRange, RangeError};
 pub use estimate::{
     candidates, fill_with_median, median, median_or, ServerEstimate, OWN_SESSION_LOAD,
     ROUTE_JITTER, UNKNOWN_BLOCKS_PER_S, UNKNOWN_RTT,
 };
+pub use nomoat_protocol::{BlockRange, RangeError};
 pub use placement::{block_throughput, choose_span, should_move, Placed, DEFAULT_MOVE_MARGIN};
 pub use plan::{chain_route, join_ranges, plan_servers, plan_servers_within, route_or_gaps};
 pub use route::{plan_route, route_cost, Candidate, Route, RouteHop, NO_KV_PENALTY_S};

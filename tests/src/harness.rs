@@ -1,34 +1,32 @@
 //! Swarm harness: servers in this process on 127.0.0.1 QUIC, and real
 //! `nomoat` processes started and killed by tests.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use libp2p::Multiaddr;
-use nomoat_node::engine::{ModelFile, Span, WeightMode};
-use nomoat_node::swarm::executor::{Executor, ExecutorConfig};
-use nomoat_node::swarm::net::{self, NetConfig, NetHandle};
-use nomoat_node::swarm::server::{run_server, ServerConfig};
-use nomoat_protocol::ServerInfo;
-use tokio_util::sync::CancellationToken;
+use nomoat_node::engine::ModelFile;
+use nomoat_node::net::{self, NetConfig, NetHandle};
+use nomoat_node::node::{BlockChoice, Node, NodeConfig};
+use nomoat_node::server::executor::{Executor, ExecutorConfig};
+use nomoat_protocol::{BlockRange, ServerInfo};
 
-/// A server running in this process.
+/// A server running in this process, assembled by [`Node::start`] as
+/// `nomoat serve` assembles one.
 #[derive(Debug)]
 pub struct TestServer {
     /// Its network handle.
     pub net: NetHandle,
     /// Its executor.
     pub exec: Executor,
-    /// Cancels its server task.
-    pub shutdown: CancellationToken,
     /// Its first listen address, with `/p2p/PEER_ID`.
     pub addr: Multiaddr,
+    node: Node,
 }
 
 impl TestServer {
-    /// Starts a server of blocks `[start, end)` on 127.0.0.1 QUIC.
+    /// Starts a server of blocks `[start, end)` of `file` on 127.0.0.1 QUIC,
+    /// serving under `model_id`, with no weight store.
     pub async fn start(
         file: &ModelFile,
         model_id: &str,
@@ -37,42 +35,30 @@ impl TestServer {
         exec_cfg: ExecutorConfig,
         bootstrap: Vec<Multiaddr>,
     ) -> Result<Self> {
-        let span = Arc::new(Span::load(file, start, end, WeightMode::Fast)?);
-        let exec = Executor::start(span, exec_cfg)?;
-        let net = net::start(NetConfig {
-            bootstrap,
-            heartbeat: Duration::from_millis(500),
-            ..NetConfig::default()
-        })
-        .await?;
-        let addr = net
-            .wait_listening(1, Duration::from_secs(10))
-            .await
-            .into_iter()
-            .next()
-            .context("server not listening")?;
-        let shutdown = CancellationToken::new();
-        tokio::spawn(run_server(
-            net.clone(),
-            exec.clone(),
-            ServerConfig {
-                model_id: model_id.to_string(),
+        let blocks = BlockRange::new(start as u32, end as u32)?;
+        let cfg = NodeConfig {
+            model_id: Some(model_id.to_string()),
+            net: NetConfig {
+                bootstrap,
+                heartbeat: Duration::from_millis(500),
+                ..NetConfig::default()
             },
-            shutdown.clone(),
-        ));
+            store: None,
+            executor: exec_cfg,
+            ..NodeConfig::new(file.path().to_string_lossy(), BlockChoice::Range(blocks))
+        };
+        let node = Node::start(cfg).await?;
         Ok(Self {
-            net,
-            exec,
-            shutdown,
-            addr,
+            net: node.net.clone(),
+            exec: node.exec.clone(),
+            addr: node.addr().context("server not listening")?.clone(),
+            node,
         })
     }
 
     /// Stops the server and its network: its peers see the connection drop.
     pub async fn kill(&self) {
-        self.shutdown.cancel();
-        self.net.shutdown().await;
-        self.exec.shutdown();
+        self.node.shutdown().await;
     }
 }
 
@@ -94,7 +80,7 @@ pub async fn discover_n(
 ) -> Result<Vec<ServerInfo>> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let found = nomoat_node::swarm::client::discover(net, bootstrap, model_id).await?;
+        let found = nomoat_node::net::discover(net, bootstrap, model_id).await?;
         if found.len() >= n {
             return Ok(found);
         }
@@ -105,24 +91,20 @@ pub async fn discover_n(
     }
 }
 
-/// The `nomoat` binary built next to the test executable.
-pub fn nomoat_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test executable has no parent")?;
-    let bin = dir.join(format!("nomoat{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
-        bail!("{} not found: build it with `cargo build -p nomoat-node` (cargo test --workspace does)", bin.display());
-    }
-    Ok(bin)
+/// The `nomoat` binary cargo built for the calling test: a test of the
+/// package that owns the binary gets its path from cargo, so
+/// `cargo test` always runs the binary of the code under test.
+#[macro_export]
+macro_rules! nomoat_bin {
+    () => {
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_nomoat"))
+    };
 }
 
 /// A `nomoat serve` process, killed when dropped.
-pub type Proc = nomoat_node::swarm::process::ServeProcess;
+pub type Proc = nomoat_node::process::ServeProcess;
 
-/// Starts `nomoat serve ARGS` and waits for its first stdout line.
-pub fn serve(args: &[&str]) -> Result<Proc> {
-    Proc::spawn(&nomoat_bin()?, args, Duration::from_secs(60))
+/// Starts `BIN serve ARGS` and waits for its first stdout line.
+pub fn serve(bin: &std::path::Path, args: &[&str]) -> Result<Proc> {
+    Ok(Proc::spawn(bin, args, Duration::from_secs(60))?)
 }

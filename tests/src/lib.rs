@@ -42,7 +42,7 @@ pub struct TinySpec {
     pub kv_heads: usize,
     /// MLP width.
     pub ffn: usize,
-    /// Blocks.
+    /// BlockRange.
     pub blocks: usize,
     /// Vocabulary.
     pub vocab: usize,

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::harness::nomoat_bin;
-use nomoat_node::swarm::process::ServeProcess;
+use nomoat_node::process::ServeProcess;
 
 /// A `nomoat` process whose first stdout line is a JSON object (`gateway`,
 /// `serve --api`); killed when dropped.
@@ -27,14 +26,9 @@ use nomoat_node::swarm::process::ServeProcess;
 pub struct NomoatProc(ServeProcess);
 
 impl NomoatProc {
-    /// Runs `nomoat ARGS` and waits (up to `timeout`) for its first line.
-    pub fn spawn(args: &[&str], timeout: Duration) -> Result<Self> {
-        Ok(Self(ServeProcess::spawn_command(
-            &nomoat_bin()?,
-            args,
-            &[],
-            timeout,
-        )?))
+    /// Runs `BIN ARGS` and waits (up to `timeout`) for its first line.
+    pub fn spawn(bin: &std::path::Path, args: &[&str], timeout: Duration) -> Result<Self> {
+        Ok(Self(ServeProcess::spawn_command(bin, args, &[], timeout)?))
     }
 
     /// The HTTP address of its API (from `"dashboard": "http://ADDR/"`).

@@ -10,14 +10,14 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use futures::AsyncReadExt;
 use libp2p::{PeerId, StreamProtocol};
+use nomoat_node::client::{simple_route, ClientError, RemoteSession};
 use nomoat_node::engine::{
     hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, Span, WeightMode,
 };
-use nomoat_node::swarm::client::{simple_route, RemoteSession, SwarmError};
-use nomoat_node::swarm::executor::ExecutorConfig;
-use nomoat_node::swarm::wire::{read_message, write_frame, write_message};
+use nomoat_node::net::wire::{read_message, write_frame, write_message};
+use nomoat_node::server::executor::ExecutorConfig;
 use nomoat_protocol::{
-    Blocks, DType, ErrorCode, Hop, InferMessage, OpenSession, SessionId, Step, TensorFrame,
+    BlockRange, DType, ErrorCode, Hop, InferMessage, OpenSession, SessionId, Step, TensorFrame,
     INFER_PROTOCOL, MAX_MESSAGE_BYTES,
 };
 use nomoat_tests::harness::{client_net, discover_n, TestServer};
@@ -77,7 +77,7 @@ async fn three_servers_give_the_whole_models_logits() -> Result<()> {
     let client = client_net().await?;
     let boot = vec![servers[2].addr.clone()];
     let found = discover_n(&client, &boot, MODEL, 3).await?;
-    let route = nomoat_node::swarm::client::plan(&client, MODEL, 6, &found, 64)?;
+    let route = nomoat_node::client::plan(&client, MODEL, 6, &found, 64)?;
     assert_eq!(route.len(), 3, "{route:?}");
     assert_eq!(route, simple_route(MODEL, 6, &found)?);
     // The DHT knows every server as a provider of the model.
@@ -133,7 +133,7 @@ struct Raw {
 }
 
 impl Raw {
-    async fn open(client: &nomoat_node::swarm::net::NetHandle, peer: PeerId) -> Result<Self> {
+    async fn open(client: &nomoat_node::net::NetHandle, peer: PeerId) -> Result<Self> {
         let s = client
             .control()
             .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
@@ -162,7 +162,7 @@ impl Raw {
     }
 }
 
-fn open_msg(id: SessionId, model: &str, peer: PeerId, blocks: Blocks) -> InferMessage {
+fn open_msg(id: SessionId, model: &str, peer: PeerId, blocks: BlockRange) -> InferMessage {
     InferMessage::Open(OpenSession {
         session_id: id,
         model_id: model.to_string(),
@@ -228,7 +228,7 @@ async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
         |tokens: &[u32]| -> Result<TensorFrame> { Ok(hidden_to_frame(&head.embed(tokens)?)?) };
     let id = SessionId([7; 16]);
     let mut raw = Raw::open(&client, peer).await?;
-    raw.send(&open_msg(id, MODEL, peer, Blocks { start: 0, end: 4 }))
+    raw.send(&open_msg(id, MODEL, peer, BlockRange { start: 0, end: 4 }))
         .await?;
     assert!(matches!(
         raw.recv().await?,
@@ -298,14 +298,14 @@ async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
         })
         .await?;
     stray.expect_error(ErrorCode::UnknownSession).await?;
-    // Blocks the server does not hold, and another model.
+    // BlockRange the server does not hold, and another model.
     let mut wrong = Raw::open(&client, peer).await?;
     wrong
         .send(&open_msg(
             SessionId([4; 16]),
             MODEL,
             peer,
-            Blocks { start: 2, end: 6 },
+            BlockRange { start: 2, end: 6 },
         ))
         .await?;
     wrong.expect_error(ErrorCode::WrongBlocks).await?;
@@ -315,7 +315,7 @@ async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
             SessionId([5; 16]),
             "another-model",
             peer,
-            Blocks { start: 0, end: 4 },
+            BlockRange { start: 0, end: 4 },
         ))
         .await?;
     other.expect_error(ErrorCode::WrongModel).await?;
@@ -325,7 +325,7 @@ async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
         SessionId([6; 16]),
         MODEL,
         peer,
-        Blocks { start: 0, end: 4 },
+        BlockRange { start: 0, end: 4 },
     ))
     .await?;
     assert!(matches!(
@@ -344,7 +344,7 @@ async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
             SessionId([10; 16]),
             MODEL,
             peer,
-            Blocks { start: 0, end: 4 },
+            BlockRange { start: 0, end: 4 },
         ))
         .await?;
     assert!(matches!(
@@ -357,7 +357,7 @@ async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
             SessionId([11; 16]),
             MODEL,
             peer,
-            Blocks { start: 0, end: 4 },
+            BlockRange { start: 0, end: 4 },
         ))
         .await?;
     match fourth.recv().await? {
@@ -417,7 +417,7 @@ async fn a_server_dying_mid_session_is_named_within_the_step_timeout() -> Result
     let elapsed = t.elapsed();
     // No other server holds its blocks: failover finds no replacement.
     assert!(
-        matches!(err, SwarmError::FailoverFailed { .. }),
+        matches!(err, ClientError::FailoverFailed { .. }),
         "expected a failed failover, got {err}"
     );
     assert_eq!(err.failed_hop(), Some((1, middle)), "{err}");
@@ -430,10 +430,10 @@ async fn a_server_dying_mid_session_is_named_within_the_step_timeout() -> Result
     // routing names the gap.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let live = nomoat_node::swarm::client::discover(&client, &boot, MODEL).await?;
+        let live = nomoat_node::net::discover(&client, &boot, MODEL).await?;
         if live.len() == 2 {
             match simple_route(MODEL, 6, &live) {
-                Err(e @ SwarmError::NoRoute { .. }) => {
+                Err(e @ ClientError::NoRoute { .. }) => {
                     assert!(e.to_string().contains("2..4"), "{e}");
                     break;
                 }
@@ -453,7 +453,7 @@ async fn a_server_dying_mid_session_is_named_within_the_step_timeout() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_reach_each_other_through_a_relay() -> Result<()> {
-    use nomoat_node::swarm::net::{start, NetConfig};
+    use nomoat_node::net::{start, NetConfig};
     let dir = tempfile::tempdir()?;
     let file = tiny(dir.path())?;
     let expected = local_trace(&file)?;
@@ -507,7 +507,7 @@ async fn two_nodes_reach_each_other_through_a_relay() -> Result<()> {
     let head = Head::load(&file, WeightMode::Fast)?;
     let route = vec![Hop {
         peer_id: peer.to_bytes(),
-        blocks: Blocks { start: 0, end: 6 },
+        blocks: BlockRange { start: 0, end: 6 },
     }];
     let mut session =
         RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?;
@@ -537,7 +537,7 @@ async fn replicas_share_concurrent_sessions() -> Result<()> {
     // 16 sessions planned at once, open together.
     let mut sessions = Vec::new();
     for _ in 0..16 {
-        let route = nomoat_node::swarm::client::plan(&client, MODEL, 6, &found, 64)?;
+        let route = nomoat_node::client::plan(&client, MODEL, 6, &found, 64)?;
         assert_eq!(route.len(), 2, "{route:?}");
         sessions
             .push(RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(10)).await?);
@@ -585,7 +585,7 @@ async fn failover_case(
     spares: &[(usize, usize)],
     kill: usize,
     before: usize,
-) -> Result<Vec<nomoat_node::swarm::client::FailoverReport>> {
+) -> Result<Vec<nomoat_node::client::FailoverReport>> {
     let dir = tempfile::tempdir()?;
     let file = tiny(dir.path())?;
     let expected = local_trace(&file)?;
@@ -617,7 +617,7 @@ async fn failover_case(
         .zip(spans)
         .map(|(s, &(a, b))| Hop {
             peer_id: s.net.peer_id().to_bytes(),
-            blocks: Blocks {
+            blocks: BlockRange {
                 start: a as u32,
                 end: b as u32,
             },
@@ -669,9 +669,9 @@ async fn a_dead_middle_hop_is_replaced_by_a_wider_spare() -> Result<()> {
     assert_eq!(reports.len(), 1, "{reports:?}");
     let r = &reports[0];
     assert_eq!(r.failed, 1..=1);
-    assert_eq!(r.blocks, Blocks { start: 2, end: 4 });
+    assert_eq!(r.blocks, BlockRange { start: 2, end: 4 });
     assert_eq!(r.replacement.len(), 1);
-    assert_eq!(r.replacement[0].1, Blocks { start: 2, end: 4 });
+    assert_eq!(r.replacement[0].1, BlockRange { start: 2, end: 4 });
     // The prompt chunk and two decode steps, cut as first sent.
     assert_eq!(r.replayed_steps, 3);
     assert_eq!(r.replayed_positions, PROMPT.len() as u32 + 2);
@@ -682,10 +682,13 @@ async fn a_dead_middle_hop_is_replaced_by_a_wider_spare() -> Result<()> {
 async fn a_dead_hop_is_replaced_by_two_servers() -> Result<()> {
     let reports = failover_case(&[(0, 2), (2, 4), (4, 6)], &[(2, 3), (3, 4)], 1, 1).await?;
     assert_eq!(reports.len(), 1, "{reports:?}");
-    let blocks: Vec<Blocks> = reports[0].replacement.iter().map(|(_, b)| *b).collect();
+    let blocks: Vec<BlockRange> = reports[0].replacement.iter().map(|(_, b)| *b).collect();
     assert_eq!(
         blocks,
-        [Blocks { start: 2, end: 3 }, Blocks { start: 3, end: 4 }]
+        [
+            BlockRange { start: 2, end: 3 },
+            BlockRange { start: 3, end: 4 }
+        ]
     );
     Ok(())
 }
@@ -702,7 +705,7 @@ async fn the_first_and_the_last_hop_fail_over_too() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
-    use nomoat_node::swarm::rebalance::{run_rebalancer, Moves, RebalanceConfig, SpanLoader};
+    use nomoat_node::server::rebalance::{run_rebalancer, Moves, RebalanceConfig, SpanLoader};
     let dir = tempfile::tempdir()?;
     let file = Arc::new(tiny(dir.path())?);
     let expected = local_trace(&file)?;
@@ -726,7 +729,7 @@ async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
     let out = b.exec.step(id, 1, 0, hidden_to_frame(&prompt)?).await?;
     let want = reference.forward(&prompt, 0, &mut ref_cache)?;
     assert!(max_abs_diff(&hidden_from_frame(&out, 64)?, &want)? <= 1e-6);
-    // Blocks 4..6 have no server: b, a duplicate of a, moves there.
+    // BlockRange 4..6 have no server: b, a duplicate of a, moves there.
     let shutdown = tokio_util::sync::CancellationToken::new();
     let moves = Arc::new(Moves::default());
     let loader: SpanLoader = {
@@ -801,7 +804,7 @@ async fn the_clients_own_measurements_win_over_announcements() -> Result<()> {
     let info = |peer: PeerId, throughput: f32| nomoat_protocol::ServerInfo {
         peer_id: peer.to_bytes(),
         model_id: MODEL.into(),
-        blocks: Blocks { start: 0, end: 6 },
+        blocks: BlockRange { start: 0, end: 6 },
         num_blocks: 6,
         hidden_size: 64,
         throughput,
@@ -816,7 +819,7 @@ async fn the_clients_own_measurements_win_over_announcements() -> Result<()> {
     // `slow` claims 1,000 tokens/s, `fast` 10; the client measured otherwise.
     let servers = [info(fast, 10.0), info(slow, 1000.0)];
     let pick = || -> Result<Vec<u8>> {
-        let r = nomoat_node::swarm::client::plan(&client, MODEL, 6, &servers, 64)?;
+        let r = nomoat_node::client::plan(&client, MODEL, 6, &servers, 64)?;
         Ok(r[0].peer_id.clone())
     };
     for _ in 0..20 {
@@ -833,5 +836,62 @@ async fn the_clients_own_measurements_win_over_announcements() -> Result<()> {
         assert_eq!(pick()?, slow.to_bytes(), "backed off");
     }
     client.shutdown().await;
+    Ok(())
+}
+
+/// A server started with a session cap announces its load against that
+/// cap: full is 1.0, so routing sees it as full, not idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_load_counts_against_the_configured_session_cap() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let cfg = ExecutorConfig {
+        max_sessions: 2,
+        ..ExecutorConfig::default()
+    };
+    let server = TestServer::start(&file, MODEL, 0, 6, cfg, vec![]).await?;
+    let client = client_net().await?;
+    let boot = vec![server.addr.clone()];
+    let load = |found: &[nomoat_protocol::ServerInfo]| found.first().map(|s| s.load);
+    assert_eq!(
+        load(&discover_n(&client, &boot, MODEL, 1).await?),
+        Some(0.0)
+    );
+    for i in 0..2u8 {
+        server.exec.open(SessionId([i; 16]), 0, 6, 16).await?;
+    }
+    // Announcements refresh every second; wait for the full one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = nomoat_node::net::discover(&client, &boot, MODEL).await?;
+        if load(&found) == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a server with 2 of 2 sessions open announced load {:?}",
+            load(&found)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.shutdown().await;
+    server.kill().await;
+    Ok(())
+}
+
+/// A dial that fails names the address that was dialled, not a peer id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_dial_names_the_address() -> Result<()> {
+    let net = client_net().await?;
+    let nobody = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    // A closed UDP port on loopback: the handshake fails or times out.
+    let addr: libp2p::Multiaddr = format!("/ip4/127.0.0.1/udp/9/quic-v1/p2p/{nobody}").parse()?;
+    match net.dial(addr.clone()).await {
+        Err(nomoat_node::net::NetError::Dial { addr: got, .. }) => assert_eq!(got, addr),
+        other => panic!("dialling nobody gave {other:?}"),
+    }
+    net.shutdown().await;
     Ok(())
 }

@@ -316,11 +316,6 @@ impl ModelConfig {
             }
         }
     }
-
-    /// Number of query heads that share one key/value head.
-    pub fn group_size(&self) -> usize {
-        self.num_heads / self.num_kv_heads
-    }
 }
 
 #[derive(Debug, Deserialize)]

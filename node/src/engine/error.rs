@@ -56,7 +56,7 @@ pub enum EngineError {
         start: usize,
         /// One past the last block.
         end: usize,
-        /// Blocks in the model.
+        /// BlockRange in the model.
         num_blocks: usize,
     },
     /// A sequence would grow past the model's context (or the configured cap).
@@ -97,7 +97,7 @@ pub enum EngineError {
     Candle(#[from] candle_core::Error),
     /// The weight store failed.
     #[error("{0}")]
-    Store(Box<crate::weights::StoreError>),
+    Store(Box<crate::store::StoreError>),
     /// A tensor's chunk is not in the weight store.
     #[error("tensor `{tensor}` is not in the weight store (chunk {chunk} missing): fetch it with `nomoat serve --model MODEL_ID --bootstrap PEER`, or import the model file")]
     MissingChunk {
@@ -111,8 +111,8 @@ pub enum EngineError {
     Frame(#[from] nomoat_protocol::TensorError),
 }
 
-impl From<crate::weights::StoreError> for EngineError {
-    fn from(e: crate::weights::StoreError) -> Self {
+impl From<crate::store::StoreError> for EngineError {
+    fn from(e: crate::store::StoreError) -> Self {
         Self::Store(Box::new(e))
     }
 }

@@ -8,7 +8,7 @@ use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use nomoat_protocol::{Hash, Manifest, ModelFormat};
 
-use crate::weights::ChunkStore;
+use crate::store::ChunkStore;
 
 use super::config::ModelConfig;
 use super::{EngineError, Result};

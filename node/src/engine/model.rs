@@ -336,7 +336,7 @@ impl Block {
     }
 }
 
-/// Blocks `[start, end)` of a model: the unit a server holds.
+/// BlockRange `[start, end)` of a model: the unit a server holds.
 ///
 /// Only these blocks' tensors are read from the file. The weights are
 /// immutable; each session brings its own [`SpanCache`].

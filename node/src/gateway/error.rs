@@ -3,7 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::swarm::client::SwarmError;
+use crate::client::ClientError;
 
 /// An API error: an HTTP status and OpenAI's error object.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -87,20 +87,20 @@ impl ApiError {
     }
 }
 
-impl From<SwarmError> for ApiError {
-    fn from(e: SwarmError) -> Self {
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
         match &e {
-            SwarmError::NoRoute { missing, .. } => Self {
+            ClientError::NoRoute { missing, .. } => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: format!(
                     "the swarm cannot serve this model now: {e}. Start a server for the missing blocks, e.g. `nomoat serve --model MODEL --blocks {}`, then retry",
-                    missing.split(", ").next().unwrap_or_default()
+                    missing.first().map(|r| r.to_string()).unwrap_or_default()
                 ),
                 kind: "service_unavailable",
                 param: None,
                 code: Some("coverage_gap"),
             },
-            SwarmError::Engine(_) => Self::internal(e.to_string()),
+            ClientError::Engine(_) => Self::internal(e.to_string()),
             _ => Self {
                 status: StatusCode::BAD_GATEWAY,
                 message: format!("{e}; retry: every request plans a new route over the servers live then"),

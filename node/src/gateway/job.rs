@@ -1,18 +1,12 @@
 //! One generation job: a session (on the swarm or the local model), the
 //! token loop, stop strings, and events on a bounded channel.
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
 use super::{ApiError, Backend, Gateway, SessionGuard};
-use crate::engine::{
-    hidden_from_frame, hidden_to_frame, EngineError, GenerateOptions, Head, LocalModel,
-    LocalSession, TextStream, TokenLoop,
-};
-use crate::swarm::client::{plan, RemoteSession, SwarmError};
+use crate::client::{generate, plan, RemoteSession, StepError, Stepper, TokenSink};
+use crate::engine::{GenerateOptions, TextStream};
 
 /// Events buffered between a job and its HTTP response.
 pub const EVENT_QUEUE: usize = 64;
@@ -51,77 +45,32 @@ pub enum JobEvent {
     Failed(String),
 }
 
-/// Why a step failed.
-#[derive(Debug, thiserror::Error)]
-enum StepError {
-    #[error(transparent)]
-    Swarm(#[from] SwarmError),
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    #[error("a compute task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
-    #[error("the session's KV cache was lost in an earlier failed step; send the request again")]
-    CacheLost,
+/// Turns a job's tokens into text events, cut at stop strings.
+struct JobSink<'a> {
+    tok: &'a crate::engine::ChatTokenizer,
+    text: TextStream,
+    stop: StopMatcher,
+    stopped_by_string: bool,
+    tx: &'a mpsc::Sender<JobEvent>,
+    guard: &'a SessionGuard,
 }
 
-/// Runs steps of one session.
-enum Stepper {
-    Local {
-        model: Arc<LocalModel>,
-        session: Option<LocalSession>,
-    },
-    Swarm {
-        head: Arc<Head>,
-        session: Box<RemoteSession>,
-    },
-}
-
-impl Stepper {
-    /// Feeds `tokens` at positions `pos..` and returns the last logits.
-    async fn step(&mut self, pos: u32, tokens: Vec<u32>) -> Result<Vec<f32>, StepError> {
-        let m = crate::metrics::global();
-        let t = Instant::now();
-        let logits = match self {
-            Stepper::Local { model, session } => {
-                let model = model.clone();
-                let mut s = session.take().ok_or(StepError::CacheLost)?;
-                let (s, r) = tokio::task::spawn_blocking(move || {
-                    let r = model.forward_last(&mut s, &tokens);
-                    (s, r)
-                })
-                .await?;
-                *session = Some(s);
-                r?
-            }
-            Stepper::Swarm { head, session } => {
-                let h = head.clone();
-                let frame =
-                    tokio::task::spawn_blocking(move || hidden_to_frame(&h.embed(&tokens)?))
-                        .await??;
-                m.bytes_out.add(frame.data().len() as u64);
-                let failovers = session.failovers().len();
-                let out = session.step(pos, frame).await;
-                m.failovers
-                    .add(session.failovers().len().saturating_sub(failovers) as u64);
-                let out = out?;
-                m.bytes_in.add(out.data().len() as u64);
-                let h = head.clone();
-                let hidden = h.config().hidden_size;
-                tokio::task::spawn_blocking(move || {
-                    h.last_logits(&hidden_from_frame(&out, hidden)?)
-                })
-                .await??
-            }
+impl TokenSink for JobSink<'_> {
+    async fn token(&mut self, id: u32) -> Result<bool, StepError> {
+        self.guard.token();
+        let Some(p) = self.text.push(self.tok, id)? else {
+            return Ok(true);
         };
-        m.steps.inc();
-        m.step_latency.observe(t.elapsed());
-        Ok(logits)
-    }
-
-    async fn close(self) {
-        if let Stepper::Swarm { session, .. } = self {
-            (*session).close().await;
+        let (emit, hit) = self.stop.push(&p);
+        if !emit.is_empty() && self.tx.send(JobEvent::Text(emit)).await.is_err() {
+            debug!("the client went away; stopping");
+            return Ok(false);
         }
+        if hit {
+            self.stopped_by_string = true;
+            return Ok(false);
+        }
+        Ok(true)
     }
 }
 
@@ -192,13 +141,7 @@ impl Gateway {
         let max_seq = self.inner.model.max_seq_len;
         let max_len = max_seq.min(job.prompt.len() + job.opts.max_tokens + 1) as u32;
         let (stepper, route) = match &self.inner.backend {
-            Backend::Local(model) => (
-                Stepper::Local {
-                    model: model.clone(),
-                    session: Some(model.new_session()),
-                },
-                vec!["local".to_string()],
-            ),
+            Backend::Local(model) => (Stepper::local(model.clone()), vec!["local".to_string()]),
             Backend::Swarm(s) => {
                 let mut servers = s.servers();
                 if servers.is_empty() {
@@ -219,13 +162,7 @@ impl Gateway {
                     .iter()
                     .map(|(p, b)| format!("{p} {b}"))
                     .collect();
-                (
-                    Stepper::Swarm {
-                        head: s.head.clone(),
-                        session: Box::new(session),
-                    },
-                    names,
-                )
+                (Stepper::swarm(s.head.clone(), session), names)
             }
         };
         let guard = self.track(job.prompt.len(), route);
@@ -267,48 +204,27 @@ impl Gateway {
         tx: &mpsc::Sender<JobEvent>,
         guard: &SessionGuard,
     ) -> Result<Finish, StepError> {
-        let tok = &self.inner.tokenizer;
-        let mut tokens = TokenLoop::new(&job.prompt, &job.opts, self.inner.model.max_seq_len)?;
-        let mut text = TextStream::default();
-        let mut stop = StopMatcher::new(job.stops.clone());
-        let mut logits = stepper.step(0, job.prompt.clone()).await?;
-        let mut pos = job.prompt.len() as u32;
-        let mut stopped_by_string = false;
-        loop {
-            let mut pieces = Vec::new();
-            let next = tokens.next(&logits, &mut |id| -> Result<bool, EngineError> {
-                guard.token();
-                if let Some(p) = text.push(tok, id)? {
-                    let (emit, hit) = stop.push(&p);
-                    if !emit.is_empty() {
-                        pieces.push(emit);
-                    }
-                    if hit {
-                        stopped_by_string = true;
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            })?;
-            let mut gone = false;
-            for p in pieces {
-                gone |= tx.send(JobEvent::Text(p)).await.is_err();
-            }
-            let Some(next) = next else { break };
-            if gone {
-                debug!("the client went away; stopping");
-                break;
-            }
-            logits = stepper.step(pos, vec![next]).await?;
-            pos += 1;
-        }
+        let mut sink = JobSink {
+            tok: &self.inner.tokenizer,
+            text: TextStream::default(),
+            stop: StopMatcher::new(job.stops.clone()),
+            stopped_by_string: false,
+            tx,
+            guard,
+        };
+        let limit = self.inner.model.max_seq_len;
+        let (out, stats) = generate(stepper, &job.prompt, &job.opts, limit, &mut sink).await?;
+        let JobSink {
+            mut stop,
+            stopped_by_string,
+            ..
+        } = sink;
         if !stopped_by_string {
             let rest = stop.flush();
             if !rest.is_empty() {
                 let _ = tx.send(JobEvent::Text(rest)).await;
             }
         }
-        let (out, stats) = tokens.finish();
         Ok(Finish {
             prompt_tokens: job.prompt.len(),
             completion_tokens: out.len(),

@@ -3,7 +3,7 @@
 //!
 //! The gateway holds the head (token embedding, final norm, LM head) and
 //! the tokenizer, and runs every API request as its own inference session:
-//! over the swarm (a [`RemoteSession`](crate::swarm::client::RemoteSession) along a planned route) or, with no
+//! over the swarm (a [`RemoteSession`](crate::client::RemoteSession) along a planned route) or, with no
 //! swarm, on a whole model in this process. The HTTP layer is a thin
 //! adapter: it validates a request, starts a generation job that reports
 //! through a bounded channel, and turns the events into one JSON answer or a
@@ -16,6 +16,7 @@
 mod error;
 pub mod http;
 mod job;
+mod launch;
 mod openai;
 
 use std::collections::BTreeMap;
@@ -35,12 +36,16 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
+use crate::client::{ClientError, DEFAULT_STEP_TIMEOUT};
 use crate::engine::{ChatTokenizer, Head, LocalModel, ModelConfig};
-use crate::swarm::client::{discover, SwarmError, DEFAULT_STEP_TIMEOUT};
-use crate::swarm::net::NetHandle;
+use crate::net::discover::{discover, merge_servers, server_addrs};
+use crate::net::NetHandle;
 
 pub use error::ApiError;
 pub use job::{Finish, Job, JobEvent, EVENT_QUEUE};
+pub use launch::{
+    model_name, open_model, serve_in_process, swarm_gateway, wait_covered, LaunchError,
+};
 pub use openai::MAX_STOPS;
 
 /// Default address of the API and dashboard.
@@ -131,7 +136,7 @@ impl SwarmBackend {
     /// connects to those not connected yet (so their RTT gets measured).
     /// When the bootstrap peers do not answer, the view falls back to the
     /// announcements heard (which expire), so dead servers drop out.
-    async fn refresh(&self) -> Result<Vec<ServerInfo>, SwarmError> {
+    async fn refresh(&self) -> Result<Vec<ServerInfo>, ClientError> {
         let found = discover(&self.net, &self.bootstrap, &self.model_id).await;
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
             found.as_ref().cloned().unwrap_or_default();
@@ -150,12 +155,7 @@ impl SwarmBackend {
     fn servers(&self) -> Vec<ServerInfo> {
         let mut all = self.known.lock().unwrap_or_else(|p| p.into_inner()).clone();
         all.extend(self.net.servers(&self.model_id));
-        all.sort_by(|a, b| {
-            a.peer_id
-                .cmp(&b.peer_id)
-                .then(b.timestamp_ms.cmp(&a.timestamp_ms))
-        });
-        all.dedup_by(|a, b| a.peer_id == b.peer_id);
+        let mut all = merge_servers(all);
         all.sort_by_key(|s| (s.blocks.start, s.blocks.end));
         all
     }
@@ -257,7 +257,7 @@ impl Gateway {
 
     /// Refreshes the swarm view now (no-op for a local model); returns the
     /// uncovered blocks.
-    pub async fn refresh(&self) -> Result<Vec<BlockRange>, SwarmError> {
+    pub async fn refresh(&self) -> Result<Vec<BlockRange>, ClientError> {
         let n = self.inner.model.num_blocks as u32;
         match &self.inner.backend {
             Backend::Local(_) => Ok(Vec::new()),
@@ -404,13 +404,7 @@ impl Drop for SessionGuard {
 }
 
 fn ranges(servers: &[ServerInfo]) -> Vec<BlockRange> {
-    servers
-        .iter()
-        .map(|s| BlockRange {
-            start: s.blocks.start,
-            end: s.blocks.end,
-        })
-        .collect()
+    servers.iter().map(|s| s.blocks).collect()
 }
 
 fn peer_json(net: &NetHandle, s: &ServerInfo) -> serde_json::Value {
@@ -433,7 +427,7 @@ fn peer_json(net: &NetHandle, s: &ServerInfo) -> serde_json::Value {
     };
     serde_json::json!({
         "peer_id": peer.map(|p| p.to_string()).unwrap_or_default(),
-        "addrs": s.addrs.iter().filter_map(|a| Multiaddr::try_from(a.clone()).ok()).map(|a| a.to_string()).collect::<Vec<_>>(),
+        "addrs": server_addrs(s).iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "blocks": s.blocks.to_string(),
         "start": s.blocks.start,
         "end": s.blocks.end,

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use nomoat_protocol::{Hash, Manifest, ModelFormat, TensorEntry, TensorRole, CHUNK_SIZE};
 
-use super::store::{ChunkStore, StoreError};
 use crate::engine::{EngineError, ModelFile};
+use crate::store::{ChunkStore, StoreError};
 
 /// Why an import failed.
 #[derive(Debug, thiserror::Error)]

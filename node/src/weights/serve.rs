@@ -13,9 +13,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
-use super::store::ChunkStore;
-use crate::swarm::net::NetHandle;
-use crate::swarm::wire::read_frame;
+use crate::net::wire::read_frame;
+use crate::net::NetHandle;
+use crate::store::ChunkStore;
 
 /// Most weight requests served at once; more are refused by closing them.
 pub const MAX_INBOUND_WEIGHT_STREAMS: usize = 32;

@@ -18,14 +18,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::executor::Executor;
-use super::net::NetHandle;
 use crate::engine::Span;
+use crate::net::NetHandle;
 
 /// Loads blocks `start..end` of the served model (fetching them first if
 /// they are not here).
 pub type SpanLoader = Arc<
-    dyn Fn(u32, u32) -> futures::future::BoxFuture<'static, anyhow::Result<Span>> + Send + Sync,
+    dyn Fn(u32, u32) -> futures::future::BoxFuture<'static, Result<Span, LoadError>> + Send + Sync,
 >;
+
+/// Why a [`SpanLoader`] could not load a span.
+pub type LoadError = Box<dyn std::error::Error + Send + Sync>;
 
 /// When and how eagerly a server moves.
 #[derive(Debug, Clone)]
@@ -53,33 +56,26 @@ impl Default for RebalanceConfig {
 /// throughput count as the median of those that have (1 token/s when none
 /// has), so a new server neither attracts nor repels placements.
 pub fn placed(servers: &[ServerInfo]) -> Vec<Placed> {
-    let typical = typical_throughput(servers);
-    servers
-        .iter()
-        .map(|s| Placed {
-            span: BlockRange {
-                start: s.blocks.start,
-                end: s.blocks.end,
-            },
-            throughput: if s.throughput > 0.0 {
-                f64::from(s.throughput)
-            } else {
-                typical
-            },
+    let measured: Vec<Option<f64>> = servers.iter().map(measured_throughput).collect();
+    nomoat_scheduler::fill_with_median(&measured, 1.0)
+        .into_iter()
+        .zip(servers)
+        .map(|(throughput, s)| Placed {
+            span: s.blocks,
+            throughput,
         })
         .collect()
+}
+
+/// The throughput a server announces, if it has measured itself.
+fn measured_throughput(s: &ServerInfo) -> Option<f64> {
+    (s.throughput > 0.0).then(|| f64::from(s.throughput))
 }
 
 /// The median measured throughput of `servers`, tokens/s (1 when none has
 /// measured itself).
 pub fn typical_throughput(servers: &[ServerInfo]) -> f64 {
-    let mut known: Vec<f64> = servers
-        .iter()
-        .filter(|s| s.throughput > 0.0)
-        .map(|s| f64::from(s.throughput))
-        .collect();
-    known.sort_by(f64::total_cmp);
-    known.get(known.len() / 2).copied().unwrap_or(1.0)
+    nomoat_scheduler::median_or(servers.iter().filter_map(measured_throughput), 1.0)
 }
 
 /// Where the server `me` (peer id bytes) should move among `servers`, if
@@ -168,7 +164,7 @@ pub async fn run_rebalancer(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 last_move = Some(Instant::now());
             }
-            Err(e) => warn!("rebalance: cannot load blocks {target}: {e:#}"),
+            Err(e) => warn!("rebalance: cannot load blocks {target}: {e}"),
         }
     }
 }
@@ -176,13 +172,13 @@ pub async fn run_rebalancer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nomoat_protocol::{Blocks, Reachability};
+    use nomoat_protocol::{BlockRange, Reachability};
 
     fn info(peer: u8, start: u32, end: u32, throughput: f32) -> ServerInfo {
         ServerInfo {
             peer_id: vec![peer],
             model_id: "m".into(),
-            blocks: Blocks { start, end },
+            blocks: BlockRange { start, end },
             num_blocks: 6,
             hidden_size: 8,
             throughput,
@@ -205,7 +201,7 @@ mod tests {
         ];
         let target = decide(&swarm, &[2], 6, 0.2).expect("the gap 4..6 pulls");
         assert_eq!(target, BlockRange { start: 4, end: 6 });
-        // Blocks 2..6 are each held once: no move gains 20%.
+        // BlockRange 2..6 are each held once: no move gains 20%.
         let moved = [
             info(1, 0, 2, 10.0),
             info(2, 4, 6, 10.0),

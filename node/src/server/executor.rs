@@ -93,6 +93,16 @@ pub struct ExecutorStats {
     pub steps: u64,
     /// Sessions still running on a span the server moved away from.
     pub draining: usize,
+    /// The most sessions it holds at once (`--max-sessions`).
+    pub max_sessions: usize,
+}
+
+impl ExecutorStats {
+    /// The share of session slots in use, 0 to 1: what the server announces
+    /// as its load.
+    pub fn load(&self) -> f32 {
+        (self.sessions as f32 / self.max_sessions.max(1) as f32).min(1.0)
+    }
 }
 
 enum Job {
@@ -152,6 +162,7 @@ impl Executor {
         let (tx, rx) = sync_channel::<Job>(EXECUTOR_QUEUE);
         let stats = Arc::new(Mutex::new(ExecutorStats {
             free_kv_tokens: cfg.kv_tokens,
+            max_sessions: cfg.max_sessions,
             ..Default::default()
         }));
         let worker = Worker {
@@ -297,6 +308,7 @@ impl Worker {
         let reserved = self.reserved();
         let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         st.sessions = self.sessions.len();
+        st.max_sessions = self.cfg.max_sessions;
         st.draining = self
             .sessions
             .values()
@@ -353,7 +365,7 @@ impl Worker {
                 self.ema = self.ema.map(|e| e * old as f32 / new.max(1) as f32);
                 self.span = span;
             }
-            Job::Shutdown => {}
+            Job::Shutdown => unreachable!("the worker stops before handling Shutdown"),
         }
     }
 

@@ -12,8 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nomoat_node::engine::{ModelFile, Span, WeightMode};
-use nomoat_node::weights::{import, ChunkStore};
-use nomoat_tests::harness::{nomoat_bin, Proc};
+use nomoat_node::store::ChunkStore;
+use nomoat_node::weights::import;
+use nomoat_tests::harness::Proc;
+
+/// The `nomoat` binary cargo built for this test.
+fn nomoat_bin() -> anyhow::Result<std::path::PathBuf> {
+    Ok(nomoat_tests::nomoat_bin!())
+}
 
 /// The tests of this file run one at a time (several servers each).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -49,12 +55,12 @@ fn import_into(home: &Path) -> Result<String> {
 /// `nomoat serve ARGS` with its own home; waits for its first line (after
 /// any fetch).
 fn serve_in(home: &Path, args: &[&str]) -> Result<Proc> {
-    Proc::spawn_env(
+    Ok(Proc::spawn_env(
         &nomoat_bin()?,
         args,
         &[("NOMOAT_HOME", home.as_os_str())],
         Duration::from_secs(120),
-    )
+    )?)
 }
 
 fn serve_args<'a>(id: &'a str, blocks: &'a str, boot: &[&'a str]) -> Vec<&'a str> {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::background::thread_cpu_time;
+use crate::store::background::thread_cpu_time;
 use nomoat_protocol::{ChunkRef, Hash, Have, Manifest, MessageError, TensorRole};
 
 /// Why the weight store failed.
@@ -333,17 +333,6 @@ impl ChunkStore {
             self.write_atomic(&path, &bytes, false)?;
         }
         Ok(id)
-    }
-
-    /// Stores manifest bytes fetched for `id`, after checking them.
-    pub fn put_manifest_bytes(&self, id: &Hash, bytes: &[u8]) -> Result<Manifest, StoreError> {
-        let m = Manifest::decode_verified(bytes, id).map_err(|source| StoreError::BadManifest {
-            id: *id,
-            path: self.manifest_path(id),
-            source,
-        })?;
-        self.put_manifest(&m)?;
-        Ok(m)
     }
 
     /// The manifest's canonical bytes, if stored (checked against the id).

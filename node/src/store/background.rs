@@ -7,7 +7,7 @@
 //! this bulk work runs below the network and compute threads (nice
 //! +[`NICE`] on Linux) and takes the cycles they leave. The fetcher bounds
 //! how much received data may wait for these threads
-//! ([`MAX_UNSTORED_BYTES`](super::fetch::MAX_UNSTORED_BYTES)).
+//! ([`MAX_UNSTORED_BYTES`](crate::weights::fetch::MAX_UNSTORED_BYTES)).
 
 use std::future::Future;
 use std::sync::mpsc;

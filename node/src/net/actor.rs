@@ -1,11 +1,6 @@
-//! The network actor: one task owns the libp2p `Swarm`; everything else
-//! talks to it through a cloneable [`NetHandle`].
-//!
-//! Transports: QUIC first, TCP + noise + yamux as fallback, and circuit relay
-//! v2 (client always; server with `relay_server`). Behaviours: identify,
-//! ping (RTT), Kademlia (bootstrap peers, provider records per model id),
-//! gossipsub (signed `ServerInfo` heartbeats), mDNS (optional), DCUtR hole
-//! punching, AutoNAT and raw streams for the nomoat protocols.
+//! The event loop that owns the libp2p `Swarm`: builds the transports and
+//! behaviours, and turns commands and swarm events into changes of the
+//! shared view.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,85 +18,7 @@ use nomoat_protocol::{Reachability, ServerInfo};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-/// How often a server announces itself.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
-/// A `ServerInfo` older than this many heartbeats is dropped.
-pub const EXPIRY_HEARTBEATS: u32 = 4;
-/// Capacity of the actor's command queue.
-pub const COMMAND_QUEUE: usize = 256;
-/// How long a dial waits for the connection.
-pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How many past connections the view remembers.
-const MAX_SEEN_CONNECTIONS: usize = 256;
-/// The Kademlia protocol of nomoat's DHT.
-const KAD_PROTOCOL: &str = "/nomoat/kad/1";
-/// The identify protocol version string.
-const IDENTIFY_VERSION: &str = "/nomoat/1";
-
-/// Network settings of a node.
-#[derive(Debug, Clone)]
-pub struct NetConfig {
-    /// Identity; a fresh one when `None`.
-    pub keypair: Option<Keypair>,
-    /// Addresses to listen on.
-    pub listen: Vec<Multiaddr>,
-    /// Peers to connect to at start (with `/p2p/PEER_ID`).
-    pub bootstrap: Vec<Multiaddr>,
-    /// Discover peers on the local network with mDNS.
-    pub mdns: bool,
-    /// Act as a circuit relay for peers behind NAT.
-    pub relay_server: bool,
-    /// Heartbeat interval of `ServerInfo` announcements.
-    pub heartbeat: Duration,
-    /// Addresses others can reach this node at (a public IP, a port
-    /// forward); a relay must have one to hand out reservations.
-    pub external: Vec<Multiaddr>,
-}
-
-impl Default for NetConfig {
-    fn default() -> Self {
-        Self {
-            keypair: None,
-            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1"
-                .parse()
-                .expect("valid multiaddr")],
-            bootstrap: Vec::new(),
-            mdns: false,
-            relay_server: false,
-            heartbeat: DEFAULT_HEARTBEAT,
-            external: Vec::new(),
-        }
-    }
-}
-
-/// Why a network operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum NetError {
-    /// The transport or behaviours could not be built.
-    #[error("network setup: {0}")]
-    Setup(String),
-    /// Listening on an address failed.
-    #[error("cannot listen on {addr}: {reason}")]
-    Listen {
-        /// The address.
-        addr: Multiaddr,
-        /// Why.
-        reason: String,
-    },
-    /// A dial failed.
-    #[error("cannot reach {addr}: {reason}")]
-    Dial {
-        /// The address.
-        addr: String,
-        /// Why.
-        reason: String,
-    },
-    /// The network actor has stopped.
-    #[error("the network task has stopped")]
-    Stopped,
-}
+use super::*;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -115,318 +32,6 @@ struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     stream: libp2p_stream::Behaviour,
-}
-
-/// What the node knows about the swarm, shared between the actor (writer)
-/// and handles (readers).
-#[derive(Debug, Default)]
-struct View {
-    servers: HashMap<PeerId, (ServerInfo, Instant)>,
-    rtts: HashMap<PeerId, Duration>,
-    /// Seconds per block this node measured on each server's single-token
-    /// steps (EMA): compute plus queueing, without the network leg.
-    observed: HashMap<PeerId, f64>,
-    listen: Vec<Multiaddr>,
-    external: Vec<Multiaddr>,
-    connected: HashMap<PeerId, Multiaddr>,
-    /// Sessions this node has open through each server (its own load there).
-    own_sessions: HashMap<PeerId, usize>,
-    /// Peers that failed this node's sessions, kept off routes for a while.
-    backoff: nomoat_scheduler::Backoff<PeerId>,
-    /// Addresses learnt for peers (announcements, discovery), newest last.
-    book: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Every connection's remote address, oldest first (bounded).
-    seen: Vec<(PeerId, Multiaddr)>,
-    own: Option<ServerInfo>,
-    reachability: Option<Reachability>,
-}
-
-enum Command {
-    Dial {
-        addr: Multiaddr,
-        reply: oneshot::Sender<Result<PeerId, NetError>>,
-    },
-    AddAddresses {
-        peer: PeerId,
-        addrs: Vec<Multiaddr>,
-        done: oneshot::Sender<()>,
-    },
-    Listen {
-        addr: Multiaddr,
-        reply: oneshot::Sender<Result<(), NetError>>,
-    },
-    Subscribe {
-        model_id: String,
-    },
-    Announce {
-        info: ServerInfo,
-    },
-    Bootstrap,
-    Providers {
-        model_id: String,
-        reply: oneshot::Sender<Vec<PeerId>>,
-    },
-    Shutdown,
-}
-
-/// A cloneable handle to the network actor.
-#[derive(Clone)]
-pub struct NetHandle {
-    peer_id: PeerId,
-    tx: mpsc::Sender<Command>,
-    view: Arc<Mutex<View>>,
-    control: libp2p_stream::Control,
-    expiry: Duration,
-}
-
-impl std::fmt::Debug for NetHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NetHandle")
-            .field("peer_id", &self.peer_id)
-            .finish()
-    }
-}
-
-/// Monotonic time since the first call, the backoff's clock.
-fn clock() -> Duration {
-    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
-}
-
-fn topic(model_id: &str) -> gossipsub::IdentTopic {
-    gossipsub::IdentTopic::new(format!("nomoat/v1/servers/{model_id}"))
-}
-
-impl NetHandle {
-    /// This node's peer id.
-    pub fn peer_id(&self) -> PeerId {
-        self.peer_id
-    }
-
-    /// A stream control for opening and accepting nomoat streams.
-    pub fn control(&self) -> libp2p_stream::Control {
-        self.control.clone()
-    }
-
-    fn view(&self) -> std::sync::MutexGuard<'_, View> {
-        self.view.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Addresses the node listens on, each ending in `/p2p/PEER_ID`.
-    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
-        let v = self.view();
-        v.listen
-            .iter()
-            .chain(&v.external)
-            .map(|a| a.clone().with_p2p(self.peer_id).unwrap_or_else(|a| a))
-            .collect()
-    }
-
-    /// Waits until the node listens on at least `n` addresses (or `timeout`).
-    pub async fn wait_listening(&self, n: usize, timeout: Duration) -> Vec<Multiaddr> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let addrs = self.listen_addrs();
-            if addrs.len() >= n || Instant::now() >= deadline {
-                return addrs;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Connects to `addr` (which should end in `/p2p/PEER_ID`) and returns
-    /// the peer's id once connected.
-    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Dial {
-                addr: addr.clone(),
-                reply,
-            })
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        match tokio::time::timeout(DIAL_TIMEOUT, rx).await {
-            Ok(r) => r.map_err(|_| NetError::Stopped)?,
-            Err(_) => Err(NetError::Dial {
-                addr: addr.to_string(),
-                reason: format!("no connection within {DIAL_TIMEOUT:?}"),
-            }),
-        }
-    }
-
-    /// Starts listening on another address (e.g. a relay circuit).
-    pub async fn listen_on(&self, addr: Multiaddr) -> Result<(), NetError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Listen { addr, reply })
-            .await
-            .map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)?
-    }
-
-    /// Tells the swarm where a peer can be reached; returns once the swarm
-    /// knows (so a stream opened next can dial them).
-    pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        let (done, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Command::AddAddresses { peer, addrs, done })
-            .await
-            .is_ok()
-        {
-            let _ = rx.await;
-        }
-    }
-
-    /// Follows the announcements of servers of `model_id` (empty: none).
-    pub async fn subscribe(&self, model_id: &str) {
-        let _ = self
-            .tx
-            .send(Command::Subscribe {
-                model_id: model_id.to_string(),
-            })
-            .await;
-    }
-
-    /// Sets (and from now on announces every heartbeat) this node's own
-    /// `ServerInfo`.
-    pub async fn announce(&self, info: ServerInfo) {
-        let _ = self.tx.send(Command::Announce { info }).await;
-    }
-
-    /// Live servers known from announcements (and this node's own), for
-    /// `model_id` or for every model when it is empty.
-    pub fn servers(&self, model_id: &str) -> Vec<ServerInfo> {
-        let v = self.view();
-        let mut out: Vec<ServerInfo> = v
-            .servers
-            .values()
-            .filter(|(_, at)| at.elapsed() <= self.expiry)
-            .map(|(i, _)| i.clone())
-            .chain(v.own.clone())
-            .filter(|i| model_id.is_empty() || i.model_id == model_id)
-            .collect();
-        out.sort_by(|a, b| (a.blocks.start, &a.peer_id).cmp(&(b.blocks.start, &b.peer_id)));
-        out.dedup_by(|a, b| a.peer_id == b.peer_id);
-        out
-    }
-
-    /// The last measured round-trip time to a peer.
-    pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
-        self.view().rtts.get(peer).copied()
-    }
-
-    /// Records a single-token step measured through `peer`: `secs` from its
-    /// input to its output, over `blocks` blocks.
-    pub fn observe_step(&self, peer: PeerId, blocks: u32, secs: f64) {
-        if blocks == 0 || !secs.is_finite() || secs < 0.0 {
-            return;
-        }
-        let per_block = secs / f64::from(blocks);
-        let mut v = self.view();
-        let e = v.observed.entry(peer).or_insert(per_block);
-        *e = 0.8 * *e + 0.2 * per_block;
-    }
-
-    /// The measured seconds per block of `peer`, if any.
-    pub fn observed_secs_per_block(&self, peer: &PeerId) -> Option<f64> {
-        self.view().observed.get(peer).copied()
-    }
-
-    /// Whether a connection to `peer` is open, and over which address.
-    pub fn connected(&self, peer: &PeerId) -> Option<Multiaddr> {
-        self.view().connected.get(peer).cloned()
-    }
-
-    /// The remote addresses of every connection to `peer` so far (recent
-    /// history, oldest first): shows whether a peer was reached via a relay.
-    pub fn connection_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        self.view()
-            .seen
-            .iter()
-            .filter(|(p, _)| p == peer)
-            .map(|(_, a)| a.clone())
-            .collect()
-    }
-
-    /// Counts a session this node opened (`+1`) or closed (`-1`) through `peer`.
-    pub fn count_session(&self, peer: PeerId, opened: bool) {
-        let mut v = self.view();
-        let n = v.own_sessions.entry(peer).or_default();
-        *n = if opened { *n + 1 } else { n.saturating_sub(1) };
-    }
-
-    /// Records that `peer` failed a session (timeout, disconnect, error of
-    /// its own): routes avoid it for an exponentially growing while.
-    /// Returns how long.
-    pub fn peer_failed(&self, peer: PeerId) -> Duration {
-        let now = clock();
-        let until = self.view().backoff.failed(peer, now, rand::random::<f64>());
-        until.saturating_sub(now)
-    }
-
-    /// Records that `peer` served a step: its failures are forgotten.
-    pub fn peer_succeeded(&self, peer: &PeerId) {
-        let mut v = self.view();
-        if v.backoff.failures(peer) > 0 {
-            v.backoff.succeeded(peer);
-        }
-    }
-
-    /// Whether routes must avoid `peer` now.
-    pub fn is_backed_off(&self, peer: &PeerId) -> bool {
-        self.view().backoff.is_backed_off(peer, clock())
-    }
-
-    /// Sessions this node has open through `peer`.
-    pub fn own_sessions(&self, peer: &PeerId) -> usize {
-        self.view().own_sessions.get(peer).copied().unwrap_or(0)
-    }
-
-    /// Connects to `peer` if not connected yet, trying the addresses learnt
-    /// for it (most recent first). Best effort: when none is known or none
-    /// answers, opening a stream still lets the swarm dial what its
-    /// behaviours (Kademlia, identify) know.
-    pub async fn connect_known(&self, peer: PeerId) {
-        if peer == self.peer_id || self.connected(&peer).is_some() {
-            return;
-        }
-        let addrs: Vec<Multiaddr> = self.view().book.get(&peer).cloned().unwrap_or_default();
-        for a in addrs.into_iter().rev() {
-            match self.dial(a).await {
-                Ok(_) => return,
-                Err(e) => debug!(%peer, "known address failed: {e}"),
-            }
-        }
-    }
-
-    /// What AutoNAT concluded about this node.
-    pub fn reachability(&self) -> Reachability {
-        self.view().reachability.unwrap_or(Reachability::Unknown)
-    }
-
-    /// Asks the DHT which peers provide `model_id` (servers announce a
-    /// provider record for the model they serve).
-    pub async fn providers(&self, model_id: &str, timeout: Duration) -> Vec<PeerId> {
-        let (reply, rx) = oneshot::channel();
-        let cmd = Command::Providers {
-            model_id: model_id.to_string(),
-            reply,
-        };
-        if self.tx.send(cmd).await.is_err() {
-            return Vec::new();
-        }
-        tokio::time::timeout(timeout, rx)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default()
-    }
-
-    /// Stops the network actor.
-    pub async fn shutdown(&self) {
-        let _ = self.tx.send(Command::Shutdown).await;
-    }
 }
 
 fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetError> {
@@ -562,11 +167,15 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
     Ok(handle)
 }
 
+/// Where the outcome of a dial goes.
+type DialReply = oneshot::Sender<Result<PeerId, NetError>>;
+
 struct Actor {
     swarm: Swarm<Behaviour>,
     rx: mpsc::Receiver<Command>,
     view: Arc<Mutex<View>>,
-    pending_dials: HashMap<PeerId, Vec<oneshot::Sender<Result<PeerId, NetError>>>>,
+    /// Dials waiting for a connection, with the address each dialled.
+    pending_dials: HashMap<PeerId, Vec<(Multiaddr, DialReply)>>,
     pending_providers: HashMap<kad::QueryId, (oneshot::Sender<Vec<PeerId>>, Vec<PeerId>)>,
     subscribed: Vec<String>,
     heartbeat: Duration,
@@ -656,7 +265,7 @@ impl Actor {
                     .last();
                 let Some(peer) = peer else {
                     let _ = reply.send(Err(NetError::Dial {
-                        addr: addr.to_string(),
+                        addr,
                         reason: "the address must end in /p2p/<peer id>".into(),
                     }));
                     return;
@@ -667,10 +276,14 @@ impl Actor {
                 }
                 self.swarm.add_peer_address(peer, addr.clone());
                 match self.swarm.dial(addr.clone()) {
-                    Ok(()) => self.pending_dials.entry(peer).or_default().push(reply),
+                    Ok(()) => self
+                        .pending_dials
+                        .entry(peer)
+                        .or_default()
+                        .push((addr, reply)),
                     Err(e) => {
                         let _ = reply.send(Err(NetError::Dial {
-                            addr: addr.to_string(),
+                            addr,
                             reason: e.to_string(),
                         }));
                     }
@@ -733,7 +346,7 @@ impl Actor {
                     debug!("DHT bootstrap: {e}");
                 }
             }
-            Command::Shutdown => {}
+            Command::Shutdown => unreachable!("the event loop stops before handling Shutdown"),
         }
     }
 
@@ -774,7 +387,7 @@ impl Actor {
                     }
                     v.seen.push((peer_id, addr));
                 }
-                for reply in self.pending_dials.remove(&peer_id).unwrap_or_default() {
+                for (_, reply) in self.pending_dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(peer_id));
                 }
             }
@@ -792,9 +405,9 @@ impl Actor {
                 error,
                 ..
             } => {
-                for reply in self.pending_dials.remove(&peer).unwrap_or_default() {
+                for (addr, reply) in self.pending_dials.remove(&peer).unwrap_or_default() {
                     let _ = reply.send(Err(NetError::Dial {
-                        addr: peer.to_string(),
+                        addr,
                         reason: error.to_string(),
                     }));
                 }

@@ -7,7 +7,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use nomoat_tests::harness::{nomoat_bin, serve, Proc};
+use nomoat_tests::harness::Proc;
+
+/// The `nomoat` binary cargo built for this test.
+fn nomoat_bin() -> anyhow::Result<std::path::PathBuf> {
+    Ok(nomoat_tests::nomoat_bin!())
+}
+
+/// Starts `nomoat serve ARGS` and waits for its first stdout line.
+fn serve(args: &[&str]) -> anyhow::Result<Proc> {
+    nomoat_tests::harness::serve(&nomoat_bin()?, args)
+}
 
 /// The tests of this file run one at a time: each starts three servers, and
 /// on a small machine nine at once would starve each other.

@@ -1,238 +1,18 @@
-//! The weight commands of the `nomoat` binary: `import`, `verify`, the
-//! model-id side of `serve` and `generate`, and `bench weights`.
+//! `nomoat bench weights`: a span fetched from 1 and 2 providers over
+//! loopback QUIC against one raw QUIC stream, in the same run.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{Multiaddr, PeerId, StreamProtocol};
-use nomoat_node::engine::ModelFile;
-use nomoat_node::swarm::net::{self, NetConfig, NetHandle};
-use nomoat_node::weights::fetch::{self, FetchConfig, FetchReport, Need};
+use libp2p::{PeerId, StreamProtocol};
+use nomoat_node::net::{self, NetConfig, NetHandle};
+use nomoat_node::store::ChunkStore;
+use nomoat_node::weights::fetch::{self, FetchConfig, Need};
 use nomoat_node::weights::serve::{serve_weights, Fault};
-use nomoat_node::weights::{self, ChunkStore};
 use nomoat_protocol::{Hash, Manifest, ModelFormat, TensorEntry, TensorRole, CHUNK_SIZE};
 use tokio_util::sync::CancellationToken;
-
-/// `nomoat import`.
-#[derive(Debug, Args)]
-pub(crate) struct ImportArgs {
-    /// A .gguf file, or a directory with config.json, tokenizer.json and
-    /// *.safetensors.
-    path: PathBuf,
-}
-
-pub(crate) fn import(args: ImportArgs) -> Result<()> {
-    let store = ChunkStore::open(&nomoat_node::catalog::home())?;
-    let t = Instant::now();
-    let r = weights::import(&store, &args.path)?;
-    eprintln!(
-        "imported {}: {} blocks, {} tensors, {} chunks ({} new), {:.1} MB in {:.1} s",
-        args.path.display(),
-        r.manifest.num_blocks,
-        r.manifest.tensors.len(),
-        r.chunks,
-        r.new_chunks,
-        r.bytes as f64 / 1e6,
-        t.elapsed().as_secs_f64()
-    );
-    println!("{}", r.id.to_hex());
-    Ok(())
-}
-
-pub(crate) fn verify(model_id: &str) -> Result<()> {
-    let id = Hash::from_hex(model_id).context("a model id is 64 hex digits")?;
-    let store = ChunkStore::open(&nomoat_node::catalog::home())?;
-    let r = store.verify(&id)?;
-    println!(
-        "model {}: {} chunks, {} verified, {} corrupt (deleted), {} not stored",
-        id.to_hex(),
-        r.total,
-        r.good,
-        r.bad.len(),
-        r.missing
-    );
-    if !r.bad.is_empty() {
-        bail!(
-            "{} stored chunk(s) were corrupt and have been deleted; run `nomoat serve --model {} ... --bootstrap PEER` to fetch them again",
-            r.bad.len(),
-            id.to_hex()
-        );
-    }
-    Ok(())
-}
-
-/// Fetch flags of `serve`.
-#[derive(Debug, Args)]
-pub(crate) struct FetchArgs {
-    /// Cap on the download rate of weights, in MB/s (default: none).
-    #[arg(long)]
-    fetch_rate: Option<f64>,
-    /// Seconds a peer may go without sending the next chunk before it counts
-    /// as stalled (a fault; its chunks are fetched elsewhere).
-    #[arg(long, default_value_t = fetch::DEFAULT_STALL_TIMEOUT.as_secs_f64())]
-    fetch_stall_timeout: f64,
-    /// Test-only fault injection: make this node's weight server misbehave
-    /// (flip-chunks, tamper-manifest, stall).
-    #[arg(long, hide = true, default_value = "none")]
-    fault: Fault,
-}
-
-impl FetchArgs {
-    /// The fetcher's settings.
-    pub(crate) fn config(&self) -> FetchConfig {
-        FetchConfig {
-            stall_timeout: Duration::from_secs_f64(self.fetch_stall_timeout.max(0.1)),
-            ..FetchConfig::default().with_max_rate(self.fetch_rate.map(|r| r * 1e6))
-        }
-    }
-}
-
-/// A model id's weights on this node: the store, the manifest and the
-/// peers that provide it (found only when something had to be fetched).
-#[derive(Debug)]
-pub(crate) struct StoreModel {
-    pub(crate) id: Hash,
-    pub(crate) store: ChunkStore,
-    pub(crate) manifest: Manifest,
-    providers: Vec<PeerId>,
-    bootstrap: Vec<Multiaddr>,
-}
-
-impl StoreModel {
-    /// Finds the manifest: in the store, or fetched from the peers reachable
-    /// through `bootstrap` and checked against the id.
-    pub(crate) async fn open(net: &NetHandle, id: Hash, bootstrap: &[Multiaddr]) -> Result<Self> {
-        let store = ChunkStore::open(&nomoat_node::catalog::home())?;
-        let (manifest, providers) = match store.manifest(&id) {
-            Ok(m) => (m, Vec::new()),
-            Err(weights::StoreError::UnknownModel(_)) => {
-                let providers = fetch::find_providers(net, bootstrap, &id).await;
-                let m = fetch::fetch_manifest(net, &store, &id, &providers).await?;
-                (m, providers)
-            }
-            Err(e) => return Err(e.into()),
-        };
-        Ok(Self {
-            id,
-            store,
-            manifest,
-            providers,
-            bootstrap: bootstrap.to_vec(),
-        })
-    }
-
-    /// Fetches what `need` lacks; `None` when everything was stored already.
-    pub(crate) async fn fetch(
-        &mut self,
-        net: &NetHandle,
-        need: &Need,
-        cfg: FetchConfig,
-    ) -> Result<Option<FetchReport>> {
-        let wanted = self.manifest.chunks_for(&need.blocks, need.head);
-        if self.store.missing(&wanted).is_empty() {
-            return Ok(None);
-        }
-        if self.providers.is_empty() {
-            self.providers = fetch::find_providers(net, &self.bootstrap, &self.id).await;
-        }
-        let r = fetch::fetch_chunks(
-            net,
-            &self.store,
-            &self.id,
-            &self.manifest,
-            &self.providers,
-            need,
-            cfg,
-        )
-        .await?;
-        eprintln!(
-            "fetched {} chunk(s), {:.1} MB in {:.1} s ({:.1} MB/s) from {} peer(s); {} already stored; {} rejected, {} peer(s) banned",
-            r.fetched,
-            r.bytes as f64 / 1e6,
-            r.secs,
-            r.bytes as f64 / 1e6 / r.secs.max(1e-9),
-            r.per_peer.len(),
-            r.already,
-            r.rejected,
-            r.banned.len()
-        );
-        Ok(Some(r))
-    }
-
-    /// The model, loaded from the store.
-    pub(crate) fn file(&self) -> Result<ModelFile> {
-        Ok(ModelFile::open_store(&self.store, &self.id)?)
-    }
-}
-
-/// Starts answering `/nomoat/weights/1` from the local store.
-pub(crate) fn start_weight_server(
-    net: &NetHandle,
-    args: &FetchArgs,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    let store = ChunkStore::open(&nomoat_node::catalog::home())?;
-    tokio::spawn(serve_weights(
-        net.clone(),
-        store,
-        args.fault,
-        shutdown.clone(),
-    ));
-    Ok(())
-}
-
-/// `generate --model MODEL_ID`: the model from the store, fetching what is
-/// missing (the head for a swarm generation, everything for a local one)
-/// from the swarm's peers.
-pub(crate) async fn open_for_generate(id: Hash, swarm: &[Multiaddr]) -> Result<ModelFile> {
-    let store = ChunkStore::open(&nomoat_node::catalog::home())?;
-    if store.manifest(&id).is_ok() {
-        let model = StoreModel {
-            id,
-            manifest: store.manifest(&id)?,
-            store,
-            providers: Vec::new(),
-            bootstrap: Vec::new(),
-        };
-        let need = Need {
-            blocks: if swarm.is_empty() {
-                0..model.manifest.num_blocks
-            } else {
-                0..0
-            },
-            head: true,
-        };
-        if model
-            .store
-            .missing(&model.manifest.chunks_for(&need.blocks, true))
-            .is_empty()
-        {
-            return model.file();
-        }
-    }
-    if swarm.is_empty() {
-        bail!(
-            "model {} is not (entirely) in the weight store: add --swarm PEER to fetch it, or import the model file",
-            id.to_hex()
-        );
-    }
-    let net = net::start(NetConfig::default()).await?;
-    let result = async {
-        let mut model = StoreModel::open(&net, id, swarm).await?;
-        let need = Need {
-            blocks: 0..0,
-            head: true,
-        };
-        model.fetch(&net, &need, FetchConfig::default()).await?;
-        model.file()
-    }
-    .await;
-    net.shutdown().await;
-    result
-}
 
 /// `nomoat bench weights`.
 #[derive(Debug, Args)]
@@ -435,7 +215,7 @@ fn store_costs(
         .collect::<Result<_>>()?;
     let mib = chunks.iter().map(Vec::len).sum::<usize>() as f64 / f64::from(1u32 << 20);
     let cpu = || {
-        weights::background::thread_cpu_time()
+        nomoat_node::store::background::thread_cpu_time()
             .unwrap_or_default()
             .as_secs_f64()
     };

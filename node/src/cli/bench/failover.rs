@@ -7,14 +7,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use libp2p::Multiaddr;
-use nomoat_node::engine::{
-    hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, Sampler, SamplingParams,
-    WeightMode,
-};
-use nomoat_node::swarm::client::{plan, RemoteSession};
-use nomoat_node::swarm::model_file_id;
-use nomoat_node::swarm::net::{self, NetConfig};
-use nomoat_node::swarm::process::ServeProcess;
+use nomoat_node::client::{plan, RemoteSession, Stepper};
+use nomoat_node::engine::{Head, LocalModel, ModelFile, Sampler, SamplingParams, WeightMode};
+use nomoat_node::net::{self, NetConfig};
+use nomoat_node::process::ServeProcess;
+use nomoat_node::weights::model_file_id;
 
 /// `nomoat bench failover`.
 #[derive(Debug, Args)]
@@ -68,20 +65,18 @@ pub(crate) async fn bench_failover(args: BenchFailoverArgs) -> Result<()> {
     let after = 4usize;
     let greedy = |l: &[f32]| Sampler::new(SamplingParams::greedy()).sample(l, &[]);
     // The tokens the whole model gives, to check the swarm after failover.
-    let local = LocalModel::load_whole(&file, args.weights)?;
+    let local = Arc::new(LocalModel::load_whole(&file, args.weights)?);
     let expected: Vec<u32> = {
-        let mut s = local.new_session();
-        let mut next = greedy(&local.forward_last(&mut s, &prompt)?);
+        let mut stepper = Stepper::local(local);
+        let mut next = greedy(&stepper.step(0, prompt.clone()).await?);
         let mut out = vec![next];
-        for _ in 0..args.decoded + after {
-            next = greedy(&local.forward_last(&mut s, &[next])?);
+        for pos in (prompt.len() as u32..).take(args.decoded + after) {
+            next = greedy(&stepper.step(pos, vec![next]).await?);
             out.push(next);
         }
         out
     };
-    drop(local);
     let head = Arc::new(Head::load(&file, args.weights)?);
-    let hidden = cfg.hidden_size;
     let splits = nomoat_scheduler::even_splits(cfg.num_blocks as u32, 3)?;
     let bin = std::env::current_exe()?;
     let mut rows = Vec::new();
@@ -95,7 +90,7 @@ pub(crate) async fn bench_failover(args: BenchFailoverArgs) -> Result<()> {
         let ranges = [splits[2], splits[1], splits[0], splits[1]];
         for r in ranges {
             let boot = procs.first().map(|p| p.addr());
-            procs.push(crate::cmd_swarm::bench_server(
+            procs.push(crate::cli::bench::bench_server(
                 &bin,
                 &path_str,
                 r,
@@ -106,37 +101,34 @@ pub(crate) async fn bench_failover(args: BenchFailoverArgs) -> Result<()> {
         }
         let boot: Vec<Multiaddr> = vec![procs[0].addr().parse()?];
         let client = net::start(NetConfig::default()).await?;
-        let servers = crate::cmd_swarm::discover_at_least(&client, &boot, &model_id, 4).await?;
+        let servers = crate::cli::bench::discover_at_least(&client, &boot, &model_id, 4).await?;
         // Every server must know the spare before the death.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let max_len = (args.context + args.decoded + after + 2) as u32;
         let route = plan(&client, &model_id, cfg.num_blocks as u32, &servers, max_len)?;
-        let mut session =
+        let session =
             RemoteSession::open(&client, &model_id, route, max_len, Duration::from_secs(60))
                 .await?;
+        let victim_id = session.route()[1].0.to_string();
+        let mut stepper = Stepper::swarm(head.clone(), session);
         let t = Instant::now();
-        let h = session
-            .step(0, hidden_to_frame(&head.embed(&prompt)?)?)
-            .await?;
+        let logits = stepper.step(0, prompt.clone()).await?;
         let prefill = t.elapsed();
-        let mut next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
+        let mut next = greedy(&logits);
         let mut got = vec![next];
         let mut pos = prompt.len() as u32;
         let mut decode = Vec::new();
         for _ in 0..args.decoded {
             let t = Instant::now();
-            let h = session
-                .step(pos, hidden_to_frame(&head.embed(&[next])?)?)
-                .await?;
+            let logits = stepper.step(pos, vec![next]).await?;
             decode.push(t.elapsed());
-            next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
+            next = greedy(&logits);
             got.push(next);
             pos += 1;
         }
         decode.sort();
         let decode_step = decode.get(decode.len() / 2).copied().unwrap_or_default();
         // Kill hop 1, whichever of the two it is.
-        let victim_id = session.route()[1].0.to_string();
         let victim = procs
             .iter_mut()
             .find(|p| p.peer_id() == victim_id)
@@ -149,27 +141,24 @@ pub(crate) async fn bench_failover(args: BenchFailoverArgs) -> Result<()> {
                 .args(["-TERM", &victim.child.id().to_string()])
                 .status()?;
         }
-        let h = session
-            .step(pos, hidden_to_frame(&head.embed(&[next])?)?)
-            .await?;
+        let logits = stepper.step(pos, vec![next]).await?;
         let total = died.elapsed();
-        next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
+        next = greedy(&logits);
         got.push(next);
         pos += 1;
         for _ in 1..after {
-            let h = session
-                .step(pos, hidden_to_frame(&head.embed(&[next])?)?)
-                .await?;
-            next = greedy(&head.last_logits(&hidden_from_frame(&h, hidden)?)?);
+            next = greedy(&stepper.step(pos, vec![next]).await?);
             got.push(next);
             pos += 1;
         }
-        let report = session
+        let report = stepper
+            .remote()
+            .context("a swarm session")?
             .failovers()
             .first()
             .cloned()
             .context("the session did not fail over")?;
-        session.close().await;
+        stepper.close().await;
         client.shutdown().await;
         drop(procs);
         let work = report.plan + report.reopen + report.replay;

@@ -10,9 +10,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use nomoat_node::gateway::http;
-use nomoat_tests::harness::{nomoat_bin, serve, Proc};
+use nomoat_tests::harness::Proc;
 use nomoat_tests::web::{wait_for, Browser, NomoatProc};
 use serde_json::{json, Value};
+
+/// The `nomoat` binary cargo built for this test.
+fn nomoat_bin() -> anyhow::Result<std::path::PathBuf> {
+    Ok(nomoat_tests::nomoat_bin!())
+}
+
+/// Starts `nomoat serve ARGS` and waits for its first stdout line.
+fn serve(args: &[&str]) -> anyhow::Result<Proc> {
+    nomoat_tests::harness::serve(&nomoat_bin()?, args)
+}
 
 /// The tests of this file run one at a time: several start three servers,
 /// and on a small machine many at once would starve each other.
@@ -56,7 +66,7 @@ fn gateway(boot: Option<&str>, extra: &[&str]) -> Result<NomoatProc> {
         args.extend(["--swarm", b]);
     }
     args.extend(extra);
-    NomoatProc::spawn(&args, Duration::from_secs(120))
+    NomoatProc::spawn(&nomoat_bin()?, &args, Duration::from_secs(120))
 }
 
 fn rt() -> Result<tokio::runtime::Runtime> {
@@ -134,7 +144,10 @@ fn openai_python_client_against_a_three_server_swarm() -> Result<()> {
     let gw = gateway(Some(&procs[0].addr()), &[])?;
     let addr = gw.http_addr()?;
     wait_covered(addr, 3)?;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/python/openai_client.py"
+    );
     let python = std::env::var("NOMOAT_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
         .args([script, &format!("http://{addr}/v1"), MODEL])
@@ -581,7 +594,11 @@ fn a_config_file_and_variables_set_the_flags() -> Result<()> {
         format!("model = \"{MODEL}\"\n\n[gateway]\napi = \"127.0.0.1:0\"\nname = \"from-the-file\"\nmax_concurrent = 2\n"),
     )?;
     let path = cfg.to_string_lossy().to_string();
-    let gw = NomoatProc::spawn(&["gateway", "--config", &path], Duration::from_secs(120))?;
+    let gw = NomoatProc::spawn(
+        &nomoat_bin()?,
+        &["gateway", "--config", &path],
+        Duration::from_secs(120),
+    )?;
     let models = get(gw.http_addr()?, "/v1/models")?.json();
     assert_eq!(models["data"][0]["id"], "from-the-file", "{models}");
     drop(gw);
@@ -681,6 +698,7 @@ fn demo_once_answers_and_leaves_no_process_behind() -> Result<()> {
 fn serve_with_api_answers_through_its_own_swarm() -> Result<()> {
     let _serial = serial();
     let server = NomoatProc::spawn(
+        &nomoat_bin()?,
         &[
             "serve",
             "--model",

@@ -1,0 +1,120 @@
+//! `nomoat gateway`: the OpenAI-compatible API, dashboard and metrics, in
+//! front of a swarm or of the whole model on this machine.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use libp2p::Multiaddr;
+use nomoat_node::engine::{ChatTokenizer, LocalModel, WeightMode};
+use nomoat_node::gateway::{
+    self, model_name, open_model, swarm_gateway, Backend, Gateway, GatewayConfig, DEFAULT_API_ADDR,
+    DEFAULT_MAX_CONCURRENT,
+};
+use nomoat_node::shutdown::shutdown_signal;
+use tokio_util::sync::CancellationToken;
+
+/// `nomoat gateway`.
+#[derive(Debug, Args)]
+pub(crate) struct GatewayArgs {
+    /// A catalog name, a .gguf file or a safetensors directory: the gateway
+    /// holds its tokenizer and head (the whole model without --swarm).
+    #[arg(long, env = "NOMOAT_MODEL")]
+    model: String,
+    /// Run the blocks on the swarm reached through this peer (repeatable;
+    /// an address ending in /p2p/PEER_ID). Without it the gateway runs the
+    /// whole model itself.
+    #[arg(long)]
+    swarm: Vec<Multiaddr>,
+    /// Address of the HTTP API and dashboard (port 0: any free port).
+    #[arg(long, default_value = DEFAULT_API_ADDR)]
+    api: SocketAddr,
+    /// The model name clients use (default: the --model value, or the file's
+    /// name without extension).
+    #[arg(long)]
+    name: Option<String>,
+    /// fast, exact or f32 (see `nomoat generate --help`).
+    #[arg(long, default_value = "fast")]
+    weights: WeightMode,
+    /// Requests generating at once; more get 429.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT)]
+    max_concurrent: usize,
+    /// Seconds a swarm step may take before the failing hop is reported.
+    #[arg(long, default_value_t = 30.0)]
+    step_timeout: f64,
+    /// Address of the gateway's own peer-to-peer node (repeatable); use a
+    /// routable one, e.g. /ip4/0.0.0.0/udp/0/quic-v1, to reach other machines.
+    #[arg(long, default_value = "/ip4/127.0.0.1/udp/0/quic-v1")]
+    listen: Vec<Multiaddr>,
+}
+
+/// Prints the gateway's JSON line: API, dashboard and metrics URLs.
+fn print_urls(addr: SocketAddr, model: &str) -> Result<()> {
+    let hello = serde_json::json!({
+        "api": format!("http://{addr}/v1"),
+        "dashboard": format!("http://{addr}/"),
+        "metrics": format!("http://{addr}/metrics"),
+        "model": model,
+    });
+    println!("{hello}");
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
+    let name = args.name.clone().unwrap_or_else(|| model_name(&args.model));
+    let shutdown = CancellationToken::new();
+    let cfg = |c: GatewayConfig| {
+        c.with_max_concurrent(args.max_concurrent)
+            .with_step_timeout(Duration::from_secs_f64(args.step_timeout.max(0.1)))
+    };
+    let cfg = cfg(GatewayConfig::new(name.clone()));
+    let (file, model_id) = open_model(&args.model, &args.swarm).await?;
+    let (gw, net) = if args.swarm.is_empty() {
+        let tokenizer = ChatTokenizer::from_model(&file)?;
+        let weights = args.weights;
+        let model = tokio::task::block_in_place(|| LocalModel::load_whole(&file, weights))?;
+        let gw = Gateway::new(
+            cfg,
+            Backend::Local(Arc::new(model)),
+            tokenizer,
+            file.config().clone(),
+            shutdown.clone(),
+        );
+        (gw, None)
+    } else {
+        let (gw, net) = swarm_gateway(
+            &file,
+            model_id,
+            cfg,
+            args.swarm.clone(),
+            args.listen.clone(),
+            args.weights,
+            shutdown.clone(),
+        )
+        .await?;
+        match gw.refresh().await {
+            Ok(g) if g.is_empty() => eprintln!("the swarm covers every block"),
+            Ok(g) => eprintln!(
+                "the swarm does not serve blocks {} yet: requests get 503 until it does",
+                nomoat_node::client::ranges_text(&g)
+            ),
+            Err(e) => eprintln!("the swarm did not answer yet ({e}); retrying in the background"),
+        }
+        (gw, Some(net))
+    };
+    let (listener, addr) = gateway::bind(args.api).await?;
+    print_urls(addr, &name)?;
+    let server = tokio::spawn(gateway::serve(gw, listener, shutdown.clone()));
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Some(net) = net {
+        net.shutdown().await;
+    }
+    Ok(())
+}

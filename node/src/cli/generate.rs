@@ -1,0 +1,223 @@
+//! `nomoat generate`: one prompt, on this machine or through the swarm.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use libp2p::{Multiaddr, PeerId};
+use nomoat_node::client::{RemoteSession, Stepper};
+use nomoat_node::engine::{
+    ChatMessage, ChatTokenizer, GenerateOptions, GenerationStats, Head, LocalModel, ModelFile,
+    SamplingParams, TextStream, WeightMode, DEFAULT_MAX_TOKENS, DEFAULT_SEED, DEFAULT_TOP_P,
+};
+use nomoat_node::net::{self, NetConfig};
+use nomoat_protocol::BlockRange;
+
+use crate::ModelArgs;
+
+#[derive(Debug, Args)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (ChatML).
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat (default: the model's own, if any).
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = DEFAULT_TOP_P)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Penalty for repeating recent tokens (1: none).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Subtracted once from the logit of every token already generated
+    /// (OpenAI's presence_penalty; 0: none).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated
+    /// (OpenAI's frequency_penalty; 0: none).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    seed: u64,
+    /// Run the blocks on a swarm reached through this peer (repeatable; an
+    /// address ending in /p2p/PEER_ID); the head runs here.
+    #[arg(long)]
+    swarm: Vec<libp2p::Multiaddr>,
+    /// Seconds a swarm step may take before the failing hop is reported.
+    #[arg(long, default_value_t = 30.0)]
+    step_timeout: f64,
+}
+
+/// `nomoat generate`: streams the text to stdout, the speeds to stderr.
+pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
+    let rt = crate::runtime()?;
+    // A catalog name or file opens here; a model id opens from the store,
+    // fetching what is missing through --swarm.
+    let (file, model_id) = rt.block_on(nomoat_node::gateway::open_model(
+        &args.model.model,
+        &args.swarm,
+    ))?;
+    let tokenizer = ChatTokenizer::from_model(&file)?;
+    let text = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(sys) = &args.system {
+            messages.push(ChatMessage::new("system", sys.clone()));
+        }
+        messages.push(ChatMessage::new("user", args.prompt.clone()));
+        tokenizer.chat_prompt(&messages)
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text)?;
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repetition_penalty: args.repeat_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        stop_ids: tokenizer.stop_ids().to_vec(),
+    };
+    let step_timeout = Duration::from_secs_f64(args.step_timeout.max(0.1));
+    let stepper = if args.swarm.is_empty() {
+        let model = LocalModel::load_whole(&file, args.model.weights)?;
+        Swarm::Local(Stepper::local(Arc::new(model)))
+    } else {
+        rt.block_on(open_swarm(
+            &args.swarm,
+            &model_id,
+            &file,
+            args.model.weights,
+            &prompt,
+            &opts,
+            step_timeout,
+        ))?
+    };
+    let stats = rt.block_on(run(stepper, &tokenizer, &file, &prompt, &opts))?;
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s",
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_sec(),
+        stats.generated_tokens,
+        stats.decode_tokens_per_sec()
+    );
+    Ok(())
+}
+
+/// The stepper of a generation, with the network node of a swarm one.
+enum Swarm {
+    Local(Stepper),
+    Remote(Stepper, net::NetHandle),
+}
+
+/// Discovers the swarm through `bootstrap`, plans a route and opens a
+/// session along it; the head runs here.
+async fn open_swarm(
+    bootstrap: &[Multiaddr],
+    model_id: &str,
+    file: &ModelFile,
+    weights: WeightMode,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    step_timeout: Duration,
+) -> Result<Swarm> {
+    let head = Arc::new(Head::load(file, weights)?);
+    let net = net::start(NetConfig::default()).await?;
+    let n = file.config().num_blocks as u32;
+    let max_len = file
+        .config()
+        .max_seq_len
+        .min(prompt.len() + opts.max_tokens + 1) as u32;
+    let session =
+        match RemoteSession::discover_and_open(&net, bootstrap, model_id, n, max_len, step_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                net.shutdown().await;
+                return Err(e.into());
+            }
+        };
+    eprintln!("route: {}", describe_route(&session.route()));
+    Ok(Swarm::Remote(Stepper::swarm(head, session), net))
+}
+
+/// Runs the one token loop, writing text to stdout as it comes.
+async fn run(
+    swarm: Swarm,
+    tokenizer: &ChatTokenizer,
+    file: &ModelFile,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<GenerationStats> {
+    let (mut stepper, net) = match swarm {
+        Swarm::Local(s) => (s, None),
+        Swarm::Remote(s, net) => (s, Some(net)),
+    };
+    let mut stream = TextStream::default();
+    let limit = file.config().max_seq_len;
+    let mut write = |id| {
+        let mut stdout = std::io::stdout().lock();
+        Ok(stream.write_to(tokenizer, id, &mut stdout)?)
+    };
+    let result = nomoat_node::client::generate(&mut stepper, prompt, opts, limit, &mut write).await;
+    println!();
+    if let Some(session) = stepper.remote() {
+        for f in session.failovers() {
+            eprintln!(
+                "failover: hop {:?} ({}, blocks {}) replaced by {} after {}; took {:.0} ms \
+                 (plan {:.0} ms, reopen {:.0} ms, replay of {} positions in {} steps {:.0} ms)",
+                f.failed,
+                f.failed_peers
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                f.blocks,
+                describe_route(&f.replacement),
+                f.cause,
+                (f.plan + f.reopen + f.replay).as_secs_f64() * 1e3,
+                f.plan.as_secs_f64() * 1e3,
+                f.reopen.as_secs_f64() * 1e3,
+                f.replayed_positions,
+                f.replayed_steps,
+                f.replay.as_secs_f64() * 1e3,
+            );
+        }
+    }
+    stepper.close().await;
+    if let Some(net) = net {
+        net.shutdown().await;
+    }
+    Ok(result?.1)
+}
+
+/// `peer (a..b) -> peer (b..c) -> ...`
+pub(crate) fn describe_route(route: &[(PeerId, BlockRange)]) -> String {
+    route
+        .iter()
+        .map(|(p, b)| format!("{p} ({b})"))
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}

@@ -1,0 +1,154 @@
+//! `nomoat serve`: a server node, assembled by [`nomoat_node::node::Node`].
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use libp2p::Multiaddr;
+use nomoat_node::engine::WeightMode;
+use nomoat_node::net::NetConfig;
+use nomoat_node::node::{ApiConfig, BlockChoice, Node, NodeConfig};
+use nomoat_node::server::executor::{
+    ExecutorConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_KV_TOKENS, DEFAULT_MAX_SESSIONS,
+};
+use nomoat_node::server::rebalance::RebalanceConfig;
+use nomoat_node::shutdown::shutdown_signal;
+use nomoat_scheduler::BlockRange;
+
+/// Network flags shared by every swarm command.
+#[derive(Debug, Args)]
+pub(crate) struct NetArgs {
+    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/udp/4001/quic-v1.
+    #[arg(long, default_value = "/ip4/127.0.0.1/udp/0/quic-v1")]
+    listen: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    #[arg(long)]
+    mdns: bool,
+    /// Relay traffic for peers that cannot be reached directly.
+    #[arg(long)]
+    relay_server: bool,
+    /// Listen through this relay too (a relay's address ending in /p2p/PEER_ID),
+    /// for nodes behind NAT.
+    #[arg(long)]
+    relay: Vec<Multiaddr>,
+    /// Seconds between announcements.
+    #[arg(long, default_value_t = 2.0)]
+    heartbeat: f64,
+    /// An address others can reach this node at (repeatable), e.g. a public
+    /// IP or a forwarded port.
+    #[arg(long)]
+    external: Vec<Multiaddr>,
+}
+
+impl NetArgs {
+    fn config(&self, bootstrap: Vec<Multiaddr>) -> NetConfig {
+        NetConfig {
+            listen: self.listen.clone(),
+            bootstrap,
+            mdns: self.mdns,
+            relay_server: self.relay_server,
+            heartbeat: Duration::from_secs_f64(self.heartbeat.max(0.1)),
+            external: self.external.clone(),
+            ..NetConfig::default()
+        }
+    }
+}
+
+/// `nomoat serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// A catalog name, a .gguf file, a safetensors directory, or a model id
+    /// from `nomoat import`: the span's weights are then fetched from the
+    /// --bootstrap peers (and the peers they know) unless already stored.
+    #[arg(long, env = "NOMOAT_MODEL")]
+    model: String,
+    /// BlockRange to serve, e.g. 0..10, or `auto`: after a short random delay,
+    /// take the window of `--max-blocks` that most raises the swarm's weakest
+    /// block (an empty swarm: from block 0).
+    #[arg(long)]
+    blocks: String,
+    /// With `--blocks auto`, how many blocks this server holds.
+    #[arg(long, default_value_t = 8)]
+    max_blocks: u32,
+    /// With `--blocks auto`, stay on the first window chosen instead of
+    /// moving to where the swarm is weakest as servers come and go.
+    #[arg(long)]
+    no_rebalance: bool,
+    /// Seconds between looks at the swarm for rebalancing (each wait is
+    /// lengthened by up to half, at random).
+    #[arg(long, default_value_t = 30.0)]
+    rebalance_period: f64,
+    /// Seconds after a move before the server may move again.
+    #[arg(long, default_value_t = 300.0)]
+    rebalance_cooldown: f64,
+    /// Peers to join (repeatable), addresses ending in /p2p/PEER_ID.
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    #[command(flatten)]
+    net: NetArgs,
+    /// Most sessions at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+    /// KV-cache budget, in positions over all sessions.
+    #[arg(long, default_value_t = DEFAULT_KV_TOKENS)]
+    kv_tokens: usize,
+    /// Seconds after which an idle session is dropped.
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
+    idle_timeout: u64,
+    /// fast, exact or f32 (see `nomoat generate --help`).
+    #[arg(long, default_value = "fast")]
+    weights: WeightMode,
+    /// Compute threads (default: every core). Several servers on one
+    /// machine should share the cores rather than each take all of them.
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+    /// Also serve the OpenAI-compatible API, dashboard and /metrics on this
+    /// address (e.g. 127.0.0.1:8080), generating through the swarm.
+    #[arg(long)]
+    api: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    fetch: crate::cli::weights::FetchArgs,
+}
+
+/// `nomoat serve`: starts the node, prints its JSON line and serves until
+/// SIGINT or SIGTERM.
+pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
+    let blocks = if args.blocks == "auto" {
+        BlockChoice::Auto {
+            max_blocks: args.max_blocks,
+        }
+    } else {
+        BlockChoice::Range(args.blocks.parse::<BlockRange>()?)
+    };
+    let rebalance = (args.blocks == "auto" && !args.no_rebalance).then(|| RebalanceConfig {
+        period: Duration::from_secs_f64(args.rebalance_period.max(0.1)),
+        cooldown: Duration::from_secs_f64(args.rebalance_cooldown.max(0.0)),
+        ..RebalanceConfig::default()
+    });
+    let cfg = NodeConfig {
+        net: args.net.config(args.bootstrap.clone()),
+        relays: args.net.relay.clone(),
+        fetch: args.fetch.config(),
+        fault: args.fetch.fault(),
+        executor: ExecutorConfig {
+            max_sessions: args.max_sessions,
+            kv_tokens: args.kv_tokens,
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+        },
+        weights: args.weights,
+        rebalance,
+        api: args.api.map(|addr| ApiConfig {
+            addr,
+            name: nomoat_node::gateway::model_name(&args.model),
+        }),
+        ..NodeConfig::new(args.model.clone(), blocks)
+    };
+    let node = Node::start(cfg).await?;
+    println!("{}", node.hello());
+    std::io::stdout().flush()?;
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! The one token loop: embed, step the blocks (on the swarm or on this
+//! machine), take the logits, sample, repeat.
+//!
+//! `nomoat generate`, the gateway and every bench drive generation through
+//! [`generate`] or [`Stepper::step`]. The head's work (embedding, final
+//! norm and LM head) and local blocks run on blocking threads, never on the
+//! network runtime.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{ClientError, RemoteSession};
+use crate::engine::{
+    hidden_from_frame, hidden_to_frame, EngineError, GenerateOptions, GenerationStats, Head,
+    LocalModel, LocalSession, TokenLoop,
+};
+
+/// Why a generation step failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StepError {
+    /// The swarm failed the step.
+    #[error(transparent)]
+    Client(Box<ClientError>),
+    /// Local computation failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A compute task panicked or was cancelled.
+    #[error("a compute task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    /// Writing the output failed.
+    #[error("writing the output: {0}")]
+    Io(#[from] std::io::Error),
+    /// An earlier step failed while it held the local KV cache.
+    #[error("the session's KV cache was lost in an earlier failed step; send the request again")]
+    CacheLost,
+}
+
+impl From<ClientError> for StepError {
+    fn from(e: ClientError) -> Self {
+        StepError::Client(Box::new(e))
+    }
+}
+
+/// Runs the blocks of one session: the whole model here, or a session
+/// along a route of servers with the head here.
+#[derive(Debug)]
+pub enum Stepper {
+    /// Every block on this machine.
+    Local {
+        /// The model.
+        model: Arc<LocalModel>,
+        /// Its KV cache; `None` only while a step holds it.
+        session: Option<LocalSession>,
+    },
+    /// The blocks on the swarm, the head here.
+    Swarm {
+        /// Embedding, final norm and LM head.
+        head: Arc<Head>,
+        /// The session along the route.
+        session: Box<RemoteSession>,
+    },
+}
+
+impl Stepper {
+    /// A new session of the local model.
+    pub fn local(model: Arc<LocalModel>) -> Self {
+        let session = Some(model.new_session());
+        Stepper::Local { model, session }
+    }
+
+    /// Steps `session` with `head` computed here.
+    pub fn swarm(head: Arc<Head>, session: RemoteSession) -> Self {
+        Stepper::Swarm {
+            head,
+            session: Box::new(session),
+        }
+    }
+
+    /// The remote session, when the blocks run on the swarm.
+    pub fn remote(&self) -> Option<&RemoteSession> {
+        match self {
+            Stepper::Swarm { session, .. } => Some(session),
+            Stepper::Local { .. } => None,
+        }
+    }
+
+    /// Feeds `tokens` at positions `pos..` and returns the last position's
+    /// logits.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: a cancelled local step loses the KV cache
+    /// ([`StepError::CacheLost`] afterwards), a cancelled swarm step leaves
+    /// the session's streams mid-step.
+    pub async fn step(&mut self, pos: u32, tokens: Vec<u32>) -> Result<Vec<f32>, StepError> {
+        let m = crate::metrics::global();
+        let t = Instant::now();
+        let logits = match self {
+            Stepper::Local { model, session } => {
+                let model = model.clone();
+                let mut s = session.take().ok_or(StepError::CacheLost)?;
+                let (s, r) = tokio::task::spawn_blocking(move || {
+                    let r = model.forward_last(&mut s, &tokens);
+                    (s, r)
+                })
+                .await?;
+                *session = Some(s);
+                r?
+            }
+            Stepper::Swarm { head, session } => {
+                let h = head.clone();
+                let frame =
+                    tokio::task::spawn_blocking(move || hidden_to_frame(&h.embed(&tokens)?))
+                        .await??;
+                m.bytes_out.add(frame.data().len() as u64);
+                let failovers = session.failovers().len();
+                let out = session.step(pos, frame).await;
+                m.failovers
+                    .add(session.failovers().len().saturating_sub(failovers) as u64);
+                let out = out?;
+                m.bytes_in.add(out.data().len() as u64);
+                let h = head.clone();
+                let hidden = h.config().hidden_size;
+                tokio::task::spawn_blocking(move || {
+                    h.last_logits(&hidden_from_frame(&out, hidden)?)
+                })
+                .await??
+            }
+        };
+        m.steps.inc();
+        m.step_latency.observe(t.elapsed());
+        Ok(logits)
+    }
+
+    /// Ends the session (on every hop, for a swarm session).
+    pub async fn close(self) {
+        if let Stepper::Swarm { session, .. } = self {
+            (*session).close().await;
+        }
+    }
+}
+
+/// Where generated tokens go, one at a time, as they are sampled: a
+/// terminal, an HTTP stream, a benchmark's clock. A plain
+/// `FnMut(u32) -> Result<bool, StepError>` is one.
+pub trait TokenSink: Send {
+    /// Takes the next token; `Ok(false)` stops the generation after it.
+    fn token(&mut self, id: u32) -> impl Future<Output = Result<bool, StepError>> + Send;
+}
+
+impl<F> TokenSink for F
+where
+    F: FnMut(u32) -> Result<bool, StepError> + Send,
+{
+    fn token(&mut self, id: u32) -> impl Future<Output = Result<bool, StepError>> + Send {
+        std::future::ready(self(id))
+    }
+}
+
+/// Generates after `prompt` within a context of `limit` positions, handing
+/// each new token to `sink` as it is sampled; the sink returns `false` to
+/// stop. Returns the tokens and the figures.
+///
+/// The same prompt, options and model give the same tokens whether
+/// `stepper` runs here or on the swarm.
+pub async fn generate(
+    stepper: &mut Stepper,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    limit: usize,
+    sink: &mut impl TokenSink,
+) -> Result<(Vec<u32>, GenerationStats), StepError> {
+    let mut tokens = TokenLoop::new(prompt, opts, limit)?;
+    let mut logits = stepper.step(0, prompt.to_vec()).await?;
+    let mut pos = prompt.len() as u32;
+    loop {
+        let mut sampled = None;
+        let next = match tokens.next(&logits, &mut |id| {
+            sampled = Some(id);
+            Ok::<_, std::convert::Infallible>(true)
+        }) {
+            Ok(next) => next,
+            Err(never) => match never {},
+        };
+        if let Some(id) = sampled {
+            if !sink.token(id).await? {
+                break;
+            }
+        }
+        let Some(next) = next else { break };
+        logits = stepper.step(pos, vec![next]).await?;
+        pos += 1;
+    }
+    Ok(tokens.finish())
+}

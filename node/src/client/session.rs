@@ -1,0 +1,523 @@
+//! Opening a session along a route, stepping it and measuring its hops.
+
+use std::time::{Duration, Instant};
+
+use futures::io::WriteHalf;
+use futures::AsyncReadExt;
+use libp2p::{PeerId, Stream, StreamProtocol};
+use nomoat_protocol::{
+    BlockRange, Hop, InferMessage, OpenSession, SessionId, Step, TensorFrame, INFER_PROTOCOL,
+};
+use tokio::sync::mpsc;
+
+use super::history::{history_end, truncate_history};
+use super::{
+    route_peers, ClientError, Event, FailoverReport, HopConn, LiveStep, RemoteSession,
+    DECODE_TIMEOUT_FACTOR, MAX_FAILOVERS_PER_STEP, MIN_DECODE_TIMEOUT, OPEN_RETRIES,
+    OPEN_RETRY_DELAY, OPEN_TIMEOUT,
+};
+use crate::net::wire::{read_message, write_message};
+use crate::net::NetHandle;
+
+/// Opens the session on hop `hop` of `route` and starts forwarding what
+/// the hop sends, tagged `conn`, to `tx`.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn open_hop(
+    net: &NetHandle,
+    id: SessionId,
+    model_id: &str,
+    route: &[Hop],
+    hop: usize,
+    max_length: u32,
+    conn: u64,
+    tx: mpsc::Sender<Event>,
+) -> Result<WriteHalf<Stream>, ClientError> {
+    let (peer, blocks) = route_peers(&route[hop..=hop])?[0];
+    let failed = |reason: String| ClientError::HopFailed {
+        hop,
+        peer,
+        blocks,
+        reason,
+    };
+    let mut control = net.control();
+    let open = OpenSession {
+        session_id: id,
+        model_id: model_id.to_string(),
+        route: route.to_vec(),
+        hop_index: hop as u32,
+        max_length,
+    };
+    let fut = async {
+        net.connect_known(peer).await;
+        let stream = control
+            .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let (mut r, mut w) = stream.split();
+        write_message(&mut w, &InferMessage::Open(open))
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        match read_message(&mut r).await {
+            Ok(Some(InferMessage::Opened { .. })) => Ok((r, w)),
+            Ok(Some(InferMessage::Error(e))) => Err(ClientError::Hop {
+                hop,
+                peer,
+                blocks,
+                code: e.code,
+                message: e.message,
+            }),
+            Ok(other) => Err(failed(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    };
+    let (mut r, w) = tokio::time::timeout(OPEN_TIMEOUT, fut)
+        .await
+        .map_err(|_| failed(format!("no answer within {OPEN_TIMEOUT:?}")))??;
+    tokio::spawn(async move {
+        loop {
+            match read_message(&mut r).await {
+                Ok(Some(m)) => {
+                    if tx.send((conn, Some(m))).await.is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    let _ = tx.send((conn, None)).await;
+                    break;
+                }
+            }
+        }
+    });
+    Ok(w)
+}
+
+impl RemoteSession {
+    /// Finds the model's servers through `bootstrap` (and the announcements
+    /// heard), plans the cheapest route over its `num_blocks` blocks and
+    /// opens a session along it.
+    pub async fn discover_and_open(
+        net: &NetHandle,
+        bootstrap: &[libp2p::Multiaddr],
+        model_id: &str,
+        num_blocks: u32,
+        max_length: u32,
+        step_timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        net.subscribe(model_id).await;
+        let servers = crate::net::discover(net, bootstrap, model_id).await?;
+        let route = super::plan(net, model_id, num_blocks, &servers, max_length)?;
+        Self::open(net, model_id, route, max_length, step_timeout).await
+    }
+
+    /// Opens a session on every hop, last hop first.
+    ///
+    /// A transient failure (a hop that cannot reach its successor yet
+    /// because announcements are still spreading, a busy or silent hop) is
+    /// retried [`OPEN_RETRIES`] times, a little later each time, with a new
+    /// session id; hops opened by a failed attempt drop it when its streams
+    /// close.
+    pub async fn open(
+        net: &NetHandle,
+        model_id: &str,
+        route: Vec<Hop>,
+        max_length: u32,
+        step_timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let mut attempt = 0u32;
+        loop {
+            match Self::open_once(net, model_id, route.clone(), max_length, step_timeout).await {
+                Err(e) if e.transient() && attempt < OPEN_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!("opening the session failed ({e}); retrying");
+                    tokio::time::sleep(OPEN_RETRY_DELAY * attempt).await;
+                }
+                Err(e) => {
+                    if let (true, Some((_, peer))) = (e.replaceable(), e.failed_hop()) {
+                        net.peer_failed(peer);
+                    }
+                    return Err(e);
+                }
+                ok => return ok,
+            }
+        }
+    }
+
+    pub(super) async fn open_once(
+        net: &NetHandle,
+        model_id: &str,
+        route: Vec<Hop>,
+        max_length: u32,
+        step_timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let mut id = [0u8; 16];
+        rand::Rng::fill(&mut rand::rng(), &mut id);
+        let id = SessionId(id);
+        let peers = route_peers(&route)?;
+        let (tx, events) = mpsc::channel(256);
+        let mut writers: Vec<Option<WriteHalf<Stream>>> = (0..route.len()).map(|_| None).collect();
+        for hop in (0..route.len()).rev() {
+            let w = open_hop(
+                net,
+                id,
+                model_id,
+                &route,
+                hop,
+                max_length,
+                hop as u64,
+                tx.clone(),
+            )
+            .await;
+            match w {
+                Ok(w) => writers[hop] = Some(w),
+                Err(e) => {
+                    // The hops already opened free the session at once.
+                    let close = InferMessage::Close { session_id: id };
+                    for w in writers.iter_mut().flatten() {
+                        let _ = write_message(w, &close).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let hops: Vec<HopConn> = peers
+            .iter()
+            .zip(writers)
+            .enumerate()
+            .map(|(i, ((peer, blocks), w))| HopConn {
+                peer: *peer,
+                blocks: *blocks,
+                writer: w.expect("every hop opened"),
+                conn: i as u64,
+            })
+            .collect();
+        for h in &hops {
+            net.count_session(h.peer, true);
+        }
+        Ok(Self {
+            id,
+            model_id: model_id.to_string(),
+            max_length,
+            net: net.clone(),
+            history: vec![Vec::new(); hops.len()],
+            next_conn: hops.len() as u64,
+            hops,
+            events_tx: tx,
+            events,
+            seq: 0,
+            step_timeout,
+            decode_ema: None,
+            live: Default::default(),
+            failovers: Vec::new(),
+        })
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The route now: each hop's peer and blocks.
+    pub fn route(&self) -> Vec<(PeerId, BlockRange)> {
+        self.hops.iter().map(|h| (h.peer, h.blocks)).collect()
+    }
+
+    pub(super) fn route_hops(&self) -> Vec<Hop> {
+        self.hops
+            .iter()
+            .map(|h| Hop {
+                peer_id: h.peer.to_bytes(),
+                blocks: h.blocks,
+            })
+            .collect()
+    }
+
+    /// The inputs each hop received, step by step.
+    pub fn history(&self) -> &[Vec<(u32, TensorFrame)>] {
+        &self.history
+    }
+
+    /// The failovers this session went through.
+    pub fn failovers(&self) -> &[FailoverReport] {
+        &self.failovers
+    }
+
+    /// Sends hidden states for positions `start_pos..` through the route
+    /// and returns the last hop's output. A hop that fails is replaced (its
+    /// inputs replayed to the replacement) and the step sent again, up to
+    /// [`MAX_FAILOVERS_PER_STEP`] times.
+    pub async fn step(
+        &mut self,
+        start_pos: u32,
+        hidden: TensorFrame,
+    ) -> Result<TensorFrame, ClientError> {
+        let t = hidden.shape().first().copied().unwrap_or(1) as u32;
+        // A rewind: every hop's history forgets the positions it replaces.
+        for h in &mut self.history {
+            truncate_history(h, start_pos);
+        }
+        self.history[0].push((start_pos, hidden.clone()));
+        let mut failovers = 0;
+        loop {
+            let started = Instant::now();
+            match self.try_step(start_pos, t, hidden.clone()).await {
+                Ok(out) => {
+                    if t == 1 {
+                        let s = started.elapsed().as_secs_f64();
+                        self.decode_ema = Some(self.decode_ema.map_or(s, |e| 0.8 * e + 0.2 * s));
+                    }
+                    for h in &self.hops {
+                        self.net.peer_succeeded(&h.peer);
+                    }
+                    return Ok(out);
+                }
+                Err(e) if e.replaceable() && failovers < MAX_FAILOVERS_PER_STEP => {
+                    failovers += 1;
+                    tracing::warn!("{e}; failing over");
+                    match self.failover(&e, start_pos).await {
+                        Ok(report) => {
+                            tracing::info!(
+                                "replaced hop(s) {:?} (blocks {}) in {:?}: plan {:?}, reopen {:?}, replay {:?} of {} positions",
+                                report.failed,
+                                report.blocks,
+                                report.plan + report.reopen + report.replay,
+                                report.plan,
+                                report.reopen,
+                                report.replay,
+                                report.replayed_positions
+                            );
+                            self.failovers.push(report);
+                        }
+                        Err(reason) => {
+                            return Err(ClientError::FailoverFailed {
+                                failure: Box::new(e),
+                                reason: Box::new(reason),
+                            })
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The index of the hop whose stream carries `conn`.
+    pub(super) fn hop_of(&self, conn: u64) -> Option<usize> {
+        self.hops.iter().position(|h| h.conn == conn)
+    }
+
+    /// Keeps a hop's copy of its output as the next hop's input.
+    pub(super) fn record_copy(&mut self, hop: usize, seq: u64, hidden: TensorFrame) {
+        let Some(step) = self.live.get(&seq).copied() else {
+            return;
+        };
+        if step.stop == Some(hop) || hop + 1 >= self.history.len() || step.end <= step.start {
+            return;
+        }
+        let Some(frame) = hidden.narrow_rows(0, (step.end - step.start) as usize) else {
+            return;
+        };
+        let h = &mut self.history[hop + 1];
+        truncate_history(h, step.start);
+        if history_end(h) == step.start {
+            h.push((step.start, frame));
+        }
+    }
+
+    /// A new step at `start`: steps it rewinds over are forgotten.
+    pub(super) fn begin_step(&mut self, start: u32, t: u32, stop: Option<usize>) -> u64 {
+        self.live.retain(|_, s| s.start < start);
+        for s in self.live.values_mut() {
+            s.end = s.end.min(start);
+        }
+        // Old steps' copies have long arrived.
+        while self.live.len() > 1024 {
+            self.live.pop_first();
+        }
+        self.begin_step_keep(start, t, stop)
+    }
+
+    pub(super) fn decode_timeout(&self, t: u32) -> Duration {
+        match (t, self.decode_ema) {
+            (1, Some(ema)) => Duration::from_secs_f64(ema * DECODE_TIMEOUT_FACTOR)
+                .max(MIN_DECODE_TIMEOUT)
+                .min(self.step_timeout),
+            _ => self.step_timeout,
+        }
+    }
+
+    pub(super) async fn try_step(
+        &mut self,
+        start_pos: u32,
+        t: u32,
+        hidden: TensorFrame,
+    ) -> Result<TensorFrame, ClientError> {
+        let seq = self.begin_step(start_pos, t, None);
+        let msg = InferMessage::Step(Step {
+            session_id: self.id,
+            seq,
+            start_pos,
+            hidden,
+            last_hop: None,
+        });
+        let (peer0, blocks0) = (self.hops[0].peer, self.hops[0].blocks);
+        write_message(&mut self.hops[0].writer, &msg)
+            .await
+            .map_err(|e| ClientError::HopFailed {
+                hop: 0,
+                peer: peer0,
+                blocks: blocks0,
+                reason: e.to_string(),
+            })?;
+        let timeout = self.decode_timeout(t);
+        let sent = Instant::now();
+        let mut deadline = sent + timeout;
+        let mut copies = vec![false; self.hops.len()];
+        let mut arrived: Vec<Option<Instant>> = vec![None; self.hops.len()];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some((conn, msg))) = tokio::time::timeout(left, self.events.recv()).await else {
+                // The first hop whose output never came is the one that failed.
+                let hop = copies
+                    .iter()
+                    .position(|c| !c)
+                    .unwrap_or(self.hops.len() - 1);
+                let (peer, blocks) = (self.hops[hop].peer, self.hops[hop].blocks);
+                let waited = sent.elapsed();
+                // A slow server beats none: past the adaptive timeout, wait
+                // up to the full one when nobody could take over.
+                if waited < self.step_timeout && !self.has_replacement(hop).await {
+                    tracing::warn!(
+                        "hop {hop} ({peer}) is slow ({waited:?}) and no other server holds {blocks}; waiting up to {:?}",
+                        self.step_timeout
+                    );
+                    deadline = sent + self.step_timeout;
+                    continue;
+                }
+                return Err(ClientError::HopFailed {
+                    hop,
+                    peer,
+                    blocks,
+                    reason: format!("no answer to step {seq} within {waited:.1?}"),
+                });
+            };
+            let Some(hop) = self.hop_of(conn) else {
+                continue; // a replaced hop's stream
+            };
+            let (peer, blocks) = (self.hops[hop].peer, self.hops[hop].blocks);
+            match msg {
+                None => {
+                    return Err(ClientError::HopFailed {
+                        hop,
+                        peer,
+                        blocks,
+                        reason: "the connection closed".into(),
+                    })
+                }
+                Some(InferMessage::Result { seq: s, hidden, .. }) if s == seq => {
+                    if t == 1 {
+                        let last = self.hops.len() - 1;
+                        arrived[last] = Some(Instant::now());
+                        self.observe(sent, &arrived);
+                    }
+                    return Ok(hidden);
+                }
+                Some(InferMessage::Copy { seq: s, hidden, .. }) => {
+                    if s == seq {
+                        copies[hop] = true;
+                        arrived[hop].get_or_insert_with(Instant::now);
+                    }
+                    self.record_copy(hop, s, hidden);
+                }
+                Some(InferMessage::Error(e)) if e.seq == seq || e.seq == 0 => {
+                    // The frame names the hop to blame (a hop reports its
+                    // unreachable successor); fall back to the reporter.
+                    let blamed = (e.hop_index as usize).min(self.hops.len() - 1);
+                    let blamed = if blamed >= hop { blamed } else { hop };
+                    let (peer, blocks) = (self.hops[blamed].peer, self.hops[blamed].blocks);
+                    return Err(ClientError::Hop {
+                        hop: blamed,
+                        peer,
+                        blocks,
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+                Some(_) => {} // late answers of earlier steps
+            }
+        }
+    }
+
+    /// Turns the arrival times of a single-token step's outputs into each
+    /// hop's compute time: the gap since the previous hop's output less
+    /// the leg into the hop (half the RTT; the whole RTT for hop 0, whose
+    /// input also came from here).
+    pub(super) fn observe(&self, sent: Instant, arrived: &[Option<Instant>]) {
+        let mut prev = Some(sent);
+        for (i, (h, at)) in self.hops.iter().zip(arrived).enumerate() {
+            let (Some(p), Some(at)) = (prev, *at) else {
+                prev = *at;
+                continue;
+            };
+            crate::metrics::global()
+                .hop_latency
+                .observe(at.saturating_duration_since(p));
+            let rtt = self.net.rtt(&h.peer).unwrap_or_default().as_secs_f64();
+            let leg = if i == 0 { rtt } else { rtt / 2.0 };
+            let secs = (at.saturating_duration_since(p).as_secs_f64() - leg).max(0.0);
+            self.net
+                .observe_step(h.peer, h.blocks.end - h.blocks.start, secs);
+            prev = Some(at);
+        }
+    }
+
+    /// Like [`begin_step`](Self::begin_step) but for replays, which must
+    /// not cut the live steps they re-run.
+    pub(super) fn begin_step_keep(&mut self, start: u32, t: u32, stop: Option<usize>) -> u64 {
+        self.seq += 1;
+        self.live.insert(
+            self.seq,
+            LiveStep {
+                start,
+                end: start + t,
+                stop,
+            },
+        );
+        self.seq
+    }
+
+    /// Tells hop `hop` (still at its old index) the new route, in which it
+    /// is `new_index`, and waits for its answer.
+    pub(super) async fn reroute(
+        &mut self,
+        hop: usize,
+        route: &[Hop],
+        new_index: usize,
+    ) -> Result<(), String> {
+        let msg = InferMessage::Reroute(nomoat_protocol::Reroute {
+            session_id: self.id,
+            route: route.to_vec(),
+            hop_index: new_index as u32,
+        });
+        write_message(&mut self.hops[hop].writer, &msg)
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = self.hops[hop].conn;
+        self.wait_for(conn, PUSH_AND_OPEN_TIMEOUT, |m| {
+            matches!(m, InferMessage::Opened { .. })
+        })
+        .await
+    }
+
+    /// Closes the session on every hop.
+    pub async fn close(mut self) {
+        let close = InferMessage::Close {
+            session_id: self.id,
+        };
+        for h in &mut self.hops {
+            let _ = write_message(&mut h.writer, &close).await;
+        }
+    }
+}
+
+/// How long a reroute may take: the hop attaches a push stream first.
+pub(super) const PUSH_AND_OPEN_TIMEOUT: Duration = Duration::from_secs(15);

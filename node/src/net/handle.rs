@@ -1,0 +1,243 @@
+//! [`NetHandle`]: the only way to the `Swarm`, by commands to the actor
+//! and synchronous reads of the shared view.
+
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use nomoat_protocol::{Reachability, ServerInfo};
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::*;
+
+impl NetHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// A stream control for opening and accepting nomoat streams.
+    pub fn control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Addresses the node listens on, each ending in `/p2p/PEER_ID`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let v = self.view();
+        v.listen
+            .iter()
+            .chain(&v.external)
+            .map(|a| a.clone().with_p2p(self.peer_id).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    /// Waits until the node listens on at least `n` addresses (or `timeout`).
+    pub async fn wait_listening(&self, n: usize, timeout: Duration) -> Vec<Multiaddr> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let addrs = self.listen_addrs();
+            if addrs.len() >= n || Instant::now() >= deadline {
+                return addrs;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Connects to `addr` (which should end in `/p2p/PEER_ID`) and returns
+    /// the peer's id once connected.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Dial {
+                addr: addr.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        match tokio::time::timeout(DIAL_TIMEOUT, rx).await {
+            Ok(r) => r.map_err(|_| NetError::Stopped)?,
+            Err(_) => Err(NetError::Dial {
+                addr,
+                reason: format!("no connection within {DIAL_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// Starts listening on another address (e.g. a relay circuit).
+    pub async fn listen_on(&self, addr: Multiaddr) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Listen { addr, reply })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Tells the swarm where a peer can be reached; returns once the swarm
+    /// knows (so a stream opened next can dial them).
+    pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::AddAddresses { peer, addrs, done })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    /// Follows the announcements of servers of `model_id` (empty: none).
+    pub async fn subscribe(&self, model_id: &str) {
+        let _ = self
+            .tx
+            .send(Command::Subscribe {
+                model_id: model_id.to_string(),
+            })
+            .await;
+    }
+
+    /// Sets (and from now on announces every heartbeat) this node's own
+    /// `ServerInfo`.
+    pub async fn announce(&self, info: ServerInfo) {
+        let _ = self.tx.send(Command::Announce { info }).await;
+    }
+
+    /// Live servers known from announcements (and this node's own), for
+    /// `model_id` or for every model when it is empty.
+    pub fn servers(&self, model_id: &str) -> Vec<ServerInfo> {
+        let v = self.view();
+        let mut out: Vec<ServerInfo> = v
+            .servers
+            .values()
+            .filter(|(_, at)| at.elapsed() <= self.expiry)
+            .map(|(i, _)| i.clone())
+            .chain(v.own.clone())
+            .filter(|i| model_id.is_empty() || i.model_id == model_id)
+            .collect();
+        out.sort_by(|a, b| (a.blocks.start, &a.peer_id).cmp(&(b.blocks.start, &b.peer_id)));
+        out.dedup_by(|a, b| a.peer_id == b.peer_id);
+        out
+    }
+
+    /// The last measured round-trip time to a peer.
+    pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
+        self.view().rtts.get(peer).copied()
+    }
+
+    /// Records a single-token step measured through `peer`: `secs` from its
+    /// input to its output, over `blocks` blocks.
+    pub fn observe_step(&self, peer: PeerId, blocks: u32, secs: f64) {
+        if blocks == 0 || !secs.is_finite() || secs < 0.0 {
+            return;
+        }
+        let per_block = secs / f64::from(blocks);
+        let mut v = self.view();
+        let e = v.observed.entry(peer).or_insert(per_block);
+        *e = 0.8 * *e + 0.2 * per_block;
+    }
+
+    /// The measured seconds per block of `peer`, if any.
+    pub fn observed_secs_per_block(&self, peer: &PeerId) -> Option<f64> {
+        self.view().observed.get(peer).copied()
+    }
+
+    /// Whether a connection to `peer` is open, and over which address.
+    pub fn connected(&self, peer: &PeerId) -> Option<Multiaddr> {
+        self.view().connected.get(peer).cloned()
+    }
+
+    /// The remote addresses of every connection to `peer` so far (recent
+    /// history, oldest first): shows whether a peer was reached via a relay.
+    pub fn connection_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.view()
+            .seen
+            .iter()
+            .filter(|(p, _)| p == peer)
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
+    /// Counts a session this node opened (`+1`) or closed (`-1`) through `peer`.
+    pub fn count_session(&self, peer: PeerId, opened: bool) {
+        let mut v = self.view();
+        let n = v.own_sessions.entry(peer).or_default();
+        *n = if opened { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Records that `peer` failed a session (timeout, disconnect, error of
+    /// its own): routes avoid it for an exponentially growing while.
+    /// Returns how long.
+    pub fn peer_failed(&self, peer: PeerId) -> Duration {
+        let now = clock();
+        let until = self.view().backoff.failed(peer, now, rand::random::<f64>());
+        until.saturating_sub(now)
+    }
+
+    /// Records that `peer` served a step: its failures are forgotten.
+    pub fn peer_succeeded(&self, peer: &PeerId) {
+        let mut v = self.view();
+        if v.backoff.failures(peer) > 0 {
+            v.backoff.succeeded(peer);
+        }
+    }
+
+    /// Whether routes must avoid `peer` now.
+    pub fn is_backed_off(&self, peer: &PeerId) -> bool {
+        self.view().backoff.is_backed_off(peer, clock())
+    }
+
+    /// Sessions this node has open through `peer`.
+    pub fn own_sessions(&self, peer: &PeerId) -> usize {
+        self.view().own_sessions.get(peer).copied().unwrap_or(0)
+    }
+
+    /// Connects to `peer` if not connected yet, trying the addresses learnt
+    /// for it (most recent first). Best effort: when none is known or none
+    /// answers, opening a stream still lets the swarm dial what its
+    /// behaviours (Kademlia, identify) know.
+    pub async fn connect_known(&self, peer: PeerId) {
+        if peer == self.peer_id || self.connected(&peer).is_some() {
+            return;
+        }
+        let addrs: Vec<Multiaddr> = self.view().book.get(&peer).cloned().unwrap_or_default();
+        for a in addrs.into_iter().rev() {
+            match self.dial(a).await {
+                Ok(_) => return,
+                Err(e) => debug!(%peer, "known address failed: {e}"),
+            }
+        }
+    }
+
+    /// What AutoNAT concluded about this node.
+    pub fn reachability(&self) -> Reachability {
+        self.view().reachability.unwrap_or(Reachability::Unknown)
+    }
+
+    /// Asks the DHT which peers provide `model_id` (servers announce a
+    /// provider record for the model they serve).
+    pub async fn providers(&self, model_id: &str, timeout: Duration) -> Vec<PeerId> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Providers {
+            model_id: model_id.to_string(),
+            reply,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Vec::new();
+        }
+        tokio::time::timeout(timeout, rx)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+
+    /// Stops the network actor.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+}

@@ -1,0 +1,190 @@
+//! The network actor: one task owns the libp2p `Swarm`; everything else
+//! talks to it through a cloneable [`NetHandle`].
+//!
+//! Transports: QUIC first, TCP + noise + yamux as fallback, and circuit relay
+//! v2 (client always; server with `relay_server`). Behaviours: identify,
+//! ping (RTT), Kademlia (bootstrap peers, provider records per model id),
+//! gossipsub (signed `ServerInfo` heartbeats), mDNS (optional), DCUtR hole
+//! punching, AutoNAT and raw streams for the nomoat protocols.
+//!
+//! * `actor`: the event loop that owns the `Swarm`; [`start`] builds it.
+//! * `handle`: [`NetHandle`], commands to the actor and reads of the view.
+//! * [`discover`](mod@discover): the servers of a model, by info queries.
+//! * [`wire`]: length-prefixed messages on streams.
+
+mod actor;
+pub mod discover;
+mod handle;
+pub mod wire;
+
+pub use actor::{now_ms, start};
+pub use discover::{discover, query_servers, DiscoverError};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::identity::Keypair;
+use libp2p::{gossipsub, Multiaddr, PeerId};
+use nomoat_protocol::{Reachability, ServerInfo};
+use tokio::sync::{mpsc, oneshot};
+
+/// How often a server announces itself.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+/// A `ServerInfo` older than this many heartbeats is dropped.
+pub const EXPIRY_HEARTBEATS: u32 = 4;
+/// Capacity of the actor's command queue.
+pub const COMMAND_QUEUE: usize = 256;
+/// How long a dial waits for the connection.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many past connections the view remembers.
+const MAX_SEEN_CONNECTIONS: usize = 256;
+/// The Kademlia protocol of nomoat's DHT.
+const KAD_PROTOCOL: &str = "/nomoat/kad/1";
+/// The identify protocol version string.
+const IDENTIFY_VERSION: &str = "/nomoat/1";
+
+/// Network settings of a node.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Identity; a fresh one when `None`.
+    pub keypair: Option<Keypair>,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to connect to at start (with `/p2p/PEER_ID`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Act as a circuit relay for peers behind NAT.
+    pub relay_server: bool,
+    /// Heartbeat interval of `ServerInfo` announcements.
+    pub heartbeat: Duration,
+    /// Addresses others can reach this node at (a public IP, a port
+    /// forward); a relay must have one to hand out reservations.
+    pub external: Vec<Multiaddr>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            keypair: None,
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1"
+                .parse()
+                .expect("valid multiaddr")],
+            bootstrap: Vec::new(),
+            mdns: false,
+            relay_server: false,
+            heartbeat: DEFAULT_HEARTBEAT,
+            external: Vec::new(),
+        }
+    }
+}
+
+/// Why a network operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The transport or behaviours could not be built.
+    #[error("network setup: {0}")]
+    Setup(String),
+    /// Listening on an address failed.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A dial failed.
+    #[error("cannot reach {addr}: {reason}")]
+    Dial {
+        /// The address dialled.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The network actor has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// What the node knows about the swarm, shared between the actor (writer)
+/// and handles (readers).
+#[derive(Debug, Default)]
+struct View {
+    servers: HashMap<PeerId, (ServerInfo, Instant)>,
+    rtts: HashMap<PeerId, Duration>,
+    /// Seconds per block this node measured on each server's single-token
+    /// steps (EMA): compute plus queueing, without the network leg.
+    observed: HashMap<PeerId, f64>,
+    listen: Vec<Multiaddr>,
+    external: Vec<Multiaddr>,
+    connected: HashMap<PeerId, Multiaddr>,
+    /// Sessions this node has open through each server (its own load there).
+    own_sessions: HashMap<PeerId, usize>,
+    /// Peers that failed this node's sessions, kept off routes for a while.
+    backoff: nomoat_scheduler::Backoff<PeerId>,
+    /// Addresses learnt for peers (announcements, discovery), newest last.
+    book: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Every connection's remote address, oldest first (bounded).
+    seen: Vec<(PeerId, Multiaddr)>,
+    own: Option<ServerInfo>,
+    reachability: Option<Reachability>,
+}
+
+enum Command {
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NetError>>,
+    },
+    AddAddresses {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        done: oneshot::Sender<()>,
+    },
+    Listen {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Subscribe {
+        model_id: String,
+    },
+    Announce {
+        info: ServerInfo,
+    },
+    Bootstrap,
+    Providers {
+        model_id: String,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Shutdown,
+}
+
+/// A cloneable handle to the network actor.
+#[derive(Clone)]
+pub struct NetHandle {
+    peer_id: PeerId,
+    tx: mpsc::Sender<Command>,
+    view: Arc<Mutex<View>>,
+    control: libp2p_stream::Control,
+    expiry: Duration,
+}
+
+impl std::fmt::Debug for NetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetHandle")
+            .field("peer_id", &self.peer_id)
+            .finish()
+    }
+}
+
+/// Monotonic time since the first call, the backoff's clock.
+fn clock() -> Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
+}
+
+fn topic(model_id: &str) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("nomoat/v1/servers/{model_id}"))
+}

@@ -1,0 +1,190 @@
+//! Accepting streams: `/nomoat/infer/1` sessions, `/nomoat/info/1`
+//! queries, and the heartbeat announcement.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use nomoat_protocol::{
+    decode_info_request, encode_info_response, BlockRange, ErrorCode, ErrorFrame, InferMessage,
+    ServerInfo, INFER_PROTOCOL, INFO_PROTOCOL,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, Instrument};
+
+use super::executor::Executor;
+use crate::net::wire::{read_frame, read_message, write_frame};
+use crate::net::NetHandle;
+
+use super::hop::{client_stream, push_stream};
+use super::*;
+
+/// Runs the server until `shutdown`: accepts inference and info streams and
+/// announces the span every heartbeat.
+pub async fn run_server(
+    net: NetHandle,
+    exec: Executor,
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), libp2p_stream::AlreadyRegistered> {
+    let mut control = net.control();
+    let mut incoming = control.accept(StreamProtocol::new(INFER_PROTOCOL))?;
+    tokio::spawn(serve_info(net.clone(), shutdown.clone()));
+    net.subscribe(&cfg.model_id).await;
+    let sessions: Sessions = Arc::default();
+    let announce = {
+        let (net, exec, cfg, shutdown) = (net.clone(), exec.clone(), cfg.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => net.announce(server_info(&net, &exec, &cfg)).await,
+                }
+            }
+        })
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = incoming.next() => {
+                let Some((peer, stream)) = next else { break };
+                let (net, exec, cfg, sessions) = (net.clone(), exec.clone(), cfg.clone(), sessions.clone());
+                tokio::spawn(
+                    async move { handle_stream(net, exec, cfg, sessions, peer, stream).await }
+                        .instrument(tracing::info_span!("stream", %peer)),
+                );
+            }
+        }
+    }
+    announce.abort();
+    // Tell every client its session ends here.
+    let open: Vec<SessionCtx> = sessions
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .map(|(_, c)| c)
+        .collect();
+    for ctx in open {
+        let hop_index = ctx.state().hop_index;
+        let _ = ctx
+            .client
+            .send(InferMessage::Error(ErrorFrame::new(
+                ErrorCode::Internal,
+                "server shutting down",
+                None,
+                0,
+                hop_index,
+            )))
+            .await;
+    }
+    Ok(())
+}
+
+/// The `ServerInfo` this server announces now.
+pub fn server_info(net: &NetHandle, exec: &Executor, cfg: &ServerConfig) -> ServerInfo {
+    let span = exec.span();
+    let st = exec.stats();
+    ServerInfo {
+        peer_id: net.peer_id().to_bytes(),
+        model_id: cfg.model_id.clone(),
+        blocks: BlockRange {
+            start: span.start() as u32,
+            end: span.end() as u32,
+        },
+        num_blocks: span.config().num_blocks as u32,
+        hidden_size: span.config().hidden_size as u32,
+        throughput: st.throughput,
+        free_kv_tokens: st.free_kv_tokens.min(u32::MAX as usize) as u32,
+        load: st.load(),
+        active_sessions: st.sessions as u32,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        // Addresses, reachability and time are filled in by the network
+        // actor each time it publishes.
+        addrs: Vec::new(),
+        reachability: nomoat_protocol::Reachability::Unknown,
+        timestamp_ms: 0,
+    }
+}
+
+/// Answers `/nomoat/info/1`: one request, one response with every live
+/// server this node knows (itself included).
+pub async fn serve_info(net: NetHandle, shutdown: CancellationToken) {
+    let mut control = net.control();
+    let Ok(mut incoming) = control.accept(StreamProtocol::new(INFO_PROTOCOL)) else {
+        return;
+    };
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = incoming.next() => next,
+        };
+        let Some((peer, mut stream)) = next else {
+            break;
+        };
+        let net = net.clone();
+        tokio::spawn(async move {
+            let req = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_frame(&mut stream)).await;
+            let model = match req {
+                Ok(Ok(Some(b))) => decode_info_request(&b),
+                _ => return,
+            };
+            let Ok(model) = model else {
+                debug!(%peer, "bad info request");
+                return;
+            };
+            let body = encode_info_response(&net.servers(&model));
+            let _ = write_frame(&mut stream, &body).await;
+            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+        });
+    }
+}
+
+async fn handle_stream(
+    net: NetHandle,
+    exec: Executor,
+    cfg: ServerConfig,
+    sessions: Sessions,
+    peer: PeerId,
+    stream: Stream,
+) {
+    let (mut r, w) = stream.split();
+    let out = writer(w, format!("to {peer}"));
+    let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_message(&mut r)).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) | Err(_) => return,
+        Ok(Err(e)) => {
+            let code = match &e {
+                crate::net::wire::WireError::Message(m) => ErrorCode::from(m),
+                _ => ErrorCode::Malformed,
+            };
+            let _ = out.send(error(code, e.to_string(), None, 0, 0)).await;
+            return;
+        }
+    };
+    match first {
+        InferMessage::Open(open) => {
+            client_stream(net, exec, cfg, sessions, peer, open, r, out).await
+        }
+        InferMessage::Attach {
+            session_id,
+            from_hop,
+        } => push_stream(exec, sessions, session_id, from_hop, r, out).await,
+        other => {
+            let _ = out
+                .send(error(
+                    ErrorCode::Malformed,
+                    format!(
+                        "a stream must start with Open or Attach, not {}",
+                        other.name()
+                    ),
+                    None,
+                    0,
+                    0,
+                ))
+                .await;
+        }
+    }
+}
