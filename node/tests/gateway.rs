@@ -14,15 +14,7 @@ use nomoat_tests::harness::Proc;
 use nomoat_tests::web::{wait_for, Browser, NomoatProc};
 use serde_json::{json, Value};
 
-/// The `nomoat` binary cargo built for this test.
-fn nomoat_bin() -> anyhow::Result<std::path::PathBuf> {
-    Ok(nomoat_tests::nomoat_bin!())
-}
-
-/// Starts `nomoat serve ARGS` and waits for its first stdout line.
-fn serve(args: &[&str]) -> anyhow::Result<Proc> {
-    nomoat_tests::harness::serve(&nomoat_bin()?, args)
-}
+nomoat_tests::process_helpers!();
 
 /// The tests of this file run one at a time: several start three servers,
 /// and on a small machine many at once would starve each other.

@@ -9,15 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use nomoat_tests::harness::Proc;
 
-/// The `nomoat` binary cargo built for this test.
-fn nomoat_bin() -> anyhow::Result<std::path::PathBuf> {
-    Ok(nomoat_tests::nomoat_bin!())
-}
-
-/// Starts `nomoat serve ARGS` and waits for its first stdout line.
-fn serve(args: &[&str]) -> anyhow::Result<Proc> {
-    nomoat_tests::harness::serve(&nomoat_bin()?, args)
-}
+nomoat_tests::process_helpers!();
 
 /// The tests of this file run one at a time: each starts three servers, and
 /// on a small machine nine at once would starve each other.

@@ -16,10 +16,7 @@ use nomoat_node::store::ChunkStore;
 use nomoat_node::weights::import;
 use nomoat_tests::harness::Proc;
 
-/// The `nomoat` binary cargo built for this test.
-fn nomoat_bin() -> anyhow::Result<std::path::PathBuf> {
-    Ok(nomoat_tests::nomoat_bin!())
-}
+nomoat_tests::process_helpers!();
 
 /// The tests of this file run one at a time (several servers each).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

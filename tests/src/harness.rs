@@ -101,6 +101,26 @@ macro_rules! nomoat_bin {
     };
 }
 
+/// Defines, in the calling test file, `nomoat_bin()` (the binary cargo
+/// built for it, see [`nomoat_bin!`](crate::nomoat_bin)) and `serve(ARGS)`
+/// (starts `nomoat serve ARGS` and waits for its first stdout line).
+#[macro_export]
+macro_rules! process_helpers {
+    () => {
+        /// The `nomoat` binary cargo built for this test.
+        #[allow(dead_code)]
+        fn nomoat_bin() -> anyhow::Result<std::path::PathBuf> {
+            Ok($crate::nomoat_bin!())
+        }
+
+        /// Starts `nomoat serve ARGS` and waits for its first stdout line.
+        #[allow(dead_code)]
+        fn serve(args: &[&str]) -> anyhow::Result<$crate::harness::Proc> {
+            $crate::harness::serve(&nomoat_bin()?, args)
+        }
+    };
+}
+
 /// A `nomoat serve` process, killed when dropped.
 pub type Proc = nomoat_node::process::ServeProcess;
 

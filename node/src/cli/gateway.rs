@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use libp2p::Multiaddr;
 use nomoat_node::engine::{ChatTokenizer, LocalModel, WeightMode};
@@ -88,7 +88,7 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
     } else {
         let (gw, net) = swarm_gateway(
             &file,
-            model_id,
+            model_id.context("a swarm's model has an id")?,
             cfg,
             args.swarm.clone(),
             args.listen.clone(),

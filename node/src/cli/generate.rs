@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use libp2p::{Multiaddr, PeerId};
 use nomoat_node::client::{RemoteSession, Stepper};
@@ -106,7 +106,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         rt.block_on(open_swarm(
             &args.swarm,
-            &model_id,
+            model_id.as_deref().context("a swarm's model has an id")?,
             &file,
             args.model.weights,
             &prompt,

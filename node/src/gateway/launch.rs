@@ -75,26 +75,34 @@ pub fn model_name(model: &str) -> String {
     }
 }
 
-/// A `--model` argument opened: the file and the swarm's model id. A model
-/// id from `nomoat import` opens from the weight store, its head fetched
-/// through `bootstrap` when missing (everything, when `bootstrap` is empty);
-/// a catalog name or a path opens the file, whose BLAKE3 hash is the id.
+/// A `--model` argument opened: the file and, for a swarm, its model id. A
+/// model id from `nomoat import` opens from the weight store, its head
+/// fetched through `bootstrap` when missing (everything, when `bootstrap` is
+/// empty); a catalog name or a path opens the file, whose BLAKE3 hash is the
+/// id, computed only when there is a swarm (`bootstrap` not empty) to name
+/// the model to.
 pub async fn open_model(
     model: &str,
     bootstrap: &[Multiaddr],
-) -> Result<(ModelFile, String), LaunchError> {
+) -> Result<(ModelFile, Option<String>), LaunchError> {
     match crate::weights::parse_model_id(model) {
         Some(id) => {
             let store = ChunkStore::open(&crate::catalog::home())?;
             let file = crate::weights::open_for_generate(store, id, bootstrap).await?;
-            Ok((file, id.to_hex()))
+            Ok((file, Some(id.to_hex())))
         }
         None => {
             let path = crate::catalog::resolve(model, true)?;
-            let id = crate::weights::model_file_id(&path).map_err(|source| LaunchError::Hash {
-                path: path.clone(),
-                source,
-            })?;
+            let id = if bootstrap.is_empty() {
+                None
+            } else {
+                let id =
+                    crate::weights::model_file_id(&path).map_err(|source| LaunchError::Hash {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some(id)
+            };
             Ok((ModelFile::open(&path)?, id))
         }
     }
