@@ -15,6 +15,8 @@
 //!   and opening a stored model.
 //! * [`gateway`]: the OpenAI-compatible API, dashboard and metrics.
 //! * [`node`](mod@node): a whole server assembled from these parts.
+//! * `netbed` (Linux): the multi-host test bed of network namespaces that
+//!   the tests and `nomoat bench wan` run on.
 
 pub mod catalog;
 pub mod client;
@@ -22,6 +24,8 @@ pub mod engine;
 pub mod gateway;
 pub mod metrics;
 pub mod net;
+#[cfg(target_os = "linux")]
+pub mod netbed;
 pub mod node;
 pub mod process;
 pub mod server;

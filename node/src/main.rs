@@ -33,6 +33,9 @@ enum Command {
     Bench(BenchCommand),
     /// Serve a span of a model's blocks to the swarm.
     Serve(cli::serve::ServeArgs),
+    /// Relay for peers behind NAT (and be a peer to bootstrap from),
+    /// serving no blocks.
+    Relay(cli::serve::RelayArgs),
     /// Show which peers serve which blocks, their RTT, throughput and load.
     Status(cli::status::StatusArgs),
     /// Serve the OpenAI-compatible API, the live dashboard and /metrics,
@@ -71,6 +74,11 @@ enum BenchCommand {
     /// The time from a server's death to the next token: three servers and
     /// a spare on loopback, the middle one killed mid-session.
     Failover(cli::bench::failover::BenchFailoverArgs),
+    /// Decode speed and time to first token of a swarm on separate hosts
+    /// of the network test bed, for one-way delays of 0 to 50 ms and a
+    /// lossy setting, with the fitted network legs per token (needs root).
+    #[cfg(target_os = "linux")]
+    Wan(cli::bench::wan::BenchWanArgs),
     /// Weight transfer rate over loopback from 1 and 2 providers against a
     /// raw QUIC stream, measured in the same run.
     Weights(cli::bench::weights::BenchWeightsArgs),
@@ -128,6 +136,8 @@ fn main() -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cli::bench::swarm::bench_swarm(args))
         }
+        #[cfg(target_os = "linux")]
+        Command::Bench(BenchCommand::Wan(args)) => cli::bench::wan::bench_wan(args),
         Command::Bench(BenchCommand::Failover(args)) => {
             std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cli::bench::failover::bench_failover(args))
@@ -150,6 +160,7 @@ fn main() -> Result<()> {
             runtime()?.block_on(cli::serve::serve(args))
         }
         Command::Status(args) => runtime()?.block_on(cli::status::status(args)),
+        Command::Relay(args) => runtime()?.block_on(cli::serve::relay(args)),
         Command::Gateway(args) => runtime()?.block_on(cli::gateway::run_gateway(args)),
         Command::Demo(args) => runtime()?.block_on(cli::demo::demo(args)),
         Command::Bench(BenchCommand::Api(args)) => {

@@ -10,6 +10,10 @@
 pub mod harness;
 pub mod web;
 
+/// The multi-host test bed, from the node crate (`nomoat bench wan` runs on it too).
+#[cfg(target_os = "linux")]
+pub use nomoat_node::netbed;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -61,6 +61,9 @@ fn demo_server_args(
         blocks,
         "--heartbeat",
         "0.5",
+        // The demo is one machine: its servers stay off the network.
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
         "--threads",
     ]
     .iter()

@@ -45,9 +45,9 @@ pub(crate) struct GatewayArgs {
     /// Seconds a swarm step may take before the failing hop is reported.
     #[arg(long, default_value_t = 30.0)]
     step_timeout: f64,
-    /// Address of the gateway's own peer-to-peer node (repeatable); use a
-    /// routable one, e.g. /ip4/0.0.0.0/udp/0/quic-v1, to reach other machines.
-    #[arg(long, default_value = "/ip4/127.0.0.1/udp/0/quic-v1")]
+    /// Address of the gateway's own peer-to-peer node (repeatable). The
+    /// default, every interface on any free port, reaches other machines.
+    #[arg(long, default_values = nomoat_node::net::DEFAULT_LISTEN)]
     listen: Vec<Multiaddr>,
 }
 

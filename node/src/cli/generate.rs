@@ -62,6 +62,10 @@ pub(crate) struct GenerateArgs {
     /// Seconds a swarm step may take before the failing hop is reported.
     #[arg(long, default_value_t = 30.0)]
     step_timeout: f64,
+    /// Find the swarm's servers on the local network with mDNS (with or
+    /// instead of --swarm).
+    #[arg(long)]
+    mdns: bool,
 }
 
 /// `nomoat generate`: streams the text to stdout, the speeds to stderr.
@@ -100,7 +104,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         stop_ids: tokenizer.stop_ids().to_vec(),
     };
     let step_timeout = Duration::from_secs_f64(args.step_timeout.max(0.1));
-    let stepper = if args.swarm.is_empty() {
+    let stepper = if args.swarm.is_empty() && !args.mdns {
         let model = LocalModel::load_whole(&file, args.model.weights)?;
         Swarm::Local(Stepper::local(Arc::new(model)))
     } else {
@@ -112,6 +116,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
             &prompt,
             &opts,
             step_timeout,
+            args.mdns,
         ))?
     };
     let stats = rt.block_on(run(stepper, &tokenizer, &file, &prompt, &opts))?;
@@ -124,6 +129,9 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// How long `--mdns` listens for servers covering the model.
+const MDNS_WAIT: Duration = Duration::from_secs(20);
 
 /// The stepper of a generation, with the network node of a swarm one.
 enum Swarm {
@@ -141,14 +149,28 @@ async fn open_swarm(
     prompt: &[u32],
     opts: &GenerateOptions,
     step_timeout: Duration,
+    mdns: bool,
 ) -> Result<Swarm> {
     let head = Arc::new(Head::load(file, weights)?);
-    let net = net::start(NetConfig::default()).await?;
+    let net = net::start(NetConfig {
+        mdns,
+        ..NetConfig::default()
+    })
+    .await?;
     let n = file.config().num_blocks as u32;
     let max_len = file
         .config()
         .max_seq_len
         .min(prompt.len() + opts.max_tokens + 1) as u32;
+    if mdns {
+        let found = net::discover::wait_covered(&net, model_id, n, MDNS_WAIT).await;
+        if !found {
+            eprintln!(
+                "mDNS found no servers covering the model within {MDNS_WAIT:?}; \
+                 trying anyway (pass --swarm ADDR to name a peer)"
+            );
+        }
+    }
     let session =
         match RemoteSession::discover_and_open(&net, bootstrap, model_id, n, max_len, step_timeout)
             .await
@@ -206,11 +228,33 @@ async fn run(
             );
         }
     }
+    if let (Some(session), Some(net)) = (stepper.remote(), &net) {
+        for (i, (peer, _)) in session.route().iter().enumerate() {
+            eprintln!("{}", describe_path(i, peer, &net.connection_addrs(peer)));
+        }
+    }
     stepper.close().await;
     if let Some(net) = net {
         net.shutdown().await;
     }
     Ok(result?.1)
+}
+
+/// `path: hop I PEER direct|relayed via ADDR, ...`: how this node reached
+/// a hop (every connection it had to it, oldest first).
+fn describe_path(hop: usize, peer: &PeerId, addrs: &[Multiaddr]) -> String {
+    let relayed = |a: &Multiaddr| {
+        a.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
+    };
+    let kind = match (addrs.iter().any(|a| !relayed(a)), addrs.iter().any(relayed)) {
+        (true, true) => "upgraded",
+        (true, false) => "direct",
+        (false, true) => "relayed",
+        (false, false) => "unknown",
+    };
+    let via: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    format!("path: hop {hop} {peer} {kind} via {}", via.join(", "))
 }
 
 /// `peer (a..b) -> peer (b..c) -> ...`

@@ -19,8 +19,10 @@ use nomoat_scheduler::BlockRange;
 /// Network flags shared by every swarm command.
 #[derive(Debug, Args)]
 pub(crate) struct NetArgs {
-    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/udp/4001/quic-v1.
-    #[arg(long, default_value = "/ip4/127.0.0.1/udp/0/quic-v1")]
+    /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/udp/4001/quic-v1
+    /// for a fixed port to forward. The default is QUIC and TCP on every
+    /// interface, on free ports.
+    #[arg(long, default_values = nomoat_node::net::DEFAULT_LISTEN)]
     listen: Vec<Multiaddr>,
     /// Discover peers on the local network with mDNS.
     #[arg(long)]
@@ -150,5 +152,52 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     shutdown_signal().await;
     eprintln!("shutting down");
     node.shutdown().await;
+    Ok(())
+}
+
+/// `nomoat relay`: a node that serves no blocks, for a reachable machine
+/// that helps others: a circuit relay for servers behind NAT (and the
+/// rendezvous of their hole punching), and a DHT peer to bootstrap from.
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// Address to listen on (repeatable); the default is QUIC and TCP on
+    /// every interface, on free ports (pick fixed ones for others to use).
+    #[arg(long, default_values = nomoat_node::net::DEFAULT_LISTEN)]
+    listen: Vec<Multiaddr>,
+    /// Peers to join (repeatable), addresses ending in /p2p/PEER_ID.
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// An address others can reach this node at (repeatable), e.g. its
+    /// public IP; its interface addresses are handed out too.
+    #[arg(long)]
+    external: Vec<Multiaddr>,
+}
+
+/// `nomoat relay`: prints `{"peer_id", "listen"}` and relays until SIGINT
+/// or SIGTERM.
+pub(crate) async fn relay(args: RelayArgs) -> Result<()> {
+    let n = args.listen.len();
+    let net = nomoat_node::net::start(NetConfig {
+        listen: args.listen,
+        bootstrap: args.bootstrap,
+        relay_server: true,
+        external: args.external,
+        ..NetConfig::default()
+    })
+    .await?;
+    let listen = net.wait_listening(n, Duration::from_secs(10)).await;
+    if listen.is_empty() {
+        anyhow::bail!("the relay listens nowhere; check --listen");
+    }
+    let hello = serde_json::json!({
+        "peer_id": net.peer_id().to_string(),
+        "listen": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "relay": true,
+    });
+    println!("{hello}");
+    std::io::stdout().flush()?;
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    net.shutdown().await;
     Ok(())
 }

@@ -10,12 +10,19 @@ use nomoat_node::net::{self, NetConfig};
 use nomoat_protocol::{BlockRange, ServerInfo};
 use nomoat_scheduler::coverage_gaps;
 
+/// How long `--mdns` listens before reporting.
+const MDNS_LISTEN: Duration = Duration::from_secs(5);
+
 /// `nomoat status`.
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
     /// A peer of the swarm (repeatable), ending in /p2p/PEER_ID.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "mdns")]
     swarm: Vec<Multiaddr>,
+    /// Also find peers on the local network with mDNS (listening for a
+    /// few seconds).
+    #[arg(long)]
+    mdns: bool,
     /// Only this model id.
     #[arg(long, default_value = "")]
     model_id: String,
@@ -25,24 +32,29 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) async fn status(args: StatusArgs) -> Result<()> {
-    let net = net::start(NetConfig::default()).await?;
-    let servers = discover(&net, &args.swarm, &args.model_id).await?;
-    // Connect to each server so ping measures its RTT.
-    let mut rows = Vec::new();
-    for s in &servers {
-        let Ok(peer) = PeerId::from_bytes(&s.peer_id) else {
-            continue;
-        };
-        let addr = s
-            .addrs
-            .iter()
-            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-            .next();
-        if let Some(addr) = addr {
-            let _ = net.dial(addr.with_p2p(peer).unwrap_or_else(|a| a)).await;
-        }
-        rows.push((peer, s.clone()));
+    let net = net::start(NetConfig {
+        mdns: args.mdns,
+        ..NetConfig::default()
+    })
+    .await?;
+    let mut peers = args.swarm.clone();
+    if args.mdns {
+        // Ask every peer mDNS connected this node to.
+        tokio::time::sleep(MDNS_LISTEN).await;
+        peers.extend(
+            net.connected_peers()
+                .into_iter()
+                .map(|(p, a)| a.with_p2p(p).unwrap_or_else(|a| a)),
+        );
     }
+    let servers = discover(&net, &peers, &args.model_id).await?;
+    // Connect to every server at once (on all its addresses, so one it
+    // cannot be reached at costs nothing) so ping measures its RTT.
+    let rows: Vec<(PeerId, ServerInfo)> = servers
+        .iter()
+        .filter_map(|s| Some((PeerId::from_bytes(&s.peer_id).ok()?, s.clone())))
+        .collect();
+    futures::future::join_all(rows.iter().map(|(p, _)| net.connect_known(*p))).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while tokio::time::Instant::now() < deadline && rows.iter().any(|(p, _)| net.rtt(p).is_none()) {
         tokio::time::sleep(Duration::from_millis(20)).await;

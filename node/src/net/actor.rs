@@ -188,7 +188,11 @@ impl Actor {
     }
 
     fn remember(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let via = self.view().connected.get(&peer).cloned();
         for a in addrs {
+            if !super::addrs::usable_from(&a, via.as_ref()) {
+                continue;
+            }
             let a = match a.iter().last() {
                 Some(libp2p::multiaddr::Protocol::P2p(_)) => a,
                 _ => a.with(libp2p::multiaddr::Protocol::P2p(peer)),
@@ -228,10 +232,9 @@ impl Actor {
     fn announce(&mut self) {
         let info = {
             let mut v = self.view();
-            let addrs: Vec<Vec<u8>> = v
-                .listen
+            let all = v.listen.iter().map(|(_, a)| a).chain(&v.external).cloned();
+            let addrs: Vec<Vec<u8>> = super::addrs::shareable(all)
                 .iter()
-                .chain(&v.external)
                 .map(|a| a.to_vec())
                 .collect();
             let reachability = v.reachability.unwrap_or(Reachability::Unknown);
@@ -277,6 +280,32 @@ impl Actor {
                 self.swarm.add_peer_address(peer, addr.clone());
                 match self.swarm.dial(addr.clone()) {
                     Ok(()) => self
+                        .pending_dials
+                        .entry(peer)
+                        .or_default()
+                        .push((addr, reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Dial {
+                            addr,
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::DialPeer { peer, reply } => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                let known = self.view().book.get(&peer).cloned().unwrap_or_default();
+                let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                    .addresses(known)
+                    .extend_addresses_through_behaviour()
+                    .build();
+                let addr = Multiaddr::empty().with(libp2p::multiaddr::Protocol::P2p(peer));
+                match self.swarm.dial(opts) {
+                    // A dial already under way answers this one too.
+                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => self
                         .pending_dials
                         .entry(peer)
                         .or_default()
@@ -352,21 +381,40 @@ impl Actor {
 
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
                 info!(%address, "listening");
-                // A relay hands its addresses out in reservations: a specific
-                // (not wildcard) listen address of a relay is taken as external.
-                let wildcard = address.iter().any(|p| {
-                    matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
-                        || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified())
-                });
-                if self.relay_server && !wildcard {
-                    self.swarm.add_external_address(address.clone());
+                // A relay hands its addresses out in reservations, so each of
+                // its interface addresses is taken as external (a relay must be
+                // reachable to be one); loopback only on a relay that has
+                // nothing else, for a swarm on one machine.
+                if self.relay_server {
+                    let lone = self
+                        .view()
+                        .listen
+                        .iter()
+                        .all(|(_, a)| super::addrs::is_loopback(a));
+                    if !super::addrs::is_loopback(&address) {
+                        if lone {
+                            let old = self.view().listen.clone();
+                            for (_, a) in old {
+                                self.swarm.remove_external_address(&a);
+                            }
+                        }
+                        self.swarm.add_external_address(address.clone());
+                    } else if lone {
+                        self.swarm.add_external_address(address.clone());
+                    }
                 }
-                self.view().listen.push(address);
+                self.view().listen.push((listener_id, address));
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
-                self.view().listen.retain(|a| a != &address);
+                self.view().listen.retain(|(_, a)| a != &address);
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                self.view().external.retain(|a| a != &address);
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 let mut v = self.view();
@@ -422,8 +470,11 @@ impl Actor {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })
                 if info.protocol_version == IDENTIFY_VERSION =>
             {
+                let via = self.view().connected.get(&peer_id).cloned();
                 for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    if super::addrs::usable_from(&addr, via.as_ref()) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
                 }
             }
             BehaviourEvent::Ping(ping::Event {

@@ -152,3 +152,26 @@ pub async fn discover(
     learn_addresses(net, &all).await;
     Ok(all)
 }
+
+/// Waits until the announcements heard cover every one of `num_blocks`
+/// blocks of `model_id` (servers found by mDNS announce themselves once
+/// connected), or `timeout`. Returns whether they do.
+pub async fn wait_covered(
+    net: &NetHandle,
+    model_id: &str,
+    num_blocks: u32,
+    timeout: Duration,
+) -> bool {
+    net.subscribe(model_id).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let ranges: Vec<_> = net.servers(model_id).iter().map(|s| s.blocks).collect();
+        if !ranges.is_empty() && nomoat_scheduler::coverage_gaps(num_blocks, &ranges).is_empty() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -25,23 +25,32 @@ impl NetHandle {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Addresses the node listens on, each ending in `/p2p/PEER_ID`.
+    /// The addresses other peers can reach this node at, most useful
+    /// first (see [`addrs::shareable`](super::addrs::shareable)), each
+    /// ending in `/p2p/PEER_ID`.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         let v = self.view();
-        v.listen
-            .iter()
-            .chain(&v.external)
-            .map(|a| a.clone().with_p2p(self.peer_id).unwrap_or_else(|a| a))
+        let all = v.listen.iter().map(|(_, a)| a).chain(&v.external).cloned();
+        super::addrs::shareable(all)
+            .into_iter()
+            .map(|a| a.with_p2p(self.peer_id).unwrap_or_else(|a| a))
             .collect()
     }
 
-    /// Waits until the node listens on at least `n` addresses (or `timeout`).
+    /// Waits until at least `n` of the node's listeners (each listen
+    /// address asked for, each relay) have an address, or `timeout`; returns
+    /// [`listen_addrs`](Self::listen_addrs).
     pub async fn wait_listening(&self, n: usize, timeout: Duration) -> Vec<Multiaddr> {
         let deadline = Instant::now() + timeout;
         loop {
-            let addrs = self.listen_addrs();
-            if addrs.len() >= n || Instant::now() >= deadline {
-                return addrs;
+            let up = {
+                let v = self.view();
+                let ids: std::collections::HashSet<_> =
+                    v.listen.iter().map(|(id, _)| *id).collect();
+                ids.len()
+            };
+            if up >= n || Instant::now() >= deadline {
+                return self.listen_addrs();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -151,6 +160,12 @@ impl NetHandle {
         self.view().connected.get(peer).cloned()
     }
 
+    /// Every peer connected now, with the address of its connection.
+    pub fn connected_peers(&self) -> Vec<(PeerId, Multiaddr)> {
+        let v = self.view();
+        v.connected.iter().map(|(p, a)| (*p, a.clone())).collect()
+    }
+
     /// The remote addresses of every connection to `peer` so far (recent
     /// history, oldest first): shows whether a peer was reached via a relay.
     pub fn connection_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
@@ -196,20 +211,35 @@ impl NetHandle {
         self.view().own_sessions.get(peer).copied().unwrap_or(0)
     }
 
-    /// Connects to `peer` if not connected yet, trying the addresses learnt
-    /// for it (most recent first). Best effort: when none is known or none
-    /// answers, opening a stream still lets the swarm dial what its
-    /// behaviours (Kademlia, identify) know.
+    /// Connects to `peer` if not connected yet, on every address learnt for
+    /// it at once (and those its behaviours know), within [`DIAL_TIMEOUT`]
+    /// in all, so unreachable addresses a peer handed out cost no more than
+    /// one dial. Best effort: when none answers, opening a stream still lets
+    /// the swarm dial again.
     pub async fn connect_known(&self, peer: PeerId) {
         if peer == self.peer_id || self.connected(&peer).is_some() {
             return;
         }
-        let addrs: Vec<Multiaddr> = self.view().book.get(&peer).cloned().unwrap_or_default();
-        for a in addrs.into_iter().rev() {
-            match self.dial(a).await {
-                Ok(_) => return,
-                Err(e) => debug!(%peer, "known address failed: {e}"),
-            }
+        if let Err(e) = self.dial_peer(peer).await {
+            debug!(%peer, "no known address answered: {e}");
+        }
+    }
+
+    /// Dials `peer` on every known address at once; returns once one
+    /// connects, or with the error of the attempt, within [`DIAL_TIMEOUT`].
+    pub async fn dial_peer(&self, peer: PeerId) -> Result<PeerId, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::DialPeer { peer, reply })
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        let addr = Multiaddr::empty().with(libp2p::multiaddr::Protocol::P2p(peer));
+        match tokio::time::timeout(DIAL_TIMEOUT, rx).await {
+            Ok(r) => r.map_err(|_| NetError::Stopped)?,
+            Err(_) => Err(NetError::Dial {
+                addr,
+                reason: format!("no connection within {DIAL_TIMEOUT:?}"),
+            }),
         }
     }
 

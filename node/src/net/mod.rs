@@ -11,8 +11,10 @@
 //! * `handle`: [`NetHandle`], commands to the actor and reads of the view.
 //! * [`discover`](mod@discover): the servers of a model, by info queries.
 //! * [`wire`]: length-prefixed messages on streams.
+//! * [`addrs`]: which addresses are handed to, and taken from, other peers.
 
 mod actor;
+pub mod addrs;
 pub mod discover;
 mod handle;
 pub mod wire;
@@ -50,7 +52,9 @@ const IDENTIFY_VERSION: &str = "/nomoat/1";
 pub struct NetConfig {
     /// Identity; a fresh one when `None`.
     pub keypair: Option<Keypair>,
-    /// Addresses to listen on.
+    /// Addresses to listen on. The default is every interface, on any free
+    /// port, over QUIC and TCP: a node that only listens on loopback cannot
+    /// dial another host (QUIC sends from its listening socket).
     pub listen: Vec<Multiaddr>,
     /// Peers to connect to at start (with `/p2p/PEER_ID`).
     pub bootstrap: Vec<Multiaddr>,
@@ -69,9 +73,7 @@ impl Default for NetConfig {
     fn default() -> Self {
         Self {
             keypair: None,
-            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1"
-                .parse()
-                .expect("valid multiaddr")],
+            listen: default_listen(),
             bootstrap: Vec::new(),
             mdns: false,
             relay_server: false,
@@ -80,6 +82,17 @@ impl Default for NetConfig {
         }
     }
 }
+
+/// The default listen addresses: QUIC and TCP on every interface, any port.
+pub fn default_listen() -> Vec<Multiaddr> {
+    DEFAULT_LISTEN
+        .iter()
+        .map(|a| a.parse().expect("valid multiaddr"))
+        .collect()
+}
+
+/// [`default_listen`] as text, for command-line defaults.
+pub const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/udp/0/quic-v1", "/ip4/0.0.0.0/tcp/0"];
 
 /// Why a network operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +131,8 @@ struct View {
     /// Seconds per block this node measured on each server's single-token
     /// steps (EMA): compute plus queueing, without the network leg.
     observed: HashMap<PeerId, f64>,
-    listen: Vec<Multiaddr>,
+    /// Listen addresses, with the listener each belongs to.
+    listen: Vec<(libp2p::core::transport::ListenerId, Multiaddr)>,
     external: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
     /// Sessions this node has open through each server (its own load there).
@@ -136,6 +150,11 @@ struct View {
 enum Command {
     Dial {
         addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId, NetError>>,
+    },
+    /// Dials a peer on every address known for it at once.
+    DialPeer {
+        peer: PeerId,
         reply: oneshot::Sender<Result<PeerId, NetError>>,
     },
     AddAddresses {

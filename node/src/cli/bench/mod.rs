@@ -5,6 +5,8 @@ pub(crate) mod engine;
 pub(crate) mod failover;
 pub(crate) mod scheduler;
 pub(crate) mod swarm;
+#[cfg(target_os = "linux")]
+pub(crate) mod wan;
 pub(crate) mod weights;
 
 use std::time::{Duration, Instant};
