@@ -77,6 +77,11 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         &args.model.model,
         &args.swarm,
     ))?;
+    // mDNS finds a swarm with no peer named: it still needs the model id.
+    let model_id = match model_id {
+        None if args.mdns => Some(nomoat_node::weights::model_file_id(file.path())?),
+        id => id,
+    };
     let tokenizer = ChatTokenizer::from_model(&file)?;
     let text = if args.chat {
         let mut messages = Vec::new();
