@@ -277,10 +277,29 @@ fn udp_blocked_between_two_hosts_falls_back_to_tcp() -> Result<()> {
         .default_link(Link::delay_ms(5))
         .block_udp("client", "s2")
         .build()?;
-    let (_servers, boot) = three_servers(&bed)?;
+    // s1 also hands out addresses nobody can reach (a wrong --external, a
+    // private network of its own): dialling them costs the client nothing.
+    let s3 = server(&bed, "s3", "20..30", &[])?;
+    let boot = addr_on(&s3, bed.ip("s3"))?;
+    let s2 = server(&bed, "s2", "10..20", &["--bootstrap", &boot])?;
+    let unreachable = [
+        "--bootstrap",
+        &boot,
+        "--external",
+        "/ip4/10.99.0.250/udp/4001/quic-v1",
+        "--external",
+        "/ip4/192.168.77.1/tcp/4001",
+    ];
+    let s1 = server(&bed, "s1", "0..10", &unreachable)?;
+    let _servers = [s1, s2, s3];
     wait_status(&bed, "client", &boot, 3)?;
+    let started = Instant::now();
     let (text, stderr) = swarm_text(&bed, "client", &boot, &[])?;
     assert_eq!(text, local, "client stderr: {stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the client waited on unreachable addresses: {stderr}"
+    );
     let s2 = path_of(&stderr, 1)?;
     assert!(s2.contains("/tcp/") && !s2.contains("quic"), "{s2}");
     assert!(path_of(&stderr, 0)?.contains("quic"), "{stderr}");
@@ -329,7 +348,26 @@ fn servers_behind_home_routers_serve_through_a_relay_and_punch_holes_where_they_
     assert!(path_of(&stderr, 0)?.contains(" direct "), "{stderr}");
     assert!(path_of(&stderr, 1)?.contains(" upgraded "), "{stderr}");
     assert!(path_of(&stderr, 2)?.contains(" relayed "), "{stderr}");
-    drop((cone, sym, s1, relay));
+
+    // The relay dies mid-session: the hop it carried fails within the
+    // step timeout, named, and the client exits instead of hanging.
+    let mut relay = relay;
+    let args = generate_args(
+        "Write a short story about a brave knight.",
+        "200",
+        &["--swarm", &boot, "--step-timeout", "5"],
+    );
+    let (status, _, stderr, elapsed) = interrupted(&bed, "home", &args, |_| {
+        relay.kill();
+        Ok(())
+    })?;
+    assert!(!status.success(), "the relayed hop cannot go on: {stderr}");
+    assert!(
+        stderr.contains("hop 2") && stderr.contains(&sym.peer_id()),
+        "{stderr}"
+    );
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}: {stderr}");
+    drop((cone, sym, s1));
     Ok(())
 }
 
@@ -350,32 +388,22 @@ fn servers_on_one_lan_find_each_other_with_mdns() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_server_killed_on_the_bed_fails_over_to_another_host() -> Result<()> {
-    let _serial = serial();
-    let max = "96";
-    let prompt = "Write a short story about a brave knight.";
-    let local = local_text(prompt, max)?;
-    let bed = Bed::builder()
-        .hosts(&["s1", "s2a", "s2b", "s3", "client"])
-        .default_link(Link::delay_ms(10))
-        .build()?;
-    let s3 = server(&bed, "s3", "20..30", &[])?;
-    let boot = addr_on(&s3, bed.ip("s3"))?;
-    let mut middle = vec![
-        server(&bed, "s2a", "10..20", &["--bootstrap", &boot])?,
-        server(&bed, "s2b", "10..20", &["--bootstrap", &boot])?,
-    ];
-    let _s1 = server(&bed, "s1", "0..10", &["--bootstrap", &boot])?;
-    wait_status(&bed, "client", &boot, 4)?;
-    let args = generate_args(prompt, max, &["--swarm", &boot, "--step-timeout", "5"]);
+/// Runs `nomoat ARGS` in `host`; once text flows, calls `act` with the
+/// client's stderr so far (its `route:` line), then waits (bounded) for the
+/// client to exit. Returns its status, stdout, stderr and the time from
+/// `act` to its exit.
+fn interrupted(
+    bed: &Bed,
+    host: &str,
+    args: &[&str],
+    act: impl FnOnce(&str) -> Result<()>,
+) -> Result<(std::process::ExitStatus, String, String, Duration)> {
     let mut client = bed
-        .command("client", nomoat_bin()?)
-        .args(&args)
+        .command(host, nomoat_bin()?)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    // The route line names the middle server; kill it once text flows.
     let mut stderr = client.stderr.take().context("piped")?;
     let (etx, erx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -404,12 +432,9 @@ fn a_server_killed_on_the_bed_fails_over_to_another_host() -> Result<()> {
     while !seen.contains("route:") {
         seen = erx.recv_timeout(Duration::from_secs(30))?;
     }
-    let routed = middle
-        .iter()
-        .position(|p| seen.contains(&p.peer_id()))
-        .context("neither middle server in the route")?;
-    middle[routed].kill();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    act(&seen)?;
+    let acted = Instant::now();
+    let deadline = acted + Duration::from_secs(120);
     let status = loop {
         while let Ok(b) = orx.try_recv() {
             text.extend(b);
@@ -419,10 +444,11 @@ fn a_server_killed_on_the_bed_fails_over_to_another_host() -> Result<()> {
         }
         if Instant::now() > deadline {
             let _ = client.kill();
-            bail!("the client never finished after the kill");
+            bail!("the client never finished after the interruption");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let elapsed = acted.elapsed();
     std::thread::sleep(Duration::from_millis(200));
     while let Ok(b) = orx.try_recv() {
         text.extend(b);
@@ -430,9 +456,39 @@ fn a_server_killed_on_the_bed_fails_over_to_another_host() -> Result<()> {
     while let Ok(s) = erx.try_recv() {
         seen = s;
     }
+    Ok((status, String::from_utf8(text)?, seen, elapsed))
+}
+
+#[test]
+fn a_server_killed_on_the_bed_fails_over_to_another_host() -> Result<()> {
+    let _serial = serial();
+    let max = "96";
+    let prompt = "Write a short story about a brave knight.";
+    let local = local_text(prompt, max)?;
+    let bed = Bed::builder()
+        .hosts(&["s1", "s2a", "s2b", "s3", "client"])
+        .default_link(Link::delay_ms(10))
+        .build()?;
+    let s3 = server(&bed, "s3", "20..30", &[])?;
+    let boot = addr_on(&s3, bed.ip("s3"))?;
+    let mut middle = vec![
+        server(&bed, "s2a", "10..20", &["--bootstrap", &boot])?,
+        server(&bed, "s2b", "10..20", &["--bootstrap", &boot])?,
+    ];
+    let _s1 = server(&bed, "s1", "0..10", &["--bootstrap", &boot])?;
+    wait_status(&bed, "client", &boot, 4)?;
+    let args = generate_args(prompt, max, &["--swarm", &boot, "--step-timeout", "5"]);
+    let (status, text, seen, _) = interrupted(&bed, "client", &args, |route| {
+        let routed = middle
+            .iter()
+            .position(|p| route.contains(&p.peer_id()))
+            .context("neither middle server in the route")?;
+        middle[routed].kill();
+        Ok(())
+    })?;
     assert!(status.success(), "client failed: {seen}");
     assert!(seen.contains("failover:"), "no failover: {seen}");
-    assert_eq!(String::from_utf8(text)?, local, "client stderr: {seen}");
+    assert_eq!(text, local, "client stderr: {seen}");
     Ok(())
 }
 
