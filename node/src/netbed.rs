@@ -332,6 +332,24 @@ impl Bed {
         Ok(())
     }
 
+    /// Forgets every mapping of NAT host `name`'s router (`conntrack -F`),
+    /// as a home router does when it reboots or its table overflows: the
+    /// host's next packets leave from new ports (a new random one behind a
+    /// symmetric NAT), and packets to the old ones are dropped.
+    ///
+    /// # Errors
+    ///
+    /// When `name` is not behind a NAT, or `conntrack` fails (install
+    /// conntrack).
+    pub fn reset_nat(&self, name: &str) -> Result<()> {
+        if self.host(name).public_ip.is_none() {
+            bail!("{name} is not behind a NAT");
+        }
+        let router = format!("{}-nat", self.host(name).ns);
+        in_ns(&router, &["conntrack", "-F"]).context("flushing the NAT table")?;
+        Ok(())
+    }
+
     fn ports_of(&self, a: &str, b: &str) -> (usize, usize) {
         let port = |n: &str| {
             self.host(n)

@@ -371,6 +371,38 @@ fn servers_behind_home_routers_serve_through_a_relay_and_punch_holes_where_they_
     Ok(())
 }
 
+/// A client behind a symmetric NAT whose router forgets its mappings
+/// mid-generation: its packets then leave from new ports. libp2p's QUIC
+/// does not migrate connections, so the client's connections die; with no
+/// other server for the range, the client names the hop within the step
+/// timeout instead of hanging, and a new generation works at once.
+#[test]
+fn a_nat_mapping_that_changes_mid_session_is_reported_not_hung_on() -> Result<()> {
+    let _serial = serial();
+    let local = local_text(PROMPT, MAX_TOKENS)?;
+    let prompt = "Write a short story about a brave knight.";
+    let bed = Bed::builder()
+        .hosts(&["s1", "s2", "s3"])
+        .nat_host("client", Nat::Symmetric)
+        .default_link(Link::delay_ms(10))
+        .build()?;
+    let (_servers, boot) = three_servers(&bed)?;
+    wait_status(&bed, "client", &boot, 3)?;
+    let args = generate_args(prompt, "200", &["--swarm", &boot, "--step-timeout", "5"]);
+    let (status, long, stderr, elapsed) =
+        interrupted(&bed, "client", &args, |_| bed.reset_nat("client"))?;
+    if status.success() {
+        // Survived (a failover, or a mapping that came back): then exact.
+        assert_eq!(long, local_text(prompt, "200")?, "client stderr: {stderr}");
+    } else {
+        assert!(stderr.contains("hop "), "{stderr}");
+        assert!(elapsed < Duration::from_secs(20), "{elapsed:?}: {stderr}");
+    }
+    let (text, stderr) = swarm_text(&bed, "client", &boot, &[])?;
+    assert_eq!(text, local, "client stderr: {stderr}");
+    Ok(())
+}
+
 #[test]
 fn servers_on_one_lan_find_each_other_with_mdns() -> Result<()> {
     let _serial = serial();
