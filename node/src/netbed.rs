@@ -4,7 +4,7 @@
 //! The kernel here has no netem, so a link cannot be slowed in the kernel.
 //! Instead each WAN host gets a TUN device (created here, then moved into
 //! its namespace) holding an address in `10.99.0.0/16`. Every packet a host
-//! sends to another WAN address comes out of its TUN into [`Switch`], which
+//! sends to another WAN address comes out of its TUN into the switch thread, which
 //! holds it for the link's delay (plus jitter, behind the link's queue at its
 //! rate), drops it with the link's loss rate, and writes it into the
 //! destination's TUN. A topology is a few lines:

@@ -503,7 +503,7 @@ fn a_server_killed_on_the_bed_fails_over_to_another_host() -> Result<()> {
         .build()?;
     let s3 = server(&bed, "s3", "20..30", &[])?;
     let boot = addr_on(&s3, bed.ip("s3"))?;
-    let mut middle = vec![
+    let mut middle = [
         server(&bed, "s2a", "10..20", &["--bootstrap", &boot])?,
         server(&bed, "s2b", "10..20", &["--bootstrap", &boot])?,
     ];

@@ -146,6 +146,7 @@ enum Swarm {
 
 /// Discovers the swarm through `bootstrap`, plans a route and opens a
 /// session along it; the head runs here.
+#[allow(clippy::too_many_arguments)]
 async fn open_swarm(
     bootstrap: &[Multiaddr],
     model_id: &str,

@@ -26,7 +26,7 @@ impl NetHandle {
     }
 
     /// The addresses other peers can reach this node at, most useful
-    /// first (see [`addrs::shareable`](super::addrs::shareable)), each
+    /// first (see [`super::addrs::shareable`]), each
     /// ending in `/p2p/PEER_ID`.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         let v = self.view();

@@ -80,6 +80,7 @@ impl Timing {
 
 /// One generation through the swarm on `net`: discovers, dials the route,
 /// opens, then decodes greedily.
+#[allow(clippy::too_many_arguments)]
 async fn one_generation(
     net: &NetHandle,
     boot: &[Multiaddr],
