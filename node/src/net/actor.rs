@@ -211,6 +211,31 @@ impl Actor {
         }
     }
 
+    /// Starts a dial to `peer`; `reply` is answered when it connects or
+    /// fails (`addr` names it in the error).
+    fn start_dial(
+        &mut self,
+        peer: PeerId,
+        opts: impl Into<libp2p::swarm::dial_opts::DialOpts>,
+        addr: Multiaddr,
+        reply: DialReply,
+    ) {
+        match self.swarm.dial(opts) {
+            // A dial already under way answers this one too.
+            Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => self
+                .pending_dials
+                .entry(peer)
+                .or_default()
+                .push((addr, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(NetError::Dial {
+                    addr,
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+
     async fn run(mut self) {
         let mut tick = tokio::time::interval(self.heartbeat);
         loop {
@@ -278,19 +303,7 @@ impl Actor {
                     return;
                 }
                 self.swarm.add_peer_address(peer, addr.clone());
-                match self.swarm.dial(addr.clone()) {
-                    Ok(()) => self
-                        .pending_dials
-                        .entry(peer)
-                        .or_default()
-                        .push((addr, reply)),
-                    Err(e) => {
-                        let _ = reply.send(Err(NetError::Dial {
-                            addr,
-                            reason: e.to_string(),
-                        }));
-                    }
-                }
+                self.start_dial(peer, addr.clone(), addr, reply);
             }
             Command::DialPeer { peer, reply } => {
                 if self.swarm.is_connected(&peer) {
@@ -303,20 +316,7 @@ impl Actor {
                     .extend_addresses_through_behaviour()
                     .build();
                 let addr = Multiaddr::empty().with(libp2p::multiaddr::Protocol::P2p(peer));
-                match self.swarm.dial(opts) {
-                    // A dial already under way answers this one too.
-                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => self
-                        .pending_dials
-                        .entry(peer)
-                        .or_default()
-                        .push((addr, reply)),
-                    Err(e) => {
-                        let _ = reply.send(Err(NetError::Dial {
-                            addr,
-                            reason: e.to_string(),
-                        }));
-                    }
-                }
+                self.start_dial(peer, opts, addr, reply);
             }
             Command::AddAddresses { peer, addrs, done } => {
                 self.remember(peer, addrs);
