@@ -109,6 +109,17 @@ pub(crate) struct ModelArgs {
     pub(crate) weights: WeightMode,
 }
 
+/// Reads `--wire-dtype`: `f32`, `f16`, `bf16` or `q8`.
+pub(crate) fn parse_wire_dtype(s: &str) -> Result<nomoat_protocol::DType, String> {
+    nomoat_protocol::DType::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = nomoat_protocol::DType::ALL
+            .iter()
+            .map(|d| d.name())
+            .collect();
+        format!("unknown wire dtype {s:?}: use one of {}", names.join(", "))
+    })
+}
+
 /// The network runtime: one worker (measured faster than two for small
 /// QUIC messages on loopback); compute runs on its own threads.
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -98,9 +98,22 @@ fn three_processes_generate_exactly_the_local_text() -> Result<()> {
         let (swarm, stats) = generate(&["--swarm", &boot], prompt)?;
         assert!(!local.trim().is_empty());
         assert_eq!(swarm, local, "prompt {prompt:?}; client stderr: {stats}");
+        // Hidden states as f16 on every link: the same greedy text.
+        let (half, stats) = generate(&["--swarm", &boot, "--wire-dtype", "f16"], prompt)?;
+        assert_eq!(
+            half, local,
+            "f16, prompt {prompt:?}; client stderr: {stats}"
+        );
     }
     let (answer, _) = generate(&["--swarm", &boot], "What is the capital of France?")?;
     assert!(answer.contains("Paris"), "{answer:?}");
+    // 8-bit blocks on every link still answer the question.
+    let q = "What is the capital of France?";
+    let (answer, stats) = generate(&["--swarm", &boot, "--wire-dtype", "q8"], q)?;
+    assert!(answer.contains("Paris"), "q8: {answer:?}; {stats}");
+    // An unknown dtype is refused by name.
+    let err = generate(&["--swarm", &boot, "--wire-dtype", "f8"], q).unwrap_err();
+    assert!(err.to_string().contains("f32, f16, bf16, q8"), "{err}");
     Ok(())
 }
 

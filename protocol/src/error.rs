@@ -42,6 +42,17 @@ pub enum TensorError {
     /// The frame's shape `got` does not match `expected`, where `?` matches any dimension.
     #[error("expected shape {expected}, got {got:?}")]
     ShapeMismatch { expected: String, got: Vec<usize> },
+    /// A blockwise `dtype` needs a last axis that is a multiple of `block`; it is `dim`.
+    #[error("{dtype} needs a last dimension that is a multiple of {block}, got {dim}")]
+    NotBlockAligned {
+        dtype: DType,
+        dim: usize,
+        block: usize,
+    },
+    /// Block `block` holds a value `Q8Block` cannot represent (not finite, or
+    /// a scale past f16's range).
+    #[error("block {block} holds a value 8-bit blocks cannot represent (not finite or too large)")]
+    Unrepresentable { block: usize },
 }
 
 /// Why a message could not be decoded or is not valid.
@@ -164,7 +175,9 @@ impl From<&TensorError> for ErrorCode {
             TensorError::UnknownDType(_) | TensorError::DTypeMismatch { .. } => Self::BadDType,
             TensorError::RankTooLarge { .. }
             | TensorError::ZeroDim { .. }
-            | TensorError::ShapeMismatch { .. } => Self::BadShape,
+            | TensorError::ShapeMismatch { .. }
+            | TensorError::NotBlockAligned { .. } => Self::BadShape,
+            TensorError::Unrepresentable { .. } => Self::BadDType,
             TensorError::TooLarge { .. } => Self::TooLarge,
         }
     }

@@ -80,7 +80,7 @@
 //! ```text
 //! client --Step--> hop 0 --Step--> hop 1 --Step--> ... --Step--> hop k-1
 //!   ^                |               |                             |
-//!   +------Copy------+------Copy-----+--------Copy, Result---------+
+//!   +------Copy------+------Copy-----+-----------Result------------+
 //! ```
 //!
 //! - The client sends each step to hop 0, on its stream to hop 0.
@@ -89,10 +89,13 @@
 //!   hop `i + 1`.
 //! - The last hop answers the client with [`InferMessage::Result`], the step's final
 //!   hidden states, on the client's stream to it.
-//! - Every hop also sends the client an [`InferMessage::Copy`] of its output on the
-//!   client's stream to it, after forwarding the step: off the critical path. The
-//!   client thus holds every span's input, which it replays to a replacement when a
-//!   hop fails, and recomputes elsewhere to spot-check a hop.
+//! - Every other hop also sends the client an [`InferMessage::Copy`] of its output on
+//!   the client's stream to it, after forwarding the step: off the critical path. (The
+//!   last hop's result is its copy; it sends no other. A replay step that stops at
+//!   `last_hop` is answered with a `Copy` from that hop, the last or not.) The client
+//!   thus holds every span's input, which it replays to a replacement when a hop
+//!   fails, and recomputes elsewhere to spot-check a hop.
+//! - Every hop sends its output in the dtype of the step's input (see below).
 //!
 //! A step therefore crosses `k + 1` network legs on its critical path, not `2k`.
 //!
@@ -109,9 +112,14 @@
 //!   appends. A `start_pos` past the length would leave a gap and is refused.
 //! - A step that would take the session past its `max_length` is refused with
 //!   [`ErrorCode::ContextFull`].
-//! - A hop checks the frame against its span with [`TensorFrame::expect`]: the
-//!   session's dtype, `t >= 1` and the model's hidden size. A mismatch is
+//! - A hop checks the frame against its span with [`TensorFrame::expect`]:
+//!   `t >= 1` and the model's hidden size. A mismatch is
 //!   [`ErrorCode::BadDType`] or [`ErrorCode::BadShape`].
+//! - The wire dtype is the sender's choice, step by step: a hop computes in
+//!   f32 and sends its output (on, as the result, and as the copy) in the
+//!   dtype of the input it received, so the client's choice holds along the
+//!   whole route. [`DType::Q8Block`] needs a hidden size that is a multiple
+//!   of [`Q8_BLOCK`].
 //!
 //! ## Errors
 //!
@@ -382,14 +390,17 @@
 //! |---------------|------------|-----------|-----------------------------------------|
 //! | 0             | 2          | magic     | `"NT"` ([`TENSOR_HEADER_MAGIC`])        |
 //! | 2             | 1          | version   | `1` ([`TENSOR_FRAME_VERSION`])          |
-//! | 3             | 1          | dtype     | [`DType`] as `u8`: 1 f32, 2 f16, 3 bf16 |
+//! | 3             | 1          | dtype     | [`DType`] as `u8`: 1 f32, 2 f16, 3 bf16, 4 q8 |
 //! | 4             | 1          | rank      | `0..=4` ([`MAX_TENSOR_RANK`])           |
 //! | 5             | 3          | reserved  | zero                                    |
 //! | 8             | 4 × rank   | dims      | one `u32` per axis, outermost first     |
 //! | 8 + 4 × rank  | data bytes | data      | elements in row-major order             |
 //!
 //! The header is therefore `8 + 4 * rank` bytes, and the data is
-//! `product(dims) * dtype.size_in_bytes()` bytes. Rank 0 is a scalar: one element.
+//! `product(dims) / dtype.block_len() * dtype.block_bytes()` bytes: for the
+//! plain dtypes one element is one block. Rank 0 is a scalar: one element.
+//! [`DType::Q8Block`] needs a last axis that is a multiple of [`Q8_BLOCK`]; each
+//! block is an f16 scale then 32 `i8` values.
 //!
 //! ## Validation of a frame
 //!
@@ -539,7 +550,7 @@ pub use manifest::{
     MAX_CHUNK_BYTES, MAX_MANIFEST_BLOCKS, MAX_MANIFEST_BYTES, MAX_MANIFEST_DIMS,
     MAX_MANIFEST_TENSORS, MIN_CHUNK_BYTES,
 };
-pub use tensor::{DType, TensorFrame};
+pub use tensor::{DType, TensorFrame, Q8_BLOCK};
 pub use weights::{
     Have, WeightsRequest, WeightsResponse, MAX_CHUNKS_PER_REQUEST, WEIGHTS_PROTOCOL,
 };

@@ -33,24 +33,52 @@ pub enum DType {
     F16 = 2,
     /// bfloat16 (the upper half of an f32), 2 bytes.
     BF16 = 3,
+    /// 8-bit blockwise: each run of [`Q8_BLOCK`] elements along the last
+    /// axis is an f16 scale `d` and 32 `i8` values `q`, the element being
+    /// `d * q`; 34 bytes per 32 elements. The last axis must be a multiple of
+    /// the block.
+    Q8Block = 4,
 }
 
+/// Elements in one block of [`DType::Q8Block`].
+pub const Q8_BLOCK: usize = 32;
+
 impl DType {
-    /// Size of one element in bytes.
-    pub fn size_in_bytes(self) -> usize {
+    /// Every dtype, in wire-byte order.
+    pub const ALL: [Self; 4] = [Self::F32, Self::F16, Self::BF16, Self::Q8Block];
+
+    /// Elements per block: 1 for the plain types, [`Q8_BLOCK`] for `Q8Block`.
+    pub fn block_len(self) -> usize {
         match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
+            Self::Q8Block => Q8_BLOCK,
+            _ => 1,
         }
     }
 
-    /// Lower-case name, as used in configs and error messages: `f32`, `f16`, `bf16`.
+    /// Bytes per block of [`block_len`](Self::block_len) elements: the
+    /// element size for the plain types.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q8Block => 2 + Q8_BLOCK,
+        }
+    }
+
+    /// Lower-case name, as used in configs and error messages: `f32`, `f16`,
+    /// `bf16`, `q8`.
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::BF16 => "bf16",
+            Self::Q8Block => "q8",
         }
+    }
+
+    /// The dtype [`name`](Self::name) spells.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
     }
 }
 
@@ -63,6 +91,7 @@ impl TryFrom<u8> for DType {
             1 => Ok(Self::F32),
             2 => Ok(Self::F16),
             3 => Ok(Self::BF16),
+            4 => Ok(Self::Q8Block),
             other => Err(TensorError::UnknownDType(other)),
         }
     }
@@ -125,15 +154,19 @@ impl TensorFrame {
     }
 
     /// Builds a frame of `dtype` from f32 values, rounding to nearest for f16 and bf16.
+    /// For `Q8Block`, each block's scale is its largest magnitude over 127,
+    /// rounded to f16, and each value is rounded to the nearest multiple of it.
     ///
     /// # Errors
     ///
     /// As [`new`](Self::new); for [`TensorError::LengthMismatch`], `got` counts the
     /// bytes `values` would take in `dtype`. The shape is checked before any
-    /// conversion or allocation.
+    /// conversion or allocation. [`TensorError::Unrepresentable`] when a
+    /// `Q8Block` block holds a value that is not finite or a scale past f16.
     pub fn from_f32(shape: Vec<usize>, values: &[f32], dtype: DType) -> Result<Self, TensorError> {
         let expected = checked_data_len(dtype, &shape)?;
-        let got = values.len().saturating_mul(dtype.size_in_bytes());
+        let got = (values.len() / dtype.block_len()).saturating_mul(dtype.block_bytes())
+            + values.len() % dtype.block_len();
         if got != expected {
             return Err(TensorError::LengthMismatch { expected, got });
         }
@@ -148,6 +181,12 @@ impl TensorFrame {
             DType::BF16 => values
                 .iter()
                 .for_each(|&v| data.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+            DType::Q8Block => {
+                for (i, block) in values.chunks_exact(Q8_BLOCK).enumerate() {
+                    quantize_block(block, &mut data)
+                        .ok_or(TensorError::Unrepresentable { block: i })?;
+                }
+            }
         }
         Ok(Self {
             dtype,
@@ -196,7 +235,29 @@ impl TensorFrame {
                 .chunks_exact(2)
                 .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
+            DType::Q8Block => {
+                let mut out = Vec::with_capacity(self.elem_count());
+                for b in self.data.chunks_exact(DType::Q8Block.block_bytes()) {
+                    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    out.extend(b[2..].iter().map(|&q| d * f32::from(q as i8)));
+                }
+                out
+            }
         }
+    }
+
+    /// This frame in `dtype`: the same frame when it is already, else its
+    /// values converted through f32.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_f32`](Self::from_f32): a shape `dtype` cannot hold, or
+    /// values it cannot represent.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self, TensorError> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        Self::from_f32(self.shape.clone(), &self.to_f32(), dtype)
     }
 
     /// Element type.
@@ -235,7 +296,7 @@ impl TensorFrame {
 
     /// Number of elements: the product of the dimensions (1 for a scalar).
     pub fn elem_count(&self) -> usize {
-        self.data.len() / self.dtype.size_in_bytes()
+        self.data.len() / self.dtype.block_bytes() * self.dtype.block_len()
     }
 
     /// Length of [`encode`](Self::encode)'s output: `8 + 4 * rank + data.len()`.
@@ -404,10 +465,32 @@ impl fmt::Debug for TensorFrame {
     }
 }
 
+/// Appends one `Q8Block` block of `block`'s values; `None` when one is not
+/// finite or the scale does not fit an f16.
+fn quantize_block(block: &[f32], out: &mut Vec<u8>) -> Option<()> {
+    let amax = block
+        .iter()
+        .try_fold(0f32, |m, &v| v.is_finite().then(|| m.max(v.abs())))?;
+    let d = f16::from_f32(amax / 127.0);
+    if !d.is_finite() {
+        return None;
+    }
+    let df = d.to_f32();
+    let inv = if df > 0.0 { 1.0 / df } else { 0.0 };
+    out.extend_from_slice(&d.to_le_bytes());
+    out.extend(
+        block
+            .iter()
+            .map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+    );
+    Some(())
+}
+
 /// Data length in bytes of a `dtype` tensor of `shape`, checked against the limits.
 ///
 /// Zero dimensions are reported before size: a tensor with a zero axis is invalid
 /// whatever its other axes. The product saturates, so overflow reads as too large.
+/// A blockwise dtype needs a last axis that is a whole number of blocks.
 fn checked_data_len(dtype: DType, shape: &[usize]) -> Result<usize, TensorError> {
     if shape.len() > MAX_TENSOR_RANK {
         return Err(TensorError::RankTooLarge { rank: shape.len() });
@@ -415,9 +498,25 @@ fn checked_data_len(dtype: DType, shape: &[usize]) -> Result<usize, TensorError>
     if let Some(axis) = shape.iter().position(|&dim| dim == 0) {
         return Err(TensorError::ZeroDim { axis });
     }
-    let bytes = shape.iter().fold(dtype.size_in_bytes(), |bytes, &dim| {
-        bytes.saturating_mul(dim)
-    });
+    let block = dtype.block_len();
+    if block > 1 {
+        let last = shape.last().copied().unwrap_or(1);
+        if last % block != 0 {
+            return Err(TensorError::NotBlockAligned {
+                dtype,
+                dim: last,
+                block,
+            });
+        }
+    }
+    let (outer, last) = match shape.split_last() {
+        Some((&last, outer)) => (outer, last),
+        None => (&[][..], 1),
+    };
+    let bytes = outer.iter().fold(
+        (last / block).saturating_mul(dtype.block_bytes()),
+        |bytes, &dim| bytes.saturating_mul(dim),
+    );
     if bytes > MAX_TENSOR_BYTES {
         return Err(TensorError::TooLarge {
             bytes,

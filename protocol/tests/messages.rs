@@ -853,7 +853,7 @@ fn session_id() -> impl Strategy<Value = SessionId> {
 fn tensor() -> impl Strategy<Value = TensorFrame> {
     let dtype = prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::BF16)];
     (dtype, prop::collection::vec(1usize..4, 0..=4)).prop_flat_map(|(dtype, shape)| {
-        let len = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let len = shape.iter().product::<usize>() * dtype.block_bytes();
         prop::collection::vec(any::<u8>(), len)
             .prop_map(move |data| TensorFrame::new(dtype, shape.clone(), data).unwrap())
     })

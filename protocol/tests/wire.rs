@@ -2,7 +2,7 @@
 //! property-based round trips.
 
 use nomoat_protocol::{
-    DType, ErrorCode, TensorError, TensorFrame, MAX_TENSOR_BYTES, MAX_TENSOR_RANK,
+    DType, ErrorCode, TensorError, TensorFrame, MAX_TENSOR_BYTES, MAX_TENSOR_RANK, Q8_BLOCK,
     TENSOR_FRAME_VERSION, TENSOR_HEADER_MAGIC,
 };
 use proptest::prelude::*;
@@ -100,18 +100,23 @@ fn every_prefix_of_a_frame_is_truncated() {
 #[test]
 fn dtype_bytes_names_and_sizes() {
     let cases = [
-        (1u8, DType::F32, "f32", 4),
-        (2, DType::F16, "f16", 2),
-        (3, DType::BF16, "bf16", 2),
+        (1u8, DType::F32, "f32", 1, 4),
+        (2, DType::F16, "f16", 1, 2),
+        (3, DType::BF16, "bf16", 1, 2),
+        (4, DType::Q8Block, "q8", 32, 34),
     ];
-    for (byte, dtype, name, size) in cases {
+    assert_eq!(DType::ALL.len(), cases.len());
+    for (byte, dtype, name, block, size) in cases {
         assert_eq!(DType::try_from(byte).unwrap(), dtype);
         assert_eq!(dtype as u8, byte);
         assert_eq!(dtype.name(), name);
+        assert_eq!(DType::from_name(name), Some(dtype));
         assert_eq!(dtype.to_string(), name);
-        assert_eq!(dtype.size_in_bytes(), size);
+        assert_eq!(dtype.block_len(), block);
+        assert_eq!(dtype.block_bytes(), size);
     }
-    for byte in [0u8, 4, 255] {
+    assert_eq!(DType::from_name("q4"), None);
+    for byte in [0u8, 5, 255] {
         assert!(matches!(DType::try_from(byte), Err(TensorError::UnknownDType(b)) if b == byte));
     }
 }
@@ -312,6 +317,124 @@ fn half_conversions_round_to_nearest() {
     assert_eq!(bf16.to_f32(), [1.0, 65536.0, 999424.0, -0.0]);
 }
 
+/// Deterministic values over a wide range, with an outlier per row.
+fn wavy(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let x = (i as f32 * 0.37).sin() * 3.0;
+            if i % 97 == 5 {
+                x * 40.0
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn q8_blocks_encode_scale_then_values_and_round_trip_within_half_a_step() {
+    // One block: the scale is the largest magnitude over 127, in f16.
+    let mut values = [0f32; Q8_BLOCK];
+    values[0] = 127.0;
+    values[1] = -63.6;
+    values[2] = 0.4;
+    let f = TensorFrame::from_f32(vec![1, Q8_BLOCK], &values, DType::Q8Block).unwrap();
+    assert_eq!(f.data().len(), 34);
+    assert_eq!(&f.data()[..2], &half::f16::from_f32(1.0).to_le_bytes());
+    assert_eq!(f.data()[2] as i8, 127);
+    assert_eq!(f.data()[3] as i8, -64);
+    assert_eq!(f.data()[4] as i8, 0);
+    assert_eq!(f.elem_count(), Q8_BLOCK);
+    let back = f.to_f32();
+    assert_eq!(&back[..3], &[127.0, -64.0, 0.0]);
+    // Encode, decode: the same bytes.
+    assert_eq!(TensorFrame::decode(&f.encode()).unwrap(), f);
+
+    // Many rows: every value is within half a step of its block's scale.
+    let (rows, hidden) = (7, 576);
+    let values = wavy(rows * hidden);
+    let f = TensorFrame::from_f32(vec![rows, hidden], &values, DType::Q8Block).unwrap();
+    assert_eq!(f.data().len(), rows * hidden / 32 * 34);
+    let back = f.to_f32();
+    for (b, (orig, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+        let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let step = amax / 127.0;
+        for (o, g) in orig.iter().zip(got) {
+            assert!(
+                (o - g).abs() <= step * 0.5 + amax * 1e-3,
+                "block {b}: {o} -> {g}"
+            );
+        }
+    }
+    // Rows stay whole blocks: narrowing shares the buffer and decodes the same.
+    let mid = f.narrow_rows(2, 3).unwrap();
+    assert_eq!(mid.to_f32(), back[2 * hidden..5 * hidden]);
+    // An all-zero block has scale zero and decodes to zeros.
+    let zeros = TensorFrame::from_f32(vec![64], &[0.0; 64], DType::Q8Block).unwrap();
+    assert_eq!(zeros.to_f32(), vec![0.0; 64]);
+}
+
+#[test]
+fn q8_refuses_unaligned_shapes_and_values_it_cannot_hold() {
+    let err = TensorFrame::from_f32(vec![2, 40], &[0.0; 80], DType::Q8Block).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TensorError::NotBlockAligned {
+                dim: 40,
+                block: 32,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(ErrorCode::from(&err), ErrorCode::BadShape);
+    assert!(err.to_string().contains("multiple of 32"), "{err}");
+    // A scalar is one element: not a block.
+    assert!(matches!(
+        TensorFrame::new(DType::Q8Block, vec![], vec![0; 34]),
+        Err(TensorError::NotBlockAligned { dim: 1, .. })
+    ));
+    // Data length is whole blocks.
+    assert!(matches!(
+        TensorFrame::new(DType::Q8Block, vec![32], vec![0; 33]),
+        Err(TensorError::LengthMismatch {
+            expected: 34,
+            got: 33
+        })
+    ));
+    for bad in [f32::NAN, f32::INFINITY, 1.0e7] {
+        let mut values = vec![1.0; 64];
+        values[40] = bad;
+        let err = TensorFrame::from_f32(vec![64], &values, DType::Q8Block).unwrap_err();
+        assert!(
+            matches!(err, TensorError::Unrepresentable { block: 1 }),
+            "{bad}: {err:?}"
+        );
+        assert_eq!(ErrorCode::from(&err), ErrorCode::BadDType);
+    }
+    // A decoded frame with any bytes is valid: every block decodes.
+    let frame = TensorFrame::new(DType::Q8Block, vec![2, 32], vec![0xff; 68]).unwrap();
+    let decoded = TensorFrame::decode(&frame.encode()).unwrap();
+    assert_eq!(decoded.to_f32().len(), 64);
+}
+
+#[test]
+fn to_dtype_converts_through_f32_and_keeps_a_frame_already_in_it() {
+    let values = wavy(2 * 64);
+    let f32s = TensorFrame::from_f32(vec![2, 64], &values, DType::F32).unwrap();
+    assert_eq!(f32s.to_dtype(DType::F32).unwrap(), f32s);
+    for dtype in [DType::F16, DType::BF16, DType::Q8Block] {
+        let f = f32s.to_dtype(dtype).unwrap();
+        assert_eq!(f.dtype(), dtype);
+        assert_eq!(f.shape(), [2, 64]);
+        assert_eq!(
+            f,
+            TensorFrame::from_f32(vec![2, 64], &values, dtype).unwrap()
+        );
+    }
+}
+
 #[test]
 fn header_constants_match_the_spec() {
     assert_eq!(&TENSOR_HEADER_MAGIC, b"NT");
@@ -331,7 +454,7 @@ fn any_shape() -> impl Strategy<Value = Vec<usize>> {
 /// Valid frames with arbitrary data bytes (NaNs and all).
 fn any_frame() -> impl Strategy<Value = TensorFrame> {
     (any_dtype(), any_shape()).prop_flat_map(|(dtype, shape)| {
-        let len = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        let len = shape.iter().product::<usize>() * dtype.block_bytes();
         prop::collection::vec(any::<u8>(), len)
             .prop_map(move |data| TensorFrame::new(dtype, shape.clone(), data).unwrap())
     })

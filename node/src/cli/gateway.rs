@@ -49,6 +49,10 @@ pub(crate) struct GatewayArgs {
     /// default, every interface on any free port, reaches other machines.
     #[arg(long, default_values = nomoat_node::net::DEFAULT_LISTEN)]
     listen: Vec<Multiaddr>,
+    /// The dtype hidden states travel in to and from the swarm: f32, f16,
+    /// bf16 or q8 (see `nomoat generate --help`).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
+    wire_dtype: nomoat_protocol::DType,
 }
 
 /// Prints the gateway's JSON line: API, dashboard and metrics URLs.
@@ -70,9 +74,18 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
     let cfg = |c: GatewayConfig| {
         c.with_max_concurrent(args.max_concurrent)
             .with_step_timeout(Duration::from_secs_f64(args.step_timeout.max(0.1)))
+            .with_wire_dtype(args.wire_dtype)
     };
     let cfg = cfg(GatewayConfig::new(name.clone()));
     let (file, model_id) = open_model(&args.model, &args.swarm).await?;
+    let hidden = file.config().hidden_size;
+    if hidden % args.wire_dtype.block_len() != 0 {
+        anyhow::bail!(
+            "--wire-dtype {}: the model's hidden size {hidden} is not a multiple of {}; use f16",
+            args.wire_dtype,
+            args.wire_dtype.block_len()
+        );
+    }
     let (gw, net) = if args.swarm.is_empty() {
         let tokenizer = ChatTokenizer::from_model(&file)?;
         let weights = args.weights;

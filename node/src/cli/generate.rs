@@ -66,6 +66,11 @@ pub(crate) struct GenerateArgs {
     /// instead of --swarm).
     #[arg(long)]
     mdns: bool,
+    /// The dtype hidden states travel in between this node and the swarm's
+    /// servers: f32, f16 (half the bytes), bf16 or q8 (8-bit blocks of 32,
+    /// 0.27x the bytes). See DESIGN.md for each one's error.
+    #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
+    wire_dtype: nomoat_protocol::DType,
 }
 
 /// `nomoat generate`: streams the text to stdout, the speeds to stderr.
@@ -122,6 +127,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
             &opts,
             step_timeout,
             args.mdns,
+            args.wire_dtype,
         ))?
     };
     let stats = rt.block_on(run(stepper, &tokenizer, &file, &prompt, &opts))?;
@@ -156,6 +162,7 @@ async fn open_swarm(
     opts: &GenerateOptions,
     step_timeout: Duration,
     mdns: bool,
+    wire: nomoat_protocol::DType,
 ) -> Result<Swarm> {
     let head = Arc::new(Head::load(file, weights)?);
     let net = net::start(NetConfig {
@@ -188,7 +195,14 @@ async fn open_swarm(
             }
         };
     eprintln!("route: {}", describe_route(&session.route()));
-    Ok(Swarm::Remote(Stepper::swarm(head, session), net))
+    let stepper = match Stepper::swarm(head, session).with_wire_dtype(wire) {
+        Ok(s) => s,
+        Err(e) => {
+            net.shutdown().await;
+            return Err(anyhow::anyhow!("--wire-dtype {wire}: {e}; use f16 instead"));
+        }
+    };
+    Ok(Swarm::Remote(stepper, net))
 }
 
 /// Runs the one token loop, writing text to stdout as it comes.

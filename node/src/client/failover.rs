@@ -156,13 +156,11 @@ impl RemoteSession {
             if widened {
                 continue;
             }
-            // 2. The replacement opens, last first.
-            let mut opened: Vec<(usize, WriteHalf<Stream>, u64)> = Vec::new();
-            let mut open_err = None;
-            for r in (0..m).rev() {
-                let conn = self.next_conn;
-                self.next_conn += 1;
-                match open_hop(
+            // 2. The replacement's hops open, all at once.
+            let conns: Vec<u64> = (0..m as u64).map(|r| self.next_conn + r).collect();
+            self.next_conn += m as u64;
+            let opens = conns.iter().enumerate().map(|(r, &conn)| {
+                open_hop(
                     &self.net,
                     self.id,
                     &self.model_id,
@@ -172,13 +170,27 @@ impl RemoteSession {
                     conn,
                     self.events_tx.clone(),
                 )
+            });
+            let mut opened: Vec<(usize, WriteHalf<Stream>, u64)> = Vec::new();
+            let mut open_err = None;
+            for (r, w) in futures::future::join_all(opens)
                 .await
-                {
-                    Ok(w) => opened.push((r, w, conn)),
+                .into_iter()
+                .enumerate()
+            {
+                match w {
+                    Ok(w) => opened.push((r, w, conns[r])),
                     Err(e) => {
-                        open_err = Some(e);
-                        break;
+                        open_err.get_or_insert(e);
                     }
+                }
+            }
+            if open_err.is_some() {
+                let close = InferMessage::Close {
+                    session_id: self.id,
+                };
+                for (_, w, _) in &mut opened {
+                    let _ = write_message(w, &close).await;
                 }
             }
             if let Some(e) = open_err {

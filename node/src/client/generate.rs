@@ -10,6 +10,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use nomoat_protocol::{DType, TensorError};
+
 use super::{ClientError, RemoteSession};
 use crate::engine::{
     hidden_from_frame, hidden_to_frame, EngineError, GenerateOptions, GenerationStats, Head,
@@ -60,6 +62,8 @@ pub enum Stepper {
         head: Arc<Head>,
         /// The session along the route.
         session: Box<RemoteSession>,
+        /// The dtype hidden states travel in; every hop answers in it.
+        wire: DType,
     },
 }
 
@@ -70,12 +74,36 @@ impl Stepper {
         Stepper::Local { model, session }
     }
 
-    /// Steps `session` with `head` computed here.
+    /// Steps `session` with `head` computed here; hidden states travel as
+    /// f32 until [`with_wire_dtype`](Self::with_wire_dtype) says otherwise.
     pub fn swarm(head: Arc<Head>, session: RemoteSession) -> Self {
         Stepper::Swarm {
             head,
             session: Box::new(session),
+            wire: DType::F32,
         }
+    }
+
+    /// Sends hidden states in `dtype` (f16 halves the bytes, `q8` nearly
+    /// quarters them); the hops answer in it. No effect on a local stepper.
+    ///
+    /// # Errors
+    ///
+    /// [`TensorError::NotBlockAligned`] when a blockwise `dtype` does not
+    /// divide the model's hidden size.
+    pub fn with_wire_dtype(mut self, dtype: DType) -> Result<Self, TensorError> {
+        if let Stepper::Swarm { wire, head, .. } = &mut self {
+            let hidden = head.config().hidden_size;
+            if hidden % dtype.block_len() != 0 {
+                return Err(TensorError::NotBlockAligned {
+                    dtype,
+                    dim: hidden,
+                    block: dtype.block_len(),
+                });
+            }
+            *wire = dtype;
+        }
+        Ok(self)
     }
 
     /// The remote session, when the blocks run on the swarm.
@@ -109,10 +137,14 @@ impl Stepper {
                 *session = Some(s);
                 r?
             }
-            Stepper::Swarm { head, session } => {
-                let h = head.clone();
+            Stepper::Swarm {
+                head,
+                session,
+                wire,
+            } => {
+                let (h, wire) = (head.clone(), *wire);
                 let frame =
-                    tokio::task::spawn_blocking(move || hidden_to_frame(&h.embed(&tokens)?))
+                    tokio::task::spawn_blocking(move || hidden_to_frame(&h.embed(&tokens)?, wire))
                         .await??;
                 m.bytes_out.add(frame.data().len() as u64);
                 let failovers = session.failovers().len();

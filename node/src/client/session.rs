@@ -109,7 +109,7 @@ impl RemoteSession {
         Self::open(net, model_id, route, max_length, step_timeout).await
     }
 
-    /// Opens a session on every hop, last hop first.
+    /// Opens a session on every hop, all at once.
     ///
     /// A transient failure (a hop that cannot reach its successor yet
     /// because announcements are still spreading, a busy or silent hop) is
@@ -154,9 +154,12 @@ impl RemoteSession {
         let id = SessionId(id);
         let peers = route_peers(&route)?;
         let (tx, events) = mpsc::channel(256);
-        let mut writers: Vec<Option<WriteHalf<Stream>>> = (0..route.len()).map(|_| None).collect();
-        for hop in (0..route.len()).rev() {
-            let w = open_hop(
+        // Every hop opens at once: a hop answers before its push stream to
+        // the next hop has attached, and an early push stream waits there
+        // for the session, so opening costs one round trip to the farthest
+        // hop whatever the route's length.
+        let opens = (0..route.len()).map(|hop| {
+            open_hop(
                 net,
                 id,
                 model_id,
@@ -166,18 +169,24 @@ impl RemoteSession {
                 hop as u64,
                 tx.clone(),
             )
-            .await;
+        });
+        let mut writers = Vec::with_capacity(route.len());
+        let mut failed = None;
+        for w in futures::future::join_all(opens).await {
             match w {
-                Ok(w) => writers[hop] = Some(w),
+                Ok(w) => writers.push(w),
                 Err(e) => {
-                    // The hops already opened free the session at once.
-                    let close = InferMessage::Close { session_id: id };
-                    for w in writers.iter_mut().flatten() {
-                        let _ = write_message(w, &close).await;
-                    }
-                    return Err(e);
+                    failed.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = failed {
+            // The hops that opened free the session at once.
+            let close = InferMessage::Close { session_id: id };
+            for w in &mut writers {
+                let _ = write_message(w, &close).await;
+            }
+            return Err(e);
         }
         let hops: Vec<HopConn> = peers
             .iter()
@@ -186,7 +195,7 @@ impl RemoteSession {
             .map(|(i, ((peer, blocks), w))| HopConn {
                 peer: *peer,
                 blocks: *blocks,
-                writer: w.expect("every hop opened"),
+                writer: w,
                 conn: i as u64,
             })
             .collect();

@@ -162,7 +162,7 @@ impl LocalModel {
         for (i, (span, cache)) in self.spans.iter().zip(session.caches.iter_mut()).enumerate() {
             if i > 0 {
                 // Cross the span boundary as the network would.
-                let bytes = hidden_to_frame(&h)?.encode();
+                let bytes = hidden_to_frame(&h, nomoat_protocol::DType::F32)?.encode();
                 h = hidden_from_frame(&TensorFrame::decode(&bytes)?, hidden)?;
             }
             h = span.forward(&h, pos, cache)?;

@@ -551,12 +551,16 @@ impl Head {
     }
 }
 
-/// Encodes hidden states `(1, t, hidden)` as a tensor frame of shape `[t, hidden]`.
-pub fn hidden_to_frame(h: &Tensor) -> Result<TensorFrame> {
+/// Encodes hidden states `(1, t, hidden)` as a tensor frame of shape
+/// `[t, hidden]` in `dtype`.
+pub fn hidden_to_frame(h: &Tensor, dtype: nomoat_protocol::DType) -> Result<TensorFrame> {
     let (_, t, hidden) = h.dims3()?;
-    // One copy out of the tensor; the frame then owns that buffer.
+    // One copy out of the tensor; an f32 frame then owns that buffer.
     let values = h.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok(TensorFrame::from_f32_vec(vec![t, hidden], values)?)
+    Ok(match dtype {
+        nomoat_protocol::DType::F32 => TensorFrame::from_f32_vec(vec![t, hidden], values)?,
+        other => TensorFrame::from_f32(vec![t, hidden], &values, other)?,
+    })
 }
 
 /// Decodes a tensor frame into hidden states `(1, t, hidden)`, checking its

@@ -162,7 +162,10 @@ impl Gateway {
                     .iter()
                     .map(|(p, b)| format!("{p} {b}"))
                     .collect();
-                (Stepper::swarm(s.head.clone(), session), names)
+                let stepper = Stepper::swarm(s.head.clone(), session)
+                    .with_wire_dtype(self.inner.cfg.wire_dtype)
+                    .map_err(|e| ApiError::internal(format!("--wire-dtype: {e}")))?;
+                (stepper, names)
             }
         };
         let guard = self.track(job.prompt.len(), route);

@@ -70,6 +70,8 @@ pub struct GatewayConfig {
     pub max_concurrent: usize,
     /// Time a swarm step may take before the hop is reported failed.
     pub step_timeout: Duration,
+    /// The dtype hidden states travel in to and from the swarm.
+    pub wire_dtype: nomoat_protocol::DType,
 }
 
 impl GatewayConfig {
@@ -79,7 +81,14 @@ impl GatewayConfig {
             model_name: model_name.into(),
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             step_timeout: DEFAULT_STEP_TIMEOUT,
+            wire_dtype: nomoat_protocol::DType::F32,
         }
+    }
+
+    /// Sets the dtype hidden states travel in to and from the swarm.
+    pub fn with_wire_dtype(mut self, dtype: nomoat_protocol::DType) -> Self {
+        self.wire_dtype = dtype;
+        self
     }
 
     /// Sets the number of requests generating at once.

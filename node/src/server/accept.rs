@@ -61,12 +61,7 @@ pub async fn run_server(
     }
     announce.abort();
     // Tell every client its session ends here.
-    let open: Vec<SessionCtx> = sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .map(|(_, c)| c)
-        .collect();
+    let open: Vec<SessionCtx> = sessions.lock().drain().map(|(_, c)| c).collect();
     for ctx in open {
         let hop_index = ctx.state().hop_index;
         let _ = ctx
@@ -171,7 +166,7 @@ async fn handle_stream(
         InferMessage::Attach {
             session_id,
             from_hop,
-        } => push_stream(exec, sessions, session_id, from_hop, r, out).await,
+        } => push_stream(exec, sessions, peer, session_id, from_hop, r, out).await,
         other => {
             let _ = out
                 .send(error(

@@ -457,6 +457,7 @@ impl Worker {
                 None => tps,
             });
         }
-        Ok(hidden_to_frame(&out)?)
+        // The output travels in the dtype the input came in.
+        Ok(hidden_to_frame(&out, hidden.dtype())?)
     }
 }

@@ -3,13 +3,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use futures::io::ReadHalf;
+use futures::io::{ReadHalf, WriteHalf};
 use futures::AsyncReadExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use nomoat_protocol::{
     BlockRange, ErrorCode, InferMessage, OpenSession, Reroute, SessionId, Step, INFER_PROTOCOL,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use super::executor::Executor;
@@ -81,18 +81,11 @@ pub(super) async fn client_stream(
                 return;
             }
         };
-        // Attach the push stream to the next hop, which the client opened first.
-        let push = match open.next_hop() {
-            None => None,
-            Some(next) => match attach_next(&net, id, hop_index, next.peer_id.clone()).await {
-                Ok(tx) => Some(tx),
-                Err(msg) => {
-                    exec.close(id);
-                    let _ = out.send(fail(ErrorCode::Internal, msg)).await;
-                    return;
-                }
-            },
-        };
+        // The push stream to the next hop attaches while the client hears
+        // `Opened`; steps wait in its queue until it has.
+        let push = open
+            .next_hop()
+            .map(|next| spawn_push(&net, id, hop_index, next.peer_id.clone(), Some(out.clone())).0);
         let ctx = SessionCtx {
             client: out.clone(),
             state: Arc::new(Mutex::new(HopState {
@@ -103,10 +96,7 @@ pub(super) async fn client_stream(
                 epoch: 0,
             })),
         };
-        sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, ctx.clone());
+        sessions.insert(id, ctx.clone());
         let _ = out
             .send(InferMessage::Opened {
                 session_id: id,
@@ -168,10 +158,7 @@ pub(super) async fn client_stream(
                 }
             }
         }
-        sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        sessions.lock().remove(&id);
         exec.close(id);
         info!("session closed");
     }
@@ -179,17 +166,86 @@ pub(super) async fn client_stream(
     .await
 }
 
-/// Opens the push stream to the next hop and waits for its `Opened`.
-pub(super) async fn attach_next(
+/// Starts the push stream to the next hop: returns its queue at once, and a
+/// receiver of the attachment's outcome. Messages queued before the next hop
+/// answers `Opened` are written after it has; if it refuses or cannot be
+/// reached, the queue closes and `client`, when given, hears why (blaming
+/// the next hop).
+pub(super) fn spawn_push(
     net: &NetHandle,
     id: SessionId,
     hop_index: u32,
     next_peer: Vec<u8>,
-) -> Result<mpsc::Sender<InferMessage>, String> {
-    let peer = PeerId::from_bytes(&next_peer).map_err(|e| format!("bad next hop peer id: {e}"))?;
+    client: Option<mpsc::Sender<InferMessage>>,
+) -> (
+    mpsc::Sender<InferMessage>,
+    oneshot::Receiver<Result<(), String>>,
+) {
+    let (tx, mut rx) = mpsc::channel::<InferMessage>(STREAM_QUEUE);
+    let (ready_tx, ready) = oneshot::channel();
+    let net = net.clone();
+    let next_hop = hop_index + 1;
+    tokio::spawn(
+        async move {
+            let attached = tokio::time::timeout(
+                PUSH_OPEN_TIMEOUT,
+                attach_next(&net, id, hop_index, &next_peer),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the next hop did not attach within {PUSH_OPEN_TIMEOUT:?}"
+                ))
+            });
+            let mut w = match attached {
+                Ok(w) => {
+                    let _ = ready_tx.send(Ok(()));
+                    w
+                }
+                Err(msg) => {
+                    debug!("push stream: {msg}");
+                    let _ = ready_tx.send(Err(msg.clone()));
+                    rx.close();
+                    if let Some(client) = client {
+                        let _ = client
+                            .send(error(
+                                ErrorCode::Internal,
+                                format!("hop {next_hop} is unreachable: {msg}"),
+                                Some(id),
+                                0,
+                                next_hop,
+                            ))
+                            .await;
+                    }
+                    return;
+                }
+            };
+            while let Some(msg) = rx.recv().await {
+                if let Err(e) = write_message(&mut w, &msg).await {
+                    debug!("push write failed: {e}");
+                    break;
+                }
+            }
+            let _ = futures::AsyncWriteExt::close(&mut w).await;
+        }
+        .instrument(tracing::debug_span!("push", session = %id, to = next_hop)),
+    );
+    (tx, ready)
+}
+
+/// Opens the push stream to the next hop and waits for its `Opened`. A
+/// stream the next hop drops unanswered (an inbound stream can be dropped
+/// when several arrive at once) is opened again, once.
+async fn attach_next(
+    net: &NetHandle,
+    id: SessionId,
+    hop_index: u32,
+    next_peer: &[u8],
+) -> Result<WriteHalf<Stream>, String> {
+    let peer = PeerId::from_bytes(next_peer).map_err(|e| format!("bad next hop peer id: {e}"))?;
     let mut control = net.control();
-    let fut = async {
-        net.connect_known(peer).await;
+    net.connect_known(peer).await;
+    for attempt in 0..2 {
         let stream = control
             .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
             .await
@@ -205,51 +261,78 @@ pub(super) async fn attach_next(
         .await
         .map_err(|e| format!("next hop {peer}: {e}"))?;
         match read_message(&mut r).await {
-            Ok(Some(InferMessage::Opened { .. })) => {}
+            Ok(Some(InferMessage::Opened { .. })) => {
+                // Drain whatever else the next hop sends on the push stream.
+                tokio::spawn(async move { while let Ok(Some(_)) = read_message(&mut r).await {} });
+                return Ok(w);
+            }
             Ok(Some(InferMessage::Error(e))) => {
                 return Err(format!("next hop {peer} refused: {e}"))
             }
+            Ok(None) | Err(_) if attempt == 0 => {
+                debug!("next hop {peer} dropped the push stream unanswered; opening it again");
+            }
             other => return Err(format!("next hop {peer} answered {other:?}")),
         }
-        // Drain whatever else the next hop sends on the push stream.
-        tokio::spawn(async move { while let Ok(Some(_)) = read_message(&mut r).await {} });
-        Ok(writer(w, format!("push to {peer}")))
-    };
-    tokio::time::timeout(PUSH_OPEN_TIMEOUT, fut)
-        .await
-        .map_err(|_| format!("the next hop {peer} did not attach within {PUSH_OPEN_TIMEOUT:?}"))?
+    }
+    unreachable!("the second attempt returns")
 }
 
+/// A push stream from the previous hop. One that comes before the client's
+/// `Open` of its session waits up to [`ATTACH_WAIT_TIMEOUT`] for it; only the
+/// route's previous hop may attach.
 pub(super) async fn push_stream(
     exec: Executor,
     sessions: Sessions,
+    peer: PeerId,
     id: SessionId,
     from_hop: u32,
     mut r: ReadHalf<Stream>,
     out: mpsc::Sender<InferMessage>,
 ) {
-    let known = {
-        let map = sessions.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&id).and_then(|ctx| {
-            let mut st = ctx.state();
-            if st.hop_index == from_hop.wrapping_add(1) && !st.attached {
-                st.attached = true;
-                Some((ctx.clone(), st.epoch, st.hop_index))
-            } else {
-                None
-            }
-        })
+    let refuse = |code, msg: String| error(code, msg, Some(id), 0, from_hop.saturating_add(1));
+    let claim = || {
+        let map = sessions.lock();
+        let ctx = map.get(&id)?;
+        let mut st = ctx.state();
+        let prev = (st.hop_index as usize)
+            .checked_sub(1)
+            .and_then(|p| st.route.get(p));
+        let from_prev = prev.is_some_and(|h| h.peer_id == peer.to_bytes());
+        if st.hop_index == from_hop.wrapping_add(1) && from_prev && !st.attached {
+            st.attached = true;
+            Some(Ok((ctx.clone(), st.epoch, st.hop_index)))
+        } else {
+            Some(Err(()))
+        }
     };
-    let Some((ctx, epoch, hop_index)) = known else {
-        let _ = out
-            .send(error(
-                ErrorCode::UnknownSession,
-                format!("no session {id} expects a push from hop {from_hop}"),
-                Some(id),
-                0,
-                from_hop + 1,
-            ))
-            .await;
+    let deadline = tokio::time::Instant::now() + ATTACH_WAIT_TIMEOUT;
+    let mut slot = None;
+    let claimed = loop {
+        let opened = sessions.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        match claim() {
+            Some(c) => break c,
+            None if slot.is_none() => match sessions.wait_slot(peer) {
+                Some(s) => slot = Some(s),
+                None => {
+                    let msg =
+                        format!("too many push streams wait for sessions to open; retry later");
+                    let _ = out.send(refuse(ErrorCode::Busy, msg)).await;
+                    return;
+                }
+            },
+            None => {}
+        }
+        if tokio::time::timeout_at(deadline, opened).await.is_err() {
+            break Err(());
+        }
+    };
+    drop(slot);
+    let Ok((ctx, epoch, hop_index)) = claimed else {
+        let msg = format!("no session {id} expects a push from hop {from_hop} ({peer})");
+        let _ = out.send(refuse(ErrorCode::UnknownSession, msg)).await;
         return;
     };
     let _ = out
@@ -323,14 +406,17 @@ pub(super) async fn run_step(
                     }
                 }
                 None => {
+                    // The result is the last hop's copy too: no need to
+                    // send the same bytes twice.
                     let _ = ctx
                         .client
                         .send(InferMessage::Result {
                             session_id: id,
                             seq,
-                            hidden: out.clone(),
+                            hidden: out,
                         })
                         .await;
+                    return true;
                 }
             }
             let _ = ctx
@@ -385,11 +471,15 @@ pub(super) async fn reroute(
     let new_next = r.next_hop().cloned();
     let push = if new_next != old_next {
         match &new_next {
-            Some(next) => Some(
-                attach_next(net, r.session_id, r.hop_index, next.peer_id.clone())
-                    .await
-                    .map_err(|m| (ErrorCode::Internal, m))?,
-            ),
+            Some(next) => {
+                let (push, ready) =
+                    spawn_push(net, r.session_id, r.hop_index, next.peer_id.clone(), None);
+                match ready.await {
+                    Ok(Ok(())) => Some(push),
+                    Ok(Err(m)) => return Err((ErrorCode::Internal, m)),
+                    Err(_) => return Err((ErrorCode::Internal, "the push stream ended".into())),
+                }
+            }
             None => None,
         }
     } else {

@@ -1,10 +1,12 @@
 //! A server: answers `/nomoat/infer/1` streams for its span and
 //! `/nomoat/info/1` queries, and announces itself every heartbeat.
 //!
-//! Per session, the client opens one stream to every hop (last hop first).
-//! A hop that is not last opens a push stream to the next hop, so hidden
-//! states go client -> hop 0 -> hop 1 -> ... -> last hop -> client, and every
-//! hop sends the client a copy of its output after forwarding it.
+//! Per session, the client opens one stream to every hop, all at once. A hop
+//! that is not last answers `Opened` at once and opens a push stream to the
+//! next hop meanwhile, so hidden states go client -> hop 0 -> hop 1 -> ... ->
+//! last hop -> client, and every hop sends the client a copy of its output
+//! after forwarding it. A push stream that reaches the next hop before the
+//! client's `Open` does waits there for it, bounded in time and count.
 //!
 //! * `accept`: [`run_server`] accepts streams and announces the span.
 //! * `hop`: one session's streams, steps and reroutes.
@@ -32,6 +34,12 @@ use crate::net::wire::write_message;
 
 /// How long a hop waits for the next hop to accept a push stream.
 pub const PUSH_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an `Attach` that came before its session's `Open` waits for it.
+pub const ATTACH_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Early `Attach` streams one peer may have waiting at once.
+pub const MAX_WAITING_ATTACH_PER_PEER: usize = 32;
+/// Early `Attach` streams waiting at once, all peers together.
+pub const MAX_WAITING_ATTACH: usize = 256;
 /// Queue of messages waiting to be written to one stream.
 pub const STREAM_QUEUE: usize = 64;
 /// How long a server waits for the first message of a new stream.
@@ -62,7 +70,59 @@ impl SessionCtx {
     }
 }
 
-type Sessions = Arc<Mutex<HashMap<SessionId, SessionCtx>>>;
+/// The sessions open on this server, and the early push streams waiting
+/// for one to open.
+#[derive(Debug, Default)]
+struct SessionTable {
+    map: Mutex<HashMap<SessionId, SessionCtx>>,
+    /// Woken each time a session opens.
+    opened: tokio::sync::Notify,
+    /// Early `Attach` streams waiting, per peer.
+    waiting: Mutex<HashMap<libp2p::PeerId, usize>>,
+}
+
+impl SessionTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, SessionCtx>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, id: SessionId, ctx: SessionCtx) {
+        self.lock().insert(id, ctx);
+        self.opened.notify_waiters();
+    }
+
+    /// Books a waiting slot for `peer`; `None` past the per-peer or total
+    /// limit. The slot frees when the guard drops.
+    fn wait_slot(&self, peer: libp2p::PeerId) -> Option<WaitSlot<'_>> {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = w.values().sum();
+        let mine = w.entry(peer).or_default();
+        if *mine >= MAX_WAITING_ATTACH_PER_PEER || total >= MAX_WAITING_ATTACH {
+            return None;
+        }
+        *mine += 1;
+        Some(WaitSlot { table: self, peer })
+    }
+}
+
+struct WaitSlot<'a> {
+    table: &'a SessionTable,
+    peer: libp2p::PeerId,
+}
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        let mut w = self.table.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = w.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.peer);
+            }
+        }
+    }
+}
+
+type Sessions = Arc<SessionTable>;
 
 /// What a server is.
 #[derive(Debug, Clone)]

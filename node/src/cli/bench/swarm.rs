@@ -37,6 +37,9 @@ pub(crate) struct BenchSwarmArgs {
     /// On one small machine, more threads per process oversubscribe it.
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// The dtype hidden states travel in: f32, f16, bf16 or q8.
+    #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
+    wire_dtype: nomoat_protocol::DType,
 }
 
 pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
@@ -108,7 +111,8 @@ pub(crate) async fn bench_swarm(args: BenchSwarmArgs) -> Result<()> {
                 Duration::from_secs(30),
             )
             .await?;
-            let mut stepper = Stepper::swarm(head.clone(), session);
+            let mut stepper =
+                Stepper::swarm(head.clone(), session).with_wire_dtype(args.wire_dtype)?;
             let (t, tokens) = timed_greedy(&mut stepper, &prompt, args.tokens, limit).await?;
             stepper.close().await;
             swarm_times.extend(t);

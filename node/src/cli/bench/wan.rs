@@ -28,6 +28,7 @@ use nomoat_node::net::{self, NetConfig, NetHandle};
 use nomoat_node::netbed::{Bed, Link};
 use nomoat_node::process::ServeProcess;
 use nomoat_node::weights::model_file_id;
+use nomoat_protocol::DType;
 
 use super::{discover_at_least, median};
 
@@ -58,6 +59,19 @@ pub(crate) struct BenchWanArgs {
     /// Compute threads of each server.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Tokens of the long prompt whose prefill is timed in each wire dtype
+    /// over rate-limited links (0: skip those rows).
+    #[arg(long, default_value_t = 1000)]
+    prefill_tokens: usize,
+    /// The rate of every link for the prefill rows, in Mbit/s.
+    #[arg(long, default_value_t = 20.0)]
+    prefill_rate: f64,
+    /// The one-way delay of the prefill rows, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    prefill_delay: u64,
+    /// Wire dtypes of the prefill rows, each against f32 in alternating rounds.
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8", value_parser = crate::parse_wire_dtype)]
+    prefill_dtypes: Vec<DType>,
 }
 
 /// One generation's timings, in seconds.
@@ -341,6 +355,11 @@ async fn measure(
             "tokens_match": same,
         }));
     }
+    let prefill = if args.prefill_tokens > 0 {
+        prefill_rows(args, bed, file, model_id, boot, n_blocks, &head).await?
+    } else {
+        serde_json::Value::Null
+    };
     let (legs, intercept) = fit(&fit_points);
     println!(
         "network legs per token: {legs:.2} (k+1 = {}, a client relaying every hop: 2k = {}); \
@@ -362,7 +381,137 @@ async fn measure(
             "legs_ratio": legs / (k + 1.0),
             "compute_per_token_ms": intercept * 1e3,
             "rows": rows,
+            "prefill": prefill,
         })
     );
     Ok(())
+}
+
+/// Times the prefill of a long prompt over rate-limited links in each wire
+/// dtype, rounds alternating the dtypes on one client node and one route.
+/// Each dtype's first token is compared with f32's.
+#[allow(clippy::too_many_arguments)]
+async fn prefill_rows(
+    args: &BenchWanArgs,
+    bed: &Bed,
+    file: &ModelFile,
+    model_id: &str,
+    boot: &[Multiaddr],
+    n_blocks: u32,
+    head: &Arc<Head>,
+) -> Result<serde_json::Value> {
+    let vocab = file.config().vocab_size as u32;
+    let n = args.prefill_tokens.min(file.config().max_seq_len - 2);
+    // Ordinary text ids, deterministic: a long document's worth.
+    let prompt: Vec<u32> = (0..n as u32)
+        .map(|i| 100 + (i * 7919) % (vocab - 200))
+        .collect();
+    let link = Link::delay_ms(args.prefill_delay).rate_mbit(args.prefill_rate);
+    bed.set_all_links(link);
+    let net = net::start(NetConfig::default()).await?;
+    net.subscribe(model_id).await;
+    let servers = net::discover(&net, boot, model_id).await?;
+    let max_len = (n + 2) as u32;
+    let route = plan(&net, model_id, n_blocks, &servers, max_len)?;
+    let mut dtypes = args.prefill_dtypes.clone();
+    if !dtypes.contains(&DType::F32) {
+        dtypes.insert(0, DType::F32);
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); dtypes.len()];
+    let mut firsts: Vec<Option<u32>> = vec![None; dtypes.len()];
+    eprintln!(
+        "prefill of {n} tokens at {} Mbit/s, {} ms one way: {} rounds of {}",
+        args.prefill_rate,
+        args.prefill_delay,
+        args.rounds.max(1),
+        dtypes
+            .iter()
+            .map(|d| d.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // One unmeasured pass warms the connections' congestion windows.
+    for round in 0..=args.rounds.max(1) {
+        for (i, &dtype) in dtypes.iter().enumerate() {
+            let session = RemoteSession::open(
+                &net,
+                model_id,
+                route.clone(),
+                max_len,
+                Duration::from_secs(120),
+            )
+            .await?;
+            let mut stepper = Stepper::swarm(head.clone(), session).with_wire_dtype(dtype)?;
+            let start = Instant::now();
+            let logits = stepper.step(0, prompt.clone()).await;
+            let secs = start.elapsed().as_secs_f64();
+            stepper.close().await;
+            let logits = logits?;
+            let top = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(id, _)| id as u32);
+            firsts[i] = top;
+            if round > 0 {
+                times[i].push(secs);
+            }
+        }
+    }
+    // The same prefill on ideal links: compute and framing alone.
+    bed.set_all_links(Link::IDEAL);
+    let mut ideal = Vec::new();
+    for _ in 0..2 {
+        let session = RemoteSession::open(
+            &net,
+            model_id,
+            route.clone(),
+            max_len,
+            Duration::from_secs(120),
+        )
+        .await?;
+        let mut stepper = Stepper::swarm(head.clone(), session);
+        let start = Instant::now();
+        let r = stepper.step(0, prompt.clone()).await;
+        ideal.push(start.elapsed().as_secs_f64());
+        stepper.close().await;
+        r?;
+    }
+    let ideal = median(ideal);
+    println!(
+        "prefill {n} tokens on ideal links (compute alone): {:.0} ms",
+        ideal * 1e3
+    );
+    net.shutdown().await;
+    let hidden = file.config().hidden_size;
+    let f32_time = median(times[0].clone());
+    let mut rows = Vec::new();
+    for (i, &dtype) in dtypes.iter().enumerate() {
+        let t = median(times[i].clone());
+        let bytes_per_leg = n / dtype.block_len() * hidden * dtype.block_bytes();
+        let same = firsts[i] == firsts[0];
+        println!(
+            "prefill {n} tokens over {} Mbit/s, {} ms one way, wire {dtype}: {:.0} ms, \
+             {:.2}x f32; {:.2} MB per leg; first token matches f32: {same}",
+            args.prefill_rate,
+            args.prefill_delay,
+            t * 1e3,
+            f32_time / t,
+            bytes_per_leg as f64 / 1e6,
+        );
+        rows.push(serde_json::json!({
+            "dtype": dtype.name(),
+            "prefill_ms": (t * 1e4).round() / 10.0,
+            "speedup_vs_f32": f32_time / t,
+            "bytes_per_leg": bytes_per_leg,
+            "first_token_matches_f32": same,
+        }));
+    }
+    Ok(serde_json::json!({
+        "tokens": n,
+        "rate_mbit": args.prefill_rate,
+        "one_way_delay_ms": args.prefill_delay,
+        "ideal_links_ms": (ideal * 1e4).round() / 10.0,
+        "rows": rows,
+    }))
 }
