@@ -318,7 +318,7 @@ pub(super) async fn push_stream(
                 Some(s) => slot = Some(s),
                 None => {
                     let msg =
-                        format!("too many push streams wait for sessions to open; retry later");
+                        "too many push streams wait for sessions to open; retry later".to_string();
                     let _ = out.send(refuse(ErrorCode::Busy, msg)).await;
                     return;
                 }
