@@ -268,9 +268,12 @@ fn remove_stale() {
     }
 }
 
+/// Kills every process in namespace `ns` but this one (which is there
+/// after [`Bed::enter`]).
 fn kill_all_in(ns: &str) {
+    let me = std::process::id().to_string();
     if let Ok(pids) = ip(&["netns", "pids", ns]) {
-        for pid in pids.split_whitespace() {
+        for pid in pids.split_whitespace().filter(|p| *p != me) {
             let _ = Command::new("kill").args(["-9", pid]).output();
         }
     }

@@ -59,6 +59,9 @@ pub(crate) struct BenchWanArgs {
     /// Compute threads of each server.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// The dtype hidden states travel in for the delay and loss rows.
+    #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
+    wire_dtype: DType,
     /// Tokens of the long prompt whose prefill is timed in each wire dtype
     /// over rate-limited links (0: skip those rows).
     #[arg(long, default_value_t = 1000)]
@@ -104,6 +107,7 @@ async fn one_generation(
     tokens: usize,
     n_blocks: u32,
     limit: usize,
+    wire: DType,
 ) -> Result<(Timing, Vec<u32>)> {
     let mut t = Timing::default();
     let start = Instant::now();
@@ -122,7 +126,7 @@ async fn one_generation(
     let session =
         RemoteSession::open(net, model_id, route, max_len, Duration::from_secs(30)).await?;
     t.open = start.elapsed().as_secs_f64();
-    let mut stepper = Stepper::swarm(head.clone(), session);
+    let mut stepper = Stepper::swarm(head.clone(), session).with_wire_dtype(wire)?;
     let opts = GenerateOptions {
         max_tokens: tokens + 1,
         sampling: SamplingParams::greedy(),
@@ -283,6 +287,7 @@ async fn measure(
                 args.tokens,
                 n_blocks,
                 limit,
+                args.wire_dtype,
             )
             .await?;
             same &= reference.get_or_insert_with(|| out.clone()) == &out;
@@ -375,6 +380,7 @@ async fn measure(
             "model": args.model,
             "servers": args.servers,
             "tokens": args.tokens,
+            "wire_dtype": args.wire_dtype.name(),
             "prompt_tokens": prompt.len(),
             "legs_per_token": legs,
             "legs_expected": args.servers + 1,
