@@ -17,6 +17,7 @@ mod session;
 
 pub use generate::{generate, StepError, Stepper, TokenSink};
 pub use plan::{plan, plan_range, simple_route};
+pub(crate) use session::{UNANSWERED_STREAM_ATTEMPTS, UNANSWERED_STREAM_DELAY};
 
 use std::time::Duration;
 

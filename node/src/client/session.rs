@@ -49,26 +49,36 @@ pub(super) async fn open_hop(
     };
     let fut = async {
         net.connect_known(peer).await;
-        let stream = control
-            .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let (mut r, mut w) = stream.split();
-        write_message(&mut w, &InferMessage::Open(open))
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        match read_message(&mut r).await {
-            Ok(Some(InferMessage::Opened { .. })) => Ok((r, w)),
-            Ok(Some(InferMessage::Error(e))) => Err(ClientError::Hop {
-                hop,
-                peer,
-                blocks,
-                code: e.code,
-                message: e.message,
-            }),
-            Ok(other) => Err(failed(format!("unexpected answer {other:?}"))),
-            Err(e) => Err(failed(e.to_string())),
+        // A server drops an inbound stream unanswered when several reach it
+        // at once (libp2p-stream queues one at a time): open it again.
+        for attempt in 1.. {
+            let stream = control
+                .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let (mut r, mut w) = stream.split();
+            write_message(&mut w, &InferMessage::Open(open.clone()))
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            return match read_message(&mut r).await {
+                Ok(Some(InferMessage::Opened { .. })) => Ok((r, w)),
+                Ok(Some(InferMessage::Error(e))) => Err(ClientError::Hop {
+                    hop,
+                    peer,
+                    blocks,
+                    code: e.code,
+                    message: e.message,
+                }),
+                Ok(None) if attempt < UNANSWERED_STREAM_ATTEMPTS => {
+                    tracing::debug!("hop {hop} ({peer}) dropped the stream unanswered; again");
+                    tokio::time::sleep(UNANSWERED_STREAM_DELAY * attempt).await;
+                    continue;
+                }
+                Ok(other) => Err(failed(format!("unexpected answer {other:?}"))),
+                Err(e) => Err(failed(e.to_string())),
+            };
         }
+        unreachable!("the loop returns")
     };
     let (mut r, w) = tokio::time::timeout(OPEN_TIMEOUT, fut)
         .await
@@ -527,6 +537,11 @@ impl RemoteSession {
         }
     }
 }
+
+/// Times a stream a server dropped unanswered is opened, in all.
+pub(crate) const UNANSWERED_STREAM_ATTEMPTS: u32 = 3;
+/// The wait before opening such a stream again, times the attempt.
+pub(crate) const UNANSWERED_STREAM_DELAY: Duration = Duration::from_millis(20);
 
 /// How long a reroute may take: the hop attaches a push stream first.
 pub(super) const PUSH_AND_OPEN_TIMEOUT: Duration = Duration::from_secs(15);

@@ -108,15 +108,7 @@ fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetErr
             })
         })
         .map_err(|e| setup(&e))?
-        .with_swarm_config(|c| {
-            // Lazy multistream-select: a stream's first message goes out
-            // with its protocol proposal instead of a round trip later, so
-            // opening a session or a push stream costs one round trip, not
-            // two. A peer that does not speak the protocol answers with a
-            // refusal the read then reports.
-            c.with_idle_connection_timeout(Duration::from_secs(120))
-                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
-        })
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
     Ok(swarm)
 }

@@ -2,6 +2,7 @@
 //! previous hop, steps and reroutes.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::io::{ReadHalf, WriteHalf};
 use futures::AsyncReadExt;
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use super::executor::Executor;
+use crate::client::{UNANSWERED_STREAM_ATTEMPTS, UNANSWERED_STREAM_DELAY};
 use crate::net::wire::{read_message, write_message};
 use crate::net::NetHandle;
 
@@ -235,7 +237,8 @@ pub(super) fn spawn_push(
 
 /// Opens the push stream to the next hop and waits for its `Opened`. A
 /// stream the next hop drops unanswered (an inbound stream can be dropped
-/// when several arrive at once) is opened again, once.
+/// when several arrive at once) is opened again, a little later, up to
+/// [`UNANSWERED_STREAM_ATTEMPTS`] times in all.
 async fn attach_next(
     net: &NetHandle,
     id: SessionId,
@@ -244,12 +247,26 @@ async fn attach_next(
 ) -> Result<WriteHalf<Stream>, String> {
     let peer = PeerId::from_bytes(next_peer).map_err(|e| format!("bad next hop peer id: {e}"))?;
     let mut control = net.control();
-    net.connect_known(peer).await;
-    for attempt in 0..2 {
-        let stream = control
-            .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
-            .await
-            .map_err(|e| format!("cannot reach the next hop {peer}: {e}"))?;
+    // In a swarm that has just started, this hop may not have heard the
+    // next hop's announcement (its addresses) yet: keep trying a little.
+    let patience = tokio::time::Instant::now() + NEXT_HOP_DIAL_PATIENCE;
+    for attempt in 1..=UNANSWERED_STREAM_ATTEMPTS {
+        let stream = loop {
+            net.connect_known(peer).await;
+            match control
+                .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
+                .await
+            {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() >= patience => {
+                    return Err(format!("cannot reach the next hop {peer}: {e}"))
+                }
+                Err(e) => {
+                    debug!("next hop {peer} not reachable yet ({e}); trying again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         let (mut r, mut w) = stream.split();
         write_message(
             &mut w,
@@ -269,14 +286,19 @@ async fn attach_next(
             Ok(Some(InferMessage::Error(e))) => {
                 return Err(format!("next hop {peer} refused: {e}"))
             }
-            Ok(None) | Err(_) if attempt == 0 => {
+            Ok(None) | Err(_) if attempt < UNANSWERED_STREAM_ATTEMPTS => {
                 debug!("next hop {peer} dropped the push stream unanswered; opening it again");
+                tokio::time::sleep(UNANSWERED_STREAM_DELAY * attempt).await;
             }
             other => return Err(format!("next hop {peer} answered {other:?}")),
         }
     }
-    unreachable!("the second attempt returns")
+    unreachable!("the last attempt returns")
 }
+
+/// How long a hop keeps trying to reach its next hop before it reports it
+/// unreachable.
+const NEXT_HOP_DIAL_PATIENCE: Duration = Duration::from_secs(3);
 
 /// A push stream from the previous hop. One that comes before the client's
 /// `Open` of its session waits up to [`ATTACH_WAIT_TIMEOUT`] for it; only the
