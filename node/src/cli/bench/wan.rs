@@ -366,13 +366,17 @@ async fn measure(
         serde_json::Value::Null
     };
     let (legs, intercept) = fit(&fit_points);
-    println!(
-        "network legs per token: {legs:.2} (k+1 = {}, a client relaying every hop: 2k = {}); \
-         compute per token {:.1} ms",
-        args.servers + 1,
-        2 * args.servers,
-        intercept * 1e3
-    );
+    if fit_points.len() >= 2 {
+        println!(
+            "network legs per token: {legs:.2} (k+1 = {}, a client relaying every hop: 2k = {}); \
+             compute per token {:.1} ms",
+            args.servers + 1,
+            2 * args.servers,
+            intercept * 1e3
+        );
+    } else {
+        println!("network legs per token: not fitted (give --delays two values or more)");
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -491,24 +495,32 @@ async fn prefill_rows(
     net.shutdown().await;
     let hidden = file.config().hidden_size;
     let f32_time = median(times[0].clone());
+    // The links' share: the prefill less the same prefill on ideal links.
+    let f32_net = (f32_time - ideal).max(1e-3);
     let mut rows = Vec::new();
     for (i, &dtype) in dtypes.iter().enumerate() {
         let t = median(times[i].clone());
+        let net = (t - ideal).max(1e-3);
         let bytes_per_leg = n / dtype.block_len() * hidden * dtype.block_bytes();
         let same = firsts[i] == firsts[0];
         println!(
             "prefill {n} tokens over {} Mbit/s, {} ms one way, wire {dtype}: {:.0} ms, \
-             {:.2}x f32; {:.2} MB per leg; first token matches f32: {same}",
+             {:.2}x f32; the links' share {:.0} ms, {:.2}x f32's; {:.2} MB per leg; \
+             first token matches f32: {same}",
             args.prefill_rate,
             args.prefill_delay,
             t * 1e3,
             f32_time / t,
+            net * 1e3,
+            f32_net / net,
             bytes_per_leg as f64 / 1e6,
         );
         rows.push(serde_json::json!({
             "dtype": dtype.name(),
             "prefill_ms": (t * 1e4).round() / 10.0,
             "speedup_vs_f32": f32_time / t,
+            "links_share_ms": (net * 1e4).round() / 10.0,
+            "links_share_speedup_vs_f32": f32_net / net,
             "bytes_per_leg": bytes_per_leg,
             "first_token_matches_f32": same,
         }));
