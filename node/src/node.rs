@@ -28,7 +28,7 @@ use crate::server::rebalance::{
 use crate::server::{run_server, ServerConfig};
 use crate::store::{ChunkStore, StoreError};
 use crate::weights::fetch::{FetchConfig, FetchReport, Need};
-use crate::weights::serve::{serve_weights, Fault};
+use crate::weights::serve::{serve_weights_with, Fault, WeightLimits};
 use crate::weights::{ModelError, StoreModel};
 
 /// How long [`Node::start`] waits for its listeners.
@@ -80,6 +80,8 @@ pub struct NodeConfig {
     pub fetch: FetchConfig,
     /// Test-only misbehaviour of the weight server.
     pub fault: Fault,
+    /// How many weight requests the node serves at once.
+    pub weight_limits: WeightLimits,
     /// Sessions, KV budget and idle timeout.
     pub executor: ExecutorConfig,
     /// How weights are held in memory.
@@ -102,6 +104,7 @@ impl NodeConfig {
             store: Some(crate::catalog::home()),
             fetch: FetchConfig::default(),
             fault: Fault::default(),
+            weight_limits: WeightLimits::default(),
             executor: ExecutorConfig::default(),
             weights: WeightMode::Fast,
             rebalance: None,
@@ -274,10 +277,11 @@ impl Node {
         // Peers may fetch from this node's store while it fetches itself.
         let store = cfg.store.as_deref().map(ChunkStore::open).transpose()?;
         if let Some(store) = &store {
-            tokio::spawn(serve_weights(
+            tokio::spawn(serve_weights_with(
                 net.clone(),
                 store.clone(),
                 cfg.fault,
+                cfg.weight_limits,
                 shutdown.clone(),
             ));
         }

@@ -111,6 +111,12 @@ pub(crate) struct ServeArgs {
     api: Option<std::net::SocketAddr>,
     #[command(flatten)]
     fetch: crate::cli::weights::FetchArgs,
+    /// Weight requests served at once to all peers; more are answered busy.
+    #[arg(long, default_value_t = nomoat_node::weights::serve::MAX_INBOUND_WEIGHT_STREAMS)]
+    weight_streams: usize,
+    /// Weight requests served at once to one peer; more are answered busy.
+    #[arg(long, default_value_t = nomoat_node::weights::serve::MAX_WEIGHT_STREAMS_PER_PEER)]
+    weight_streams_per_peer: usize,
 }
 
 /// `nomoat serve`: starts the node, prints its JSON line and serves until
@@ -133,6 +139,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         relays: args.net.relay.clone(),
         fetch: args.fetch.config(),
         fault: args.fetch.fault(),
+        weight_limits: nomoat_node::weights::serve::WeightLimits {
+            streams: args.weight_streams.max(1),
+            streams_per_peer: args.weight_streams_per_peer.max(1),
+        },
         executor: ExecutorConfig {
             max_sessions: args.max_sessions,
             kv_tokens: args.kv_tokens,

@@ -16,7 +16,7 @@ use nomoat_scheduler::{ChunkQueue, Penalty, Take};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn, Instrument};
 
-use super::exchange::{Exchange, PeerError};
+use super::exchange::{ask, busy_backoff, is_busy, Exchange, PeerError};
 use super::providers::blocking;
 use super::{FetchConfig, FetchError, FetchReport, Need, DISCOVERY_TIMEOUT, MAX_CHUNK_ATTEMPTS};
 use crate::net::NetHandle;
@@ -145,7 +145,7 @@ async fn worker(shared: Arc<FetchState>, net: NetHandle, peer: PeerId) {
     // Each iteration handles a batch or waits for one; bounded by the total
     // attempts of all chunks, and every wait by the stall timeout.
     let max_rounds = shared.chunks.len() * MAX_CHUNK_ATTEMPTS as usize + 1;
-    let mut refused = 0u32;
+    let (mut refused, mut busy) = (0u32, 0u32);
     for _ in 0..max_rounds {
         let batch = match shared.take(&peer) {
             Take::Chunks(b) => b,
@@ -157,8 +157,14 @@ async fn worker(shared: Arc<FetchState>, net: NetHandle, peer: PeerId) {
             Take::Finished => return,
         };
         match fetch_batch(&shared, &net, peer, &batch).await {
-            Batch::Done => refused = 0,
+            Batch::Done => (refused, busy) = (0, 0),
             Batch::Stop => return,
+            Batch::Busy => {
+                // The peer said so: wait and ask again, no fault. Bounded
+                // by the rounds, each wait by `busy_backoff`'s cap.
+                busy += 1;
+                tokio::time::sleep(busy_backoff(busy)).await;
+            }
             Batch::Refused(why) => {
                 // A busy peer may refuse a stream: back off and retry; only
                 // refusals in a row count as a fault.
@@ -189,6 +195,8 @@ enum Batch {
     Stop,
     /// The peer did not take the request; the batch went back to the queue.
     Refused(String),
+    /// The peer answered `Busy`; the batch went back to the queue untried.
+    Busy,
 }
 
 /// Fetches one batch from `peer`. Received chunks are verified and written
@@ -227,7 +235,27 @@ async fn fetch_batch(
     let mut banned = false;
     for (k, &i) in batch.iter().enumerate() {
         let want = shared.chunks[i];
-        let fault = match ex.next().await {
+        let next = ex.next().await;
+        if k == 0 && next.as_ref().is_err_and(PeerError::unanswered) {
+            // Dropped unanswered (a busy peer's stream queue drops bursts):
+            // a refusal, which counts as a fault only repeated.
+            shared.book().queue.refused(batch);
+            shared.wake.notify_waiters();
+            let why = next.err().map(|e| e.to_string()).unwrap_or_default();
+            return Batch::Refused(why);
+        }
+        if next.as_ref().is_ok_and(is_busy) {
+            // Not a fault: the rest of the batch goes back untried.
+            {
+                let mut b = shared.book();
+                b.queue.refused(&batch[k..]);
+                b.report.busy += 1;
+            }
+            shared.wake.notify_waiters();
+            ex.close().await;
+            return Batch::Busy;
+        }
+        let fault = match next {
             Ok(WeightsResponse::Chunk { hash, .. }) if hash != want.hash => {
                 Some(format!("sent chunk {hash} where {} was asked", want.hash))
             }
@@ -363,20 +391,13 @@ pub async fn fetch_chunks(
             roles.entry(*h).or_default().push(t.role);
         }
     }
-    // Ask every peer what it holds.
+    // Ask every peer what it holds (a busy one again, for up to a stall).
     let mut holds = HashMap::new();
+    let patience = cfg.stall_timeout;
     let asks = peers.iter().map(|&peer| async move {
         let r = async {
-            let mut ex = Exchange::open(
-                net,
-                peer,
-                &WeightsRequest::Have { model_id: *id },
-                DISCOVERY_TIMEOUT,
-            )
-            .await?;
-            let r = ex.next().await;
-            ex.close().await;
-            match r? {
+            let req = WeightsRequest::Have { model_id: *id };
+            match ask(net, peer, &req, DISCOVERY_TIMEOUT, patience).await? {
                 WeightsResponse::Have(h) => Ok(h),
                 WeightsResponse::Error(e) => Err(PeerError::Refused(e.to_string())),
                 _ => Err(PeerError::Unexpected),
@@ -480,6 +501,7 @@ pub async fn fetch_chunks(
         report.store_tail_secs = tail;
         report.store_wait_secs = r.store_wait_secs;
         report.rejected = r.rejected;
+        report.busy = r.busy;
         report.secs = shared.started.elapsed().as_secs_f64();
         report.per_peer = b.queue.per_peer();
         report.banned = b.queue.banned().to_vec();

@@ -138,6 +138,8 @@ pub struct FetchReport {
     pub store_wait_secs: f64,
     /// Chunks that failed their check (wrong hash or length).
     pub rejected: usize,
+    /// Chunk requests a peer answered busy (asked again later; no fault).
+    pub busy: usize,
     /// Chunks stored from each peer.
     pub per_peer: Vec<(PeerId, usize)>,
     /// Peers banned for repeated faults.
@@ -158,6 +160,7 @@ impl FetchReport {
             "store_tail_secs": self.store_tail_secs,
             "store_wait_secs": self.store_wait_secs,
             "rejected": self.rejected,
+            "busy": self.busy,
             "per_peer": self.per_peer.iter().map(|(p, n)| (p.to_string(), (*n).into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "banned": self.banned.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         })

@@ -7,7 +7,7 @@ use libp2p::{Multiaddr, PeerId};
 use nomoat_protocol::{Hash, Manifest, WeightsRequest, WeightsResponse};
 use tracing::{debug, info, warn};
 
-use super::exchange::{Exchange, PeerError};
+use super::exchange::{ask, PeerError};
 use super::{FetchError, DEFAULT_STALL_TIMEOUT, DISCOVERY_TIMEOUT};
 use crate::net::NetHandle;
 use crate::store::ChunkStore;
@@ -56,16 +56,16 @@ pub async fn fetch_manifest(
     let mut last = String::new();
     for &peer in peers {
         let got = async {
-            let mut ex = Exchange::open(
+            let req = WeightsRequest::Manifest { model_id: id };
+            match ask(
                 net,
                 peer,
-                &WeightsRequest::Manifest { model_id: id },
+                &req,
+                DEFAULT_STALL_TIMEOUT,
                 DEFAULT_STALL_TIMEOUT,
             )
-            .await?;
-            let r = ex.next().await;
-            ex.close().await;
-            match r? {
+            .await?
+            {
                 WeightsResponse::Manifest(bytes) => Ok(bytes),
                 WeightsResponse::Error(e) => Err(PeerError::Refused(e.to_string())),
                 _ => Err(PeerError::Unexpected),
