@@ -247,3 +247,58 @@ fn prompts_past_the_context_and_bad_steps_are_refused() -> Result<()> {
     ));
     Ok(())
 }
+
+#[test]
+fn a_gguf_header_with_zero_alignment_is_corrupt_not_a_panic() -> Result<()> {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("zero-align.gguf");
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 32), DType::F32, &Device::Cpu)?,
+        GgmlDType::F32,
+    )?;
+    let arch = gguf_file::Value::String("llama".into());
+    let align = gguf_file::Value::U32(0);
+    let mut f = std::fs::File::create(&path)?;
+    gguf_file::write(
+        &mut f,
+        &[
+            ("general.architecture", &arch),
+            ("general.alignment", &align),
+        ],
+        &[("token_embd.weight", &t)],
+    )?;
+    drop(f);
+    // A local file.
+    let err = ModelFile::open(&path).unwrap_err();
+    assert!(matches!(err, EngineError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("alignment"), "{err}");
+    // The same header inside a manifest, as a peer would hand it out.
+    let header = std::fs::read(&path)?;
+    let store = nomoat_node::store::ChunkStore::open(&dir.path().join("store"))?;
+    let data = vec![0u8; 4 * 32 * 4];
+    let hash = nomoat_protocol::Hash::of(&data);
+    store.put(&hash, &data)?;
+    let manifest = nomoat_protocol::Manifest {
+        format: nomoat_protocol::ModelFormat::Gguf,
+        chunk_size: nomoat_protocol::CHUNK_SIZE,
+        architecture: "llama".into(),
+        num_blocks: 1,
+        header,
+        tokenizer: Vec::new(),
+        tokenizer_config: Vec::new(),
+        tensors: vec![nomoat_protocol::TensorEntry {
+            name: "token_embd.weight".into(),
+            role: nomoat_protocol::TensorRole::Embedding,
+            dtype: "F32".into(),
+            shape: vec![4, 32],
+            byte_len: data.len() as u64,
+            chunks: vec![hash],
+        }],
+    };
+    let id = store.put_manifest(&manifest)?;
+    let err = ModelFile::open_store(&store, &id).unwrap_err();
+    assert!(matches!(err, EngineError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("alignment"), "{err}");
+    Ok(())
+}

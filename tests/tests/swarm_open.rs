@@ -300,3 +300,63 @@ async fn each_wire_dtype_travels_the_whole_route_close_to_f32() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_steps_do_not_keep_an_idle_session_alive() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let cfg = ExecutorConfig {
+        idle_timeout: Duration::from_secs(1),
+        ..ExecutorConfig::default()
+    };
+    let server = TestServer::start(&file, MODEL, 0, 6, cfg, vec![]).await?;
+    let peer = server.net.peer_id();
+    let client = client_net().await?;
+    client.dial(server.addr.clone()).await?;
+    let id = SessionId([5; 16]);
+    let mut raw = Raw::open(&client, peer).await?;
+    raw.send(&InferMessage::Open(OpenSession {
+        session_id: id,
+        model_id: MODEL.into(),
+        route: vec![Hop {
+            peer_id: peer.to_bytes(),
+            blocks: BlockRange { start: 0, end: 6 },
+        }],
+        hop_index: 0,
+        max_length: 64,
+    }))
+    .await?;
+    assert!(matches!(
+        raw.recv().await?,
+        Some(InferMessage::Opened { .. })
+    ));
+    // Steps of the wrong width, every 200 ms for 3 s: each is refused, and
+    // none counts as use.
+    let narrow = TensorFrame::from_f32(vec![1, 32], &[0.5; 32], DType::F32)?;
+    let mut seq = 1;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        raw.send(&step(id, seq, narrow.clone())).await?;
+        match raw.recv().await? {
+            Some(InferMessage::Error(e)) => {
+                // Refused for its shape while the session lives, then as
+                // unknown once it has expired.
+                let code = e.code.expect("a known code");
+                assert!(
+                    matches!(code, ErrorCode::BadShape | ErrorCode::UnknownSession),
+                    "{e}"
+                );
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The session expired: a good step is refused as unknown.
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let good = hidden_to_frame(&head.embed(&PROMPT)?, DType::F32)?;
+    raw.send(&step(id, seq, good)).await?;
+    raw.expect_error(ErrorCode::UnknownSession).await?;
+    server.kill().await;
+    Ok(())
+}

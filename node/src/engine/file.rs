@@ -169,9 +169,9 @@ impl ModelFile {
             source,
         };
         let mut file = File::open(&path).map_err(io)?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| EngineError::Corrupt {
+        let content = read_gguf(&mut file).map_err(|reason| EngineError::Corrupt {
             path: path.clone(),
-            reason: e.to_string(),
+            reason,
         })?;
         let vocab_hint = content
             .tensor_infos
@@ -247,7 +247,7 @@ impl ModelFile {
             .collect();
         match manifest.format {
             ModelFormat::Gguf => {
-                let content = gguf_file::Content::read(&mut std::io::Cursor::new(&manifest.header))
+                let content = read_gguf(&mut std::io::Cursor::new(&manifest.header))
                     .map_err(|e| corrupt(format!("GGUF header: {e}")))?;
                 for (name, info) in &content.tensor_infos {
                     let entry = index.get(name).map(|&i| &manifest.tensors[i]);
@@ -710,4 +710,26 @@ fn read_safetensors_header(
         ));
     }
     Ok(out)
+}
+
+/// Reads a GGUF header with candle, which panics on some invalid headers
+/// (`general.alignment = 0` divides by zero): a panic becomes an error,
+/// since headers come from files and peers nobody vouches for.
+fn read_gguf<R: std::io::Read + std::io::Seek>(
+    r: &mut R,
+) -> std::result::Result<gguf_file::Content, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(r))) {
+        Ok(Ok(content)) => Ok(content),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!(
+                "invalid GGUF header (the parser failed: {what}; is general.alignment zero?)"
+            ))
+        }
+    }
 }

@@ -432,7 +432,6 @@ impl Worker {
                 format!("step {seq} already processed (last was {})", s.last_seq),
             ));
         }
-        s.last_used = Instant::now();
         let x = hidden_from_frame(hidden, s.span.config().hidden_size)?;
         let t = x.dim(1).map_err(EngineError::from)?;
         if start_pos > s.cache.len() {
@@ -450,6 +449,9 @@ impl Worker {
         let began = Instant::now();
         let out = s.span.forward(&x, start_pos, &mut s.cache)?;
         s.last_seq = seq;
+        // Only a step that ran keeps the session alive: malformed ones
+        // refresh nothing.
+        s.last_used = Instant::now();
         if t == 1 && Arc::ptr_eq(&s.span, &self.span) {
             let tps = 1.0 / began.elapsed().as_secs_f32().max(1e-6);
             self.ema = Some(match self.ema {
