@@ -56,6 +56,8 @@ pub struct ApiConfig {
     pub addr: SocketAddr,
     /// The name the model is served under.
     pub name: String,
+    /// Keys a request to `/v1` must bear; none: the API is open.
+    pub api_keys: Vec<String>,
 }
 
 /// Everything a server node needs.
@@ -342,7 +344,8 @@ impl Node {
             Some(a) => {
                 let (addr, api_net) = crate::gateway::serve_in_process(
                     a.addr,
-                    a.name.clone(),
+                    crate::gateway::GatewayConfig::new(a.name.clone())
+                        .with_api_keys(a.api_keys.clone()),
                     &file,
                     net,
                     &cfg.net.listen,

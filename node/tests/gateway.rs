@@ -722,3 +722,67 @@ fn serve_with_api_answers_through_its_own_swarm() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn an_api_key_is_required_and_foreign_hosts_and_origins_are_refused() -> Result<()> {
+    let _serial = serial();
+    let key = "sk-nomoat-test-4f2a9c81";
+    let gw = gateway(None, &["--api-key", key])?;
+    let addr = gw.http_addr()?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/api_guard.py");
+    let python = std::env::var("NOMOAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args([
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+            MODEL,
+            key,
+        ])
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "the clients failed:\n{stderr}\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let seen: Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap_or_default(),
+    )?;
+    // The right key: an answer, and the model listed.
+    assert!(
+        seen["answer"].as_str().unwrap_or_default().contains("Paris"),
+        "{seen}"
+    );
+    assert_eq!(seen["models"], json!([MODEL]), "{seen}");
+    // A wrong key: OpenAI's 401, with the key masked.
+    assert_eq!(seen["wrong_key"]["status"], 401, "{seen}");
+    let body = &seen["wrong_key"]["body"];
+    assert_eq!(body["code"], "invalid_api_key", "{seen}");
+    assert_eq!(body["type"], "invalid_request_error", "{seen}");
+    let msg = body["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("Incorrect API key"), "{msg}");
+    assert!(!msg.contains("sk-wrong-0000000000"), "the key is echoed: {msg}");
+    // No key at all: 401 saying how to send one.
+    assert_eq!(seen["no_key"]["status"], 401, "{seen}");
+    let msg = seen["no_key"]["body"]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("Authorization: Bearer"), "{msg}");
+    // DNS rebinding (a foreign Host) and a cross-site page (a foreign
+    // Origin) are refused even with the key.
+    for case in ["rebound_host", "foreign_origin"] {
+        assert_eq!(seen[case]["status"], 403, "{case}: {seen}");
+        assert_eq!(seen[case]["body"]["error"]["code"], "forbidden", "{case}");
+    }
+    // The dashboard's own origin is fine, and the dashboard needs no key.
+    assert_eq!(seen["own_origin_dashboard"], 200, "{seen}");
+    // The gateway still answers the right key afterwards, from Rust too.
+    let r = get(addr, "/v1/models")?;
+    openai_error(&r, 401)?;
+    Ok(())
+}

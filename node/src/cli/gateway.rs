@@ -53,6 +53,50 @@ pub(crate) struct GatewayArgs {
     /// bf16 or q8 (see `nomoat generate --help`).
     #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
     wire_dtype: nomoat_protocol::DType,
+    #[command(flatten)]
+    keys: ApiKeyArgs,
+}
+
+/// The API keys of a gateway.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ApiKeyArgs {
+    /// A key clients must send to /v1 as `Authorization: Bearer KEY`
+    /// (repeatable). Without any key the API is open to whoever reaches
+    /// --api.
+    #[arg(long)]
+    api_key: Vec<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments are
+    /// skipped).
+    #[arg(long)]
+    api_key_file: Option<std::path::PathBuf>,
+}
+
+impl ApiKeyArgs {
+    /// Every key given, from the flags and the file.
+    pub(crate) fn keys(&self) -> Result<Vec<String>> {
+        let mut keys = self.api_key.clone();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API keys in {}", path.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        Ok(keys)
+    }
+}
+
+/// Warns when an API without keys listens beyond this machine.
+pub(crate) fn warn_if_open(addr: SocketAddr, keys: &[String]) {
+    if keys.is_empty() && !addr.ip().is_loopback() {
+        eprintln!(
+            "warning: the API on {addr} has no key: anyone who can reach it can generate \
+             (and see the dashboard); set --api-key or NOMOAT_API_KEY"
+        );
+    }
 }
 
 /// Prints the gateway's JSON line: API, dashboard and metrics URLs.
@@ -70,11 +114,14 @@ fn print_urls(addr: SocketAddr, model: &str) -> Result<()> {
 
 pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
     let name = args.name.clone().unwrap_or_else(|| model_name(&args.model));
+    let keys = args.keys.keys()?;
+    warn_if_open(args.api, &keys);
     let shutdown = CancellationToken::new();
     let cfg = |c: GatewayConfig| {
         c.with_max_concurrent(args.max_concurrent)
             .with_step_timeout(Duration::from_secs_f64(args.step_timeout.max(0.1)))
             .with_wire_dtype(args.wire_dtype)
+            .with_api_keys(keys.clone())
     };
     let cfg = cfg(GatewayConfig::new(name.clone()));
     let (file, model_id) = open_model(&args.model, &args.swarm).await?;

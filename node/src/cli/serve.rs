@@ -117,6 +117,9 @@ pub(crate) struct ServeArgs {
     /// Weight requests served at once to one peer; more are answered busy.
     #[arg(long, default_value_t = nomoat_node::weights::serve::MAX_WEIGHT_STREAMS_PER_PEER)]
     weight_streams_per_peer: usize,
+    /// The keys of the --api gateway.
+    #[command(flatten)]
+    keys: crate::cli::gateway::ApiKeyArgs,
 }
 
 /// `nomoat serve`: starts the node, prints its JSON line and serves until
@@ -150,10 +153,18 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         },
         weights: args.weights,
         rebalance,
-        api: args.api.map(|addr| ApiConfig {
-            addr,
-            name: nomoat_node::gateway::model_name(&args.model),
-        }),
+        api: match args.api {
+            Some(addr) => {
+                let api_keys = args.keys.keys()?;
+                crate::cli::gateway::warn_if_open(addr, &api_keys);
+                Some(ApiConfig {
+                    addr,
+                    name: nomoat_node::gateway::model_name(&args.model),
+                    api_keys,
+                })
+            }
+            None => None,
+        },
         ..NodeConfig::new(args.model.clone(), blocks)
     };
     let node = Node::start(cfg).await?;

@@ -141,7 +141,7 @@ pub async fn swarm_gateway(
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_in_process(
     addr: SocketAddr,
-    name: String,
+    cfg: GatewayConfig,
     file: &ModelFile,
     server: &NetHandle,
     listen: &[Multiaddr],
@@ -168,7 +168,7 @@ pub async fn serve_in_process(
     let (gw, net) = swarm_gateway(
         file,
         model_id.to_string(),
-        GatewayConfig::new(name),
+        cfg,
         boot,
         any_port,
         weights,

@@ -14,6 +14,7 @@
 //! `POST /v1/completions`.
 
 mod error;
+mod guard;
 pub mod http;
 mod job;
 mod launch;
@@ -72,6 +73,9 @@ pub struct GatewayConfig {
     pub step_timeout: Duration,
     /// The dtype hidden states travel in to and from the swarm.
     pub wire_dtype: nomoat_protocol::DType,
+    /// Keys a request to `/v1` must bear (`Authorization: Bearer KEY`);
+    /// none: the API is open.
+    pub api_keys: Vec<String>,
 }
 
 impl GatewayConfig {
@@ -82,7 +86,14 @@ impl GatewayConfig {
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             step_timeout: DEFAULT_STEP_TIMEOUT,
             wire_dtype: nomoat_protocol::DType::F32,
+            api_keys: Vec::new(),
         }
+    }
+
+    /// Sets the keys a request to `/v1` must bear; empty: the API is open.
+    pub fn with_api_keys(mut self, keys: Vec<String>) -> Self {
+        self.api_keys = keys.into_iter().filter(|k| !k.trim().is_empty()).collect();
+        self
     }
 
     /// Sets the dtype hidden states travel in to and from the swarm.
@@ -482,7 +493,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, gw.router())
+    let bound = listener.local_addr()?;
+    let guard = guard::Guard::new(&gw.inner.cfg.api_keys, bound);
+    let app = gw
+        .router()
+        .layer(axum::middleware::from_fn_with_state(guard, guard::guard));
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
