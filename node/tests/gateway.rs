@@ -755,7 +755,10 @@ fn an_api_key_is_required_and_foreign_hosts_and_origins_are_refused() -> Result<
     )?;
     // The right key: an answer, and the model listed.
     assert!(
-        seen["answer"].as_str().unwrap_or_default().contains("Paris"),
+        seen["answer"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Paris"),
         "{seen}"
     );
     assert_eq!(seen["models"], json!([MODEL]), "{seen}");
@@ -766,7 +769,10 @@ fn an_api_key_is_required_and_foreign_hosts_and_origins_are_refused() -> Result<
     assert_eq!(body["type"], "invalid_request_error", "{seen}");
     let msg = body["message"].as_str().unwrap_or_default();
     assert!(msg.contains("Incorrect API key"), "{msg}");
-    assert!(!msg.contains("sk-wrong-0000000000"), "the key is echoed: {msg}");
+    assert!(
+        !msg.contains("sk-wrong-0000000000"),
+        "the key is echoed: {msg}"
+    );
     // No key at all: 401 saying how to send one.
     assert_eq!(seen["no_key"]["status"], 401, "{seen}");
     let msg = seen["no_key"]["body"]["error"]["message"]

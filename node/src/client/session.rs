@@ -57,10 +57,13 @@ pub(super) async fn open_hop(
                 .await
                 .map_err(|e| failed(e.to_string()))?;
             let (mut r, mut w) = stream.split();
-            write_message(&mut w, &InferMessage::Open(open.clone()))
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            return match read_message(&mut r).await {
+            // A stream dropped unanswered fails the write (the server
+            // stopped it) or ends before the answer: both are tried again.
+            let answer = match write_message(&mut w, &InferMessage::Open(open.clone())).await {
+                Ok(()) => read_message(&mut r).await,
+                Err(e) => Err(e),
+            };
+            return match answer {
                 Ok(Some(InferMessage::Opened { .. })) => Ok((r, w)),
                 Ok(Some(InferMessage::Error(e))) => Err(ClientError::Hop {
                     hop,
@@ -69,7 +72,9 @@ pub(super) async fn open_hop(
                     code: e.code,
                     message: e.message,
                 }),
-                Ok(None) if attempt < UNANSWERED_STREAM_ATTEMPTS => {
+                Ok(None) | Err(crate::net::wire::WireError::Io(_))
+                    if attempt < UNANSWERED_STREAM_ATTEMPTS =>
+                {
                     tracing::debug!("hop {hop} ({peer}) dropped the stream unanswered; again");
                     tokio::time::sleep(UNANSWERED_STREAM_DELAY * attempt).await;
                     continue;

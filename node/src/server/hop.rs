@@ -268,16 +268,17 @@ async fn attach_next(
             }
         };
         let (mut r, mut w) = stream.split();
-        write_message(
-            &mut w,
-            &InferMessage::Attach {
-                session_id: id,
-                from_hop: hop_index,
-            },
-        )
-        .await
-        .map_err(|e| format!("next hop {peer}: {e}"))?;
-        match read_message(&mut r).await {
+        let attach = InferMessage::Attach {
+            session_id: id,
+            from_hop: hop_index,
+        };
+        // A stream dropped unanswered fails the write (the peer stopped
+        // it) or the read (it ended): both are tried again.
+        let answer = match write_message(&mut w, &attach).await {
+            Ok(()) => read_message(&mut r).await,
+            Err(e) => Err(e),
+        };
+        match answer {
             Ok(Some(InferMessage::Opened { .. })) => {
                 // Drain whatever else the next hop sends on the push stream.
                 tokio::spawn(async move { while let Ok(Some(_)) = read_message(&mut r).await {} });
