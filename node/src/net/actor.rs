@@ -55,6 +55,9 @@ fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetErr
             let gossip_cfg = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
                 .validation_mode(gossipsub::ValidationMode::Strict)
+                // Announcements are forwarded only once nomoat has checked
+                // them (`report_message_validation_result`).
+                .validate_messages()
                 .max_transmit_size(1 << 20)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -152,6 +155,8 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
         subscribed: Vec::new(),
         heartbeat: cfg.heartbeat,
         relay_server: cfg.relay_server,
+        expiry: handle.expiry,
+        max_servers: cfg.max_known_servers.max(1),
     };
     tokio::spawn(actor.run());
     let mut joined = false;
@@ -167,6 +172,9 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
     Ok(handle)
 }
 
+/// How far ahead of this node's clock an announcement may be stamped.
+const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+
 /// Where the outcome of a dial goes.
 type DialReply = oneshot::Sender<Result<PeerId, NetError>>;
 
@@ -180,6 +188,10 @@ struct Actor {
     subscribed: Vec<String>,
     heartbeat: Duration,
     relay_server: bool,
+    /// Announcements older than this are dropped.
+    expiry: Duration,
+    /// Most announcements held.
+    max_servers: usize,
 }
 
 impl Actor {
@@ -246,10 +258,59 @@ impl Actor {
                     Some(Command::Shutdown) | None => break,
                     Some(cmd) => self.on_command(cmd),
                 },
-                _ = tick.tick() => self.announce(),
+                _ = tick.tick() => {
+                    self.sweep();
+                    self.announce();
+                }
             }
         }
         debug!("network actor stopped");
+    }
+
+    /// Forgets expired announcements, what was measured of peers that are
+    /// neither announced nor connected, and addresses past the book's bound.
+    fn sweep(&mut self) {
+        let expiry = self.expiry;
+        let mut v = self.view();
+        v.servers.retain(|_, (_, at)| at.elapsed() <= expiry);
+        let View {
+            servers,
+            connected,
+            observed,
+            rtts,
+            book,
+            ..
+        } = &mut *v;
+        let keep = |p: &PeerId| servers.contains_key(p) || connected.contains_key(p);
+        observed.retain(|p, _| keep(p));
+        rtts.retain(|p, _| keep(p));
+        if book.len() > MAX_BOOK_PEERS {
+            book.retain(|p, _| keep(p));
+        }
+    }
+
+    /// Stores a valid announcement from `source`; returns whether it is new
+    /// (a replayed or older one is not). At the table's bound the oldest
+    /// entry makes room.
+    fn store_announcement(&mut self, source: PeerId, info: ServerInfo) -> bool {
+        let max = self.max_servers;
+        let mut v = self.view();
+        if let Some((old, _)) = v.servers.get(&source) {
+            if old.timestamp_ms >= info.timestamp_ms {
+                return false;
+            }
+        } else if v.servers.len() >= max {
+            let oldest = v
+                .servers
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(p, _)| *p);
+            if let Some(p) = oldest {
+                v.servers.remove(&p);
+            }
+        }
+        v.servers.insert(source, (info, Instant::now()));
+        true
     }
 
     /// Refreshes this node's `ServerInfo` (time, addresses, reachability)
@@ -484,22 +545,51 @@ impl Actor {
             }) => {
                 self.view().rtts.insert(peer, rtt);
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                message_id,
+                propagation_source,
+            }) => {
                 // Strict validation checked the signature: `source` signed it.
-                let Some(source) = message.source else { return };
-                match ServerInfo::decode(&message.data) {
-                    Ok(info) if PeerId::from_bytes(&info.peer_id).ok() == Some(source) => {
-                        let addrs = info
-                            .addrs
-                            .iter()
-                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-                            .collect();
-                        self.remember(source, addrs);
-                        self.view().servers.insert(source, (info, Instant::now()));
+                // Nothing is forwarded before it is checked here.
+                use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+                let verdict = match (message.source, ServerInfo::decode(&message.data)) {
+                    (None, _) => Reject,
+                    (Some(source), Ok(info))
+                        if PeerId::from_bytes(&info.peer_id).ok() == Some(source) =>
+                    {
+                        if info.timestamp_ms > now_ms().saturating_add(MAX_CLOCK_AHEAD_MS) {
+                            debug!(%source, "announcement from the future ignored");
+                            Ignore
+                        } else {
+                            let addrs = info
+                                .addrs
+                                .iter()
+                                .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                                .collect();
+                            if self.store_announcement(source, info) {
+                                self.remember(source, addrs);
+                                Accept
+                            } else {
+                                // A replay, or older than what is held.
+                                Ignore
+                            }
+                        }
                     }
-                    Ok(_) => warn!(%source, "announcement for another peer id dropped"),
-                    Err(e) => warn!(%source, "bad announcement dropped: {e}"),
-                }
+                    (Some(source), Ok(_)) => {
+                        warn!(%source, "announcement for another peer id dropped");
+                        Reject
+                    }
+                    (Some(source), Err(e)) => {
+                        warn!(%source, "bad announcement dropped: {e}");
+                        Reject
+                    }
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, verdict);
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,

@@ -133,6 +133,14 @@ impl NetHandle {
         out
     }
 
+    /// What the node holds now: announcements (expired ones until the next
+    /// heartbeat's sweep) and peers in its address book. Both are bounded
+    /// ([`NetConfig::max_known_servers`](super::NetConfig), [`MAX_BOOK_PEERS`](super::MAX_BOOK_PEERS)).
+    pub fn table_sizes(&self) -> (usize, usize) {
+        let v = self.view();
+        (v.servers.len(), v.book.len())
+    }
+
     /// The last measured round-trip time to a peer.
     pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
         self.view().rtts.get(peer).copied()

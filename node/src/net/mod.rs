@@ -67,7 +67,14 @@ pub struct NetConfig {
     /// Addresses others can reach this node at (a public IP, a port
     /// forward); a relay must have one to hand out reservations.
     pub external: Vec<Multiaddr>,
+    /// Most servers' announcements held at once; past it the oldest goes.
+    pub max_known_servers: usize,
 }
+
+/// The default of [`NetConfig::max_known_servers`]: four info answers' worth.
+pub const MAX_KNOWN_SERVERS: usize = 4 * nomoat_protocol::MAX_INFO_SERVERS;
+/// Peers whose addresses the address book holds at once.
+pub const MAX_BOOK_PEERS: usize = 4 * MAX_KNOWN_SERVERS;
 
 impl Default for NetConfig {
     fn default() -> Self {
@@ -79,6 +86,7 @@ impl Default for NetConfig {
             relay_server: false,
             heartbeat: DEFAULT_HEARTBEAT,
             external: Vec::new(),
+            max_known_servers: MAX_KNOWN_SERVERS,
         }
     }
 }

@@ -130,7 +130,13 @@ pub async fn serve_info(net: NetHandle, shutdown: CancellationToken) {
                 debug!(%peer, "bad info request");
                 return;
             };
-            let body = encode_info_response(&net.servers(&model));
+            // At most one answer's worth, the freshest first.
+            let mut servers = net.servers(&model);
+            if servers.len() > nomoat_protocol::MAX_INFO_SERVERS {
+                servers.sort_by_key(|s| std::cmp::Reverse(s.timestamp_ms));
+                servers.truncate(nomoat_protocol::MAX_INFO_SERVERS);
+            }
+            let body = encode_info_response(&servers);
             let _ = write_frame(&mut stream, &body).await;
             let _ = futures::AsyncWriteExt::close(&mut stream).await;
         });

@@ -1,0 +1,99 @@
+//! The announcement table stays bounded: past its cap the oldest entry
+//! goes, and expired entries leave memory. In-process nodes on 127.0.0.1.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use nomoat_node::net::{self, NetConfig, NetHandle};
+use nomoat_protocol::{BlockRange, Reachability, ServerInfo};
+
+const MODEL: &str = "announcement-test-model";
+
+async fn node(bootstrap: Vec<libp2p::Multiaddr>, max_known_servers: usize) -> Result<NetHandle> {
+    let net = net::start(NetConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+        bootstrap,
+        heartbeat: Duration::from_millis(500),
+        max_known_servers,
+        ..NetConfig::default()
+    })
+    .await?;
+    net.wait_listening(1, Duration::from_secs(10)).await;
+    Ok(net)
+}
+
+fn info(net: &NetHandle, start: u32) -> ServerInfo {
+    ServerInfo {
+        peer_id: net.peer_id().to_bytes(),
+        model_id: MODEL.into(),
+        blocks: BlockRange {
+            start,
+            end: start + 1,
+        },
+        num_blocks: 64,
+        hidden_size: 64,
+        throughput: 1.0,
+        free_kv_tokens: 1024,
+        load: 0.0,
+        active_sessions: 0,
+        version: "test".into(),
+        addrs: Vec::new(),
+        reachability: Reachability::Unknown,
+        timestamp_ms: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_announcement_table_is_capped_and_forgets_the_gone() -> Result<()> {
+    const CAP: usize = 8;
+    const SENDERS: usize = 20;
+    let hub = node(Vec::new(), CAP).await?;
+    hub.subscribe(MODEL).await;
+    let boot = vec![hub.listen_addrs()[0].clone()];
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        let n = node(boot.clone(), net::MAX_KNOWN_SERVERS).await?;
+        n.subscribe(MODEL).await;
+        n.announce(info(&n, i as u32)).await;
+        senders.push(n);
+    }
+    // Every sender keeps announcing; the hub never holds more than its cap,
+    // and does hold that many.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut most = 0;
+    let mut full_since: Option<Instant> = None;
+    loop {
+        let (held, _) = hub.table_sizes();
+        assert!(held <= CAP, "{held} announcements held, the cap is {CAP}");
+        most = most.max(held);
+        if held == CAP {
+            // Full: keep watching a few heartbeats of new announcements.
+            let since = *full_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the hub never held {CAP} announcements (at most {most})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The senders go; past the expiry (4 heartbeats) the hub forgets them.
+    for n in &senders {
+        n.shutdown().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (held, _) = hub.table_sizes();
+        if held == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{held} announcements of stopped servers still held");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(hub.servers(MODEL).is_empty());
+    hub.shutdown().await;
+    Ok(())
+}
