@@ -114,6 +114,33 @@ fn openai_error(r: &http::HttpResponse, status: u16) -> Result<Value> {
     Ok(e)
 }
 
+/// Runs `tests/python/SCRIPT ARGS` and returns the JSON of its last
+/// stdout line.
+fn run_python(script: &str, args: &[&str]) -> Result<Value> {
+    let path = format!("{}/../tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var("NOMOAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'openai'") {
+        bail!("the openai package is missing: `{python} -m pip install openai` (.ci/run does)");
+    }
+    ensure!(
+        out.status.success(),
+        "{script} failed:\n{stderr}\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap_or_default(),
+    )?)
+}
+
 fn chat_body(content: &str, extra: Value) -> String {
     let mut b = json!({
         "model": MODEL,
@@ -136,30 +163,7 @@ fn openai_python_client_against_a_three_server_swarm() -> Result<()> {
     let gw = gateway(Some(&procs[0].addr()), &[])?;
     let addr = gw.http_addr()?;
     wait_covered(addr, 3)?;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/python/openai_client.py"
-    );
-    let python = std::env::var("NOMOAT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args([script, &format!("http://{addr}/v1"), MODEL])
-        .output()
-        .with_context(|| format!("running {python}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No module named 'openai'") {
-        bail!("the openai package is missing: `{python} -m pip install openai` (.ci/run does)");
-    }
-    ensure!(
-        out.status.success(),
-        "the openai client failed:\n{stderr}\nstdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let seen: Value = serde_json::from_slice(
-        out.stdout
-            .split(|b| *b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap_or_default(),
-    )?;
+    let seen = run_python("openai_client.py", &[&format!("http://{addr}/v1"), MODEL])?;
     assert!(
         seen["answer"]
             .as_str()
@@ -729,30 +733,8 @@ fn an_api_key_is_required_and_foreign_hosts_and_origins_are_refused() -> Result<
     let key = "sk-nomoat-test-4f2a9c81";
     let gw = gateway(None, &["--api-key", key])?;
     let addr = gw.http_addr()?;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/api_guard.py");
-    let python = std::env::var("NOMOAT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args([
-            script,
-            &addr.ip().to_string(),
-            &addr.port().to_string(),
-            MODEL,
-            key,
-        ])
-        .output()
-        .with_context(|| format!("running {python}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success(),
-        "the clients failed:\n{stderr}\nstdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let seen: Value = serde_json::from_slice(
-        out.stdout
-            .split(|b| *b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap_or_default(),
-    )?;
+    let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+    let seen = run_python("api_guard.py", &[&ip, &port, MODEL, key])?;
     // The right key: an answer, and the model listed.
     assert!(
         seen["answer"]

@@ -66,26 +66,24 @@ fn masked(key: &str) -> String {
     format!("{head}***{tail}")
 }
 
-fn forbidden(message: String) -> Response {
-    let e = ApiError {
-        status: StatusCode::FORBIDDEN,
+/// OpenAI's error body with `status` and `code`.
+fn refuse(status: StatusCode, code: &'static str, message: String) -> Response {
+    ApiError {
+        status,
         message,
         kind: "invalid_request_error",
         param: None,
-        code: Some("forbidden"),
-    };
-    e.into_response()
+        code: Some(code),
+    }
+    .into_response()
+}
+
+fn forbidden(message: String) -> Response {
+    refuse(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 fn unauthorized(message: String) -> Response {
-    let e = ApiError {
-        status: StatusCode::UNAUTHORIZED,
-        message,
-        kind: "invalid_request_error",
-        param: None,
-        code: Some("invalid_api_key"),
-    };
-    let mut r = e.into_response();
+    let mut r = refuse(StatusCode::UNAUTHORIZED, "invalid_api_key", message);
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer"),
