@@ -128,3 +128,51 @@ pub type Proc = nomoat_node::process::ServeProcess;
 pub fn serve(bin: &std::path::Path, args: &[&str]) -> Result<Proc> {
     Ok(Proc::spawn(bin, args, Duration::from_secs(60))?)
 }
+
+/// A raw `/nomoat/infer/1` stream to a server, for tests that play a peer
+/// message by message (bad input, early push streams).
+#[derive(Debug)]
+pub struct Raw {
+    /// The read half.
+    pub r: futures::io::ReadHalf<libp2p::Stream>,
+    /// The write half.
+    pub w: futures::io::WriteHalf<libp2p::Stream>,
+}
+
+impl Raw {
+    /// Opens a stream from `net` to `peer`.
+    pub async fn open(net: &NetHandle, peer: libp2p::PeerId) -> Result<Self> {
+        use futures::AsyncReadExt;
+        let s = net
+            .control()
+            .open_stream(
+                peer,
+                libp2p::StreamProtocol::new(nomoat_protocol::INFER_PROTOCOL),
+            )
+            .await?;
+        let (r, w) = s.split();
+        Ok(Self { r, w })
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, m: &nomoat_protocol::InferMessage) -> Result<()> {
+        Ok(nomoat_node::net::wire::write_message(&mut self.w, m).await?)
+    }
+
+    /// The next message, waiting up to 15 s (`None` at the stream's end).
+    pub async fn recv(&mut self) -> Result<Option<nomoat_protocol::InferMessage>> {
+        let read = nomoat_node::net::wire::read_message(&mut self.r);
+        Ok(tokio::time::timeout(Duration::from_secs(15), read).await??)
+    }
+
+    /// Expects an error frame with `code`.
+    pub async fn expect_error(&mut self, code: nomoat_protocol::ErrorCode) -> Result<()> {
+        match self.recv().await? {
+            Some(nomoat_protocol::InferMessage::Error(e)) => {
+                anyhow::ensure!(e.code == Some(code), "expected a {code:?} error, got {e}");
+                Ok(())
+            }
+            other => bail!("expected a {code:?} error, got {other:?}"),
+        }
+    }
+}

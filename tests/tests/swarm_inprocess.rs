@@ -8,19 +8,18 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
-use futures::AsyncReadExt;
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::PeerId;
 use nomoat_node::client::{simple_route, ClientError, RemoteSession};
 use nomoat_node::engine::{
     hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, Span, WeightMode,
 };
-use nomoat_node::net::wire::{read_message, write_frame, write_message};
+use nomoat_node::net::wire::write_frame;
 use nomoat_node::server::executor::ExecutorConfig;
 use nomoat_protocol::{
     BlockRange, DType, ErrorCode, Hop, InferMessage, OpenSession, SessionId, Step, TensorFrame,
-    INFER_PROTOCOL, MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES,
 };
-use nomoat_tests::harness::{client_net, discover_n, TestServer};
+use nomoat_tests::harness::{client_net, discover_n, Raw, TestServer};
 use nomoat_tests::{max_abs_diff, TinyArch, TinyModel, TinySpec};
 
 const MODEL: &str = "tiny-test-model";
@@ -124,42 +123,6 @@ async fn three_servers_give_the_whole_models_logits() -> Result<()> {
         s.kill().await;
     }
     Ok(())
-}
-
-/// A raw `/nomoat/infer/1` stream to a server, for sending bad input.
-struct Raw {
-    r: futures::io::ReadHalf<libp2p::Stream>,
-    w: futures::io::WriteHalf<libp2p::Stream>,
-}
-
-impl Raw {
-    async fn open(client: &nomoat_node::net::NetHandle, peer: PeerId) -> Result<Self> {
-        let s = client
-            .control()
-            .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
-            .await?;
-        let (r, w) = s.split();
-        Ok(Self { r, w })
-    }
-
-    async fn send(&mut self, m: &InferMessage) -> Result<()> {
-        Ok(write_message(&mut self.w, m).await?)
-    }
-
-    async fn recv(&mut self) -> Result<Option<InferMessage>> {
-        Ok(tokio::time::timeout(Duration::from_secs(10), read_message(&mut self.r)).await??)
-    }
-
-    /// Expects an error frame with `code`.
-    async fn expect_error(&mut self, code: ErrorCode) -> Result<()> {
-        match self.recv().await? {
-            Some(InferMessage::Error(e)) => {
-                assert_eq!(e.code, Some(code), "{e}");
-                Ok(())
-            }
-            other => panic!("expected a {code:?} error, got {other:?}"),
-        }
-    }
 }
 
 fn open_msg(id: SessionId, model: &str, peer: PeerId, blocks: BlockRange) -> InferMessage {

@@ -11,21 +11,17 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
-use futures::AsyncReadExt;
-use libp2p::{PeerId, StreamProtocol};
+use libp2p::PeerId;
 use nomoat_node::client::RemoteSession;
 use nomoat_node::engine::{
     hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, WeightMode,
 };
-use nomoat_node::net::wire::{read_message, write_message};
-use nomoat_node::net::NetHandle;
 use nomoat_node::server::executor::ExecutorConfig;
 use nomoat_node::server::{ATTACH_WAIT_TIMEOUT, MAX_WAITING_ATTACH_PER_PEER};
 use nomoat_protocol::{
     BlockRange, DType, ErrorCode, Hop, InferMessage, OpenSession, SessionId, Step, TensorFrame,
-    INFER_PROTOCOL,
 };
-use nomoat_tests::harness::{client_net, discover_n, TestServer};
+use nomoat_tests::harness::{client_net, discover_n, Raw, TestServer};
 use nomoat_tests::{max_abs_diff, TinyArch, TinyModel, TinySpec};
 
 const MODEL: &str = "tiny-open-model";
@@ -36,41 +32,6 @@ fn tiny(dir: &std::path::Path) -> Result<ModelFile> {
     let path = TinyModel::generate(TinySpec::new(TinyArch::Llama))?
         .write_gguf(&dir.join("tiny.gguf"), GgmlDType::F32)?;
     Ok(ModelFile::open(path)?)
-}
-
-/// A raw `/nomoat/infer/1` stream.
-struct Raw {
-    r: futures::io::ReadHalf<libp2p::Stream>,
-    w: futures::io::WriteHalf<libp2p::Stream>,
-}
-
-impl Raw {
-    async fn open(net: &NetHandle, peer: PeerId) -> Result<Self> {
-        let s = net
-            .control()
-            .open_stream(peer, StreamProtocol::new(INFER_PROTOCOL))
-            .await?;
-        let (r, w) = s.split();
-        Ok(Self { r, w })
-    }
-
-    async fn send(&mut self, m: &InferMessage) -> Result<()> {
-        Ok(write_message(&mut self.w, m).await?)
-    }
-
-    async fn recv(&mut self) -> Result<Option<InferMessage>> {
-        Ok(tokio::time::timeout(Duration::from_secs(15), read_message(&mut self.r)).await??)
-    }
-
-    async fn expect_error(&mut self, code: ErrorCode) -> Result<()> {
-        match self.recv().await? {
-            Some(InferMessage::Error(e)) => {
-                assert_eq!(e.code, Some(code), "{e}");
-                Ok(())
-            }
-            other => panic!("expected a {code:?} error, got {other:?}"),
-        }
-    }
 }
 
 fn attach(id: SessionId) -> InferMessage {
