@@ -135,7 +135,7 @@ impl NetHandle {
 
     /// What the node holds now: announcements (expired ones until the next
     /// heartbeat's sweep) and peers in its address book. Both are bounded
-    /// ([`NetConfig::max_known_servers`](super::NetConfig), [`MAX_BOOK_PEERS`](super::MAX_BOOK_PEERS)).
+    /// ([`NetConfig::max_known_servers`](super::NetConfig), [`MAX_BOOK_PEERS`]).
     pub fn table_sizes(&self) -> (usize, usize) {
         let v = self.view();
         (v.servers.len(), v.book.len())
