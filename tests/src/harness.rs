@@ -176,3 +176,40 @@ impl Raw {
         }
     }
 }
+
+/// The whole model's logits for `prompt`, then for each token of `decode`.
+pub fn local_trace(
+    file: &nomoat_node::engine::ModelFile,
+    prompt: &[u32],
+    decode: &[u32],
+) -> Result<Vec<candle_core::Tensor>> {
+    use nomoat_node::engine::{LocalModel, WeightMode};
+    let model = LocalModel::load_whole(file, WeightMode::Fast)?;
+    let mut s = model.new_session();
+    let mut out = vec![model.forward_logits(&mut s, prompt)?];
+    for t in decode {
+        out.push(model.forward_logits(&mut s, &[*t])?);
+    }
+    Ok(out)
+}
+
+/// The same trace as [`local_trace`] through a remote session.
+pub async fn remote_trace(
+    head: &nomoat_node::engine::Head,
+    session: &mut nomoat_node::client::RemoteSession,
+    prompt: &[u32],
+    decode: &[u32],
+) -> Result<Vec<candle_core::Tensor>> {
+    use nomoat_node::engine::{hidden_from_frame, hidden_to_frame};
+    let hidden = head.config().hidden_size;
+    let mut pos = 0u32;
+    let mut out = Vec::new();
+    let inputs = std::iter::once(prompt.to_vec()).chain(decode.iter().map(|t| vec![*t]));
+    for tokens in inputs {
+        let frame = hidden_to_frame(&head.embed(&tokens)?, nomoat_protocol::DType::F32)?;
+        let h = session.step(pos, frame).await?;
+        out.push(head.logits(&hidden_from_frame(&h, hidden)?)?);
+        pos += tokens.len() as u32;
+    }
+    Ok(out)
+}

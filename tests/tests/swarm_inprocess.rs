@@ -10,16 +10,14 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use libp2p::PeerId;
 use nomoat_node::client::{simple_route, ClientError, RemoteSession};
-use nomoat_node::engine::{
-    hidden_from_frame, hidden_to_frame, Head, LocalModel, ModelFile, Span, WeightMode,
-};
+use nomoat_node::engine::{hidden_from_frame, hidden_to_frame, Head, ModelFile, Span, WeightMode};
 use nomoat_node::net::wire::write_frame;
 use nomoat_node::server::executor::ExecutorConfig;
 use nomoat_protocol::{
     BlockRange, DType, ErrorCode, Hop, InferMessage, OpenSession, SessionId, Step, TensorFrame,
     MAX_MESSAGE_BYTES,
 };
-use nomoat_tests::harness::{client_net, discover_n, Raw, TestServer};
+use nomoat_tests::harness::{self, client_net, discover_n, Raw, TestServer};
 use nomoat_tests::{max_abs_diff, TinyArch, TinyModel, TinySpec};
 
 const MODEL: &str = "tiny-test-model";
@@ -34,30 +32,12 @@ fn tiny(dir: &std::path::Path) -> Result<ModelFile> {
 
 /// Logits of the whole model for the prompt and then each decode token.
 fn local_trace(file: &ModelFile) -> Result<Vec<Tensor>> {
-    let model = LocalModel::load_whole(file, WeightMode::Fast)?;
-    let mut s = model.new_session();
-    let mut out = vec![model.forward_logits(&mut s, &PROMPT)?];
-    for t in DECODE {
-        out.push(model.forward_logits(&mut s, &[t])?);
-    }
-    Ok(out)
+    harness::local_trace(file, &PROMPT, &DECODE)
 }
 
 /// The same trace through a remote session.
 async fn remote_trace(head: &Head, session: &mut RemoteSession) -> Result<Vec<Tensor>> {
-    let hidden = head.config().hidden_size;
-    let mut pos = 0u32;
-    let mut out = Vec::new();
-    let inputs: Vec<Vec<u32>> = std::iter::once(PROMPT.to_vec())
-        .chain(DECODE.iter().map(|t| vec![*t]))
-        .collect();
-    for tokens in inputs {
-        let frame = hidden_to_frame(&head.embed(&tokens)?, DType::F32)?;
-        let h = session.step(pos, frame).await?;
-        out.push(head.logits(&hidden_from_frame(&h, hidden)?)?);
-        pos += tokens.len() as u32;
-    }
-    Ok(out)
+    harness::remote_trace(head, session, &PROMPT, &DECODE).await
 }
 
 async fn three_servers(file: &ModelFile, cfg: ExecutorConfig) -> Result<Vec<TestServer>> {
@@ -687,7 +667,7 @@ async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
     let reference = Span::load(&file, 0, 2, WeightMode::Fast)?;
     let mut ref_cache = reference.new_cache();
     let id = SessionId([7; 16]);
-    b.exec.open(id, 0, 2, 64).await?;
+    b.exec.open(id, PeerId::random(), 0, 2, 64).await?;
     let prompt = head.embed(&PROMPT)?;
     let out = b
         .exec
@@ -824,7 +804,10 @@ async fn announced_load_counts_against_the_configured_session_cap() -> Result<()
         Some(0.0)
     );
     for i in 0..2u8 {
-        server.exec.open(SessionId([i; 16]), 0, 6, 16).await?;
+        server
+            .exec
+            .open(SessionId([i; 16]), PeerId::random(), 0, 6, 16)
+            .await?;
     }
     // Announcements refresh every second; wait for the full one.
     let deadline = Instant::now() + Duration::from_secs(10);

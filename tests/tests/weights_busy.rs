@@ -170,15 +170,27 @@ async fn a_peer_that_never_reads_holds_only_its_own_slots() -> Result<()> {
     };
     // Every stream is negotiated before any asks: once chunks fill the
     // connection's window, nothing more gets through to the hog.
+    let open = || async {
+        hog.control()
+            .open_stream(peer, StreamProtocol::new(WEIGHTS_PROTOCOL))
+            .await
+    };
     for _ in 0..limits.streams_per_peer {
-        held.push(
-            hog.control()
-                .open_stream(peer, StreamProtocol::new(WEIGHTS_PROTOCOL))
-                .await?,
-        );
+        held.push(open().await?);
     }
     for s in &mut held {
-        nomoat_node::net::wire::write_frame(s, &ask.encode()).await?;
+        // An inbound stream can be dropped unanswered when several arrive
+        // at once (a loaded machine): such a one is opened again, as the
+        // fetcher does.
+        let mut attempts = 0;
+        while let Err(e) = nomoat_node::net::wire::write_frame(s, &ask.encode()).await {
+            attempts += 1;
+            anyhow::ensure!(
+                attempts < 3,
+                "the seeder dropped the hog's stream 3 times: {e}"
+            );
+            *s = open().await?;
+        }
         s.flush().await?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

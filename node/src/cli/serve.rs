@@ -10,7 +10,7 @@ use nomoat_node::engine::WeightMode;
 use nomoat_node::net::NetConfig;
 use nomoat_node::node::{ApiConfig, BlockChoice, Node, NodeConfig};
 use nomoat_node::server::executor::{
-    ExecutorConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_KV_TOKENS, DEFAULT_MAX_SESSIONS,
+    ExecutorConfig, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_SESSIONS, DEFAULT_OPEN_GRACE,
 };
 use nomoat_node::server::rebalance::RebalanceConfig;
 use nomoat_node::shutdown::shutdown_signal;
@@ -92,9 +92,15 @@ pub(crate) struct ServeArgs {
     /// Most sessions at once.
     #[arg(long, default_value_t = DEFAULT_MAX_SESSIONS)]
     max_sessions: usize,
-    /// KV-cache budget, in positions over all sessions.
-    #[arg(long, default_value_t = DEFAULT_KV_TOKENS)]
-    kv_tokens: usize,
+    /// Most sessions one peer may hold (default: half of --max-sessions);
+    /// one peer also gets at most the same share of --kv-memory.
+    #[arg(long)]
+    max_sessions_per_peer: Option<usize>,
+    /// Memory all sessions' KV caches may reserve, e.g. 2GiB (default: half
+    /// the memory available once the span is loaded). A session reserves
+    /// the bytes its longest context takes on this span.
+    #[arg(long, value_parser = crate::parse_size)]
+    kv_memory: Option<u64>,
     /// Seconds after which an idle session is dropped.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
@@ -147,9 +153,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             streams_per_peer: args.weight_streams_per_peer.max(1),
         },
         executor: ExecutorConfig {
-            max_sessions: args.max_sessions,
-            kv_tokens: args.kv_tokens,
+            max_sessions: args.max_sessions.max(1),
+            max_sessions_per_peer: args
+                .max_sessions_per_peer
+                .unwrap_or(args.max_sessions / 2)
+                .max(1),
+            kv_bytes: args.kv_memory,
             idle_timeout: Duration::from_secs(args.idle_timeout),
+            open_grace: DEFAULT_OPEN_GRACE.min(Duration::from_secs(args.idle_timeout.max(1))),
         },
         weights: args.weights,
         rebalance,

@@ -251,8 +251,7 @@ impl RemoteSession {
             truncate_history(&mut replay, pos);
             let mut last_seq = None;
             for (start, frame) in &replay {
-                let t = frame.shape().first().copied().unwrap_or(1) as u32;
-                let seq = self.begin_step_keep(*start, t, Some(last));
+                let seq = self.begin_step_keep(*start, frame, Some(last));
                 let msg = InferMessage::Step(Step {
                     session_id: self.id,
                     seq,

@@ -158,6 +158,9 @@ struct LiveStep {
     start: u32,
     /// Positions below this are still valid (a later rewind may cut it).
     end: u32,
+    /// The shape of the step's input, `[rows, hidden]`: every hop's output
+    /// has it too, and a copy or result of another shape is refused.
+    shape: [usize; 2],
     /// A replay's last hop: its copy is not history (the next hop has it).
     stop: Option<usize>,
 }

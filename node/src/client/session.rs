@@ -337,6 +337,17 @@ impl RemoteSession {
         if step.stop == Some(hop) || hop + 1 >= self.history.len() || step.end <= step.start {
             return;
         }
+        // A hop's output has its input's shape. Anything else is dropped
+        // here, so a hop cannot make the client keep more than the step's
+        // rows (nor poison what a failover replays).
+        if hidden.shape() != step.shape {
+            tracing::warn!(
+                "hop {hop} sent a copy of shape {:?} for step {seq} of shape {:?}; ignored",
+                hidden.shape(),
+                step.shape
+            );
+            return;
+        }
         let Some(frame) = hidden.narrow_rows(0, (step.end - step.start) as usize) else {
             return;
         };
@@ -348,7 +359,12 @@ impl RemoteSession {
     }
 
     /// A new step at `start`: steps it rewinds over are forgotten.
-    pub(super) fn begin_step(&mut self, start: u32, t: u32, stop: Option<usize>) -> u64 {
+    pub(super) fn begin_step(
+        &mut self,
+        start: u32,
+        input: &TensorFrame,
+        stop: Option<usize>,
+    ) -> u64 {
         self.live.retain(|_, s| s.start < start);
         for s in self.live.values_mut() {
             s.end = s.end.min(start);
@@ -357,7 +373,7 @@ impl RemoteSession {
         while self.live.len() > 1024 {
             self.live.pop_first();
         }
-        self.begin_step_keep(start, t, stop)
+        self.begin_step_keep(start, input, stop)
     }
 
     pub(super) fn decode_timeout(&self, t: u32) -> Duration {
@@ -375,7 +391,8 @@ impl RemoteSession {
         t: u32,
         hidden: TensorFrame,
     ) -> Result<TensorFrame, ClientError> {
-        let seq = self.begin_step(start_pos, t, None);
+        let seq = self.begin_step(start_pos, &hidden, None);
+        let shape = hidden.shape().to_vec();
         let msg = InferMessage::Step(Step {
             session_id: self.id,
             seq,
@@ -438,6 +455,29 @@ impl RemoteSession {
                     })
                 }
                 Some(InferMessage::Result { seq: s, hidden, .. }) if s == seq => {
+                    // Only the last hop's output is the result: an earlier
+                    // hop that sends one would skip the hops after it.
+                    let last = self.hops.len() - 1;
+                    let fault = if hop != last {
+                        Some(format!(
+                            "hop {hop} sent the result of step {seq}, which only the last hop (hop {last}) sends"
+                        ))
+                    } else if hidden.shape() != shape.as_slice() {
+                        Some(format!(
+                            "the result of step {seq} has shape {:?}, not the step's {shape:?}",
+                            hidden.shape()
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = fault {
+                        return Err(ClientError::HopFailed {
+                            hop,
+                            peer,
+                            blocks,
+                            reason,
+                        });
+                    }
                     if t == 1 {
                         let last = self.hops.len() - 1;
                         arrived[last] = Some(Instant::now());
@@ -446,7 +486,7 @@ impl RemoteSession {
                     return Ok(hidden);
                 }
                 Some(InferMessage::Copy { seq: s, hidden, .. }) => {
-                    if s == seq {
+                    if s == seq && hidden.shape() == shape.as_slice() {
                         copies[hop] = true;
                         arrived[hop].get_or_insert_with(Instant::now);
                     }
@@ -496,13 +536,23 @@ impl RemoteSession {
 
     /// Like [`begin_step`](Self::begin_step) but for replays, which must
     /// not cut the live steps they re-run.
-    pub(super) fn begin_step_keep(&mut self, start: u32, t: u32, stop: Option<usize>) -> u64 {
+    pub(super) fn begin_step_keep(
+        &mut self,
+        start: u32,
+        input: &TensorFrame,
+        stop: Option<usize>,
+    ) -> u64 {
+        let shape = match input.shape() {
+            &[rows, width] => [rows, width],
+            other => [other.first().copied().unwrap_or(1), 0],
+        };
         self.seq += 1;
         self.live.insert(
             self.seq,
             LiveStep {
                 start,
-                end: start + t,
+                end: start + shape[0] as u32,
+                shape,
                 stop,
             },
         );

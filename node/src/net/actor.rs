@@ -22,6 +22,8 @@ use super::*;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// Bounds connections overall, per peer and while pending.
+    limits: libp2p::connection_limits::Behaviour,
     relay_client: relay::client::Behaviour,
     relay_server: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
@@ -39,6 +41,10 @@ fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetErr
     let relay_server = cfg.relay_server;
     let mdns_on = cfg.mdns;
     let heartbeat = cfg.heartbeat;
+    let limits = libp2p::connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(cfg.max_connections))
+        .with_max_established_per_peer(Some(cfg.max_connections_per_peer))
+        .with_max_pending_incoming(Some(cfg.max_pending_connections));
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -85,6 +91,7 @@ fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetErr
                 None
             };
             Ok(Behaviour {
+                limits: libp2p::connection_limits::Behaviour::new(limits),
                 relay_client,
                 relay_server: relay_server
                     .then(|| {

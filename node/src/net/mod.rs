@@ -69,7 +69,21 @@ pub struct NetConfig {
     pub external: Vec<Multiaddr>,
     /// Most servers' announcements held at once; past it the oldest goes.
     pub max_known_servers: usize,
+    /// Most connections established at once, all peers together.
+    pub max_connections: u32,
+    /// Most connections established with one peer at once (a direct one,
+    /// a relayed one and one per transport leave room to spare).
+    pub max_connections_per_peer: u32,
+    /// Most incoming connections still in their handshake at once.
+    pub max_pending_connections: u32,
 }
+
+/// The default of [`NetConfig::max_connections`].
+pub const MAX_CONNECTIONS: u32 = 1024;
+/// The default of [`NetConfig::max_connections_per_peer`].
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+/// The default of [`NetConfig::max_pending_connections`].
+pub const MAX_PENDING_CONNECTIONS: u32 = 128;
 
 /// The default of [`NetConfig::max_known_servers`]: four info answers' worth.
 pub const MAX_KNOWN_SERVERS: usize = 4 * nomoat_protocol::MAX_INFO_SERVERS;
@@ -87,6 +101,9 @@ impl Default for NetConfig {
             heartbeat: DEFAULT_HEARTBEAT,
             external: Vec::new(),
             max_known_servers: MAX_KNOWN_SERVERS,
+            max_connections: MAX_CONNECTIONS,
+            max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
+            max_pending_connections: MAX_PENDING_CONNECTIONS,
         }
     }
 }

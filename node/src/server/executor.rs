@@ -3,13 +3,17 @@
 //! It owns the span's weights and every session's KV cache. Requests come
 //! through a bounded queue; a full queue is a clear "busy" rather than an
 //! unbounded backlog. Sessions idle for longer than the timeout are dropped,
-//! and the sum of the positions sessions may hold is capped (the KV budget).
+//! and so are sessions that never ran a step within a short grace. The KV
+//! caches sessions may grow to are reserved in bytes, from the model's shape,
+//! against a budget (by default a share of the machine's free memory), and
+//! one peer may hold only its share of the sessions and of the budget.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use libp2p::PeerId;
 use nomoat_protocol::{ErrorCode, SessionId, TensorFrame};
 use tokio::sync::oneshot;
 
@@ -17,10 +21,19 @@ use crate::engine::{hidden_from_frame, hidden_to_frame, EngineError, Span, SpanC
 
 /// Default cap on concurrent sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 64;
-/// Default KV budget, in positions summed over sessions.
-pub const DEFAULT_KV_TOKENS: usize = 262_144;
+/// Default cap on one peer's concurrent sessions: half the sessions (one
+/// gateway serves many users through one peer id).
+pub const DEFAULT_MAX_SESSIONS_PER_PEER: usize = DEFAULT_MAX_SESSIONS / 2;
+/// The share of the machine's available memory the default KV budget takes,
+/// measured when the executor starts (after the span's weights are loaded).
+pub const DEFAULT_KV_MEMORY_SHARE: f64 = 0.5;
+/// The KV budget when the available memory cannot be read.
+pub const FALLBACK_KV_BYTES: u64 = 2 << 30;
 /// Default idle timeout of a session.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A session that has run no step this long after opening is dropped, so
+/// `Open` alone cannot hold a reservation.
+pub const DEFAULT_OPEN_GRACE: Duration = Duration::from_secs(30);
 /// Capacity of the request queue.
 pub const EXECUTOR_QUEUE: usize = 256;
 
@@ -29,20 +42,65 @@ pub const EXECUTOR_QUEUE: usize = 256;
 pub struct ExecutorConfig {
     /// Most sessions at once.
     pub max_sessions: usize,
-    /// Most positions all sessions together may reserve.
-    pub kv_tokens: usize,
+    /// Most sessions one peer may hold at once. The same share of the KV
+    /// budget (`kv_bytes * max_sessions_per_peer / max_sessions`) is that
+    /// peer's most.
+    pub max_sessions_per_peer: usize,
+    /// Bytes of KV cache all sessions together may reserve; `None` is
+    /// [`DEFAULT_KV_MEMORY_SHARE`] of the memory available at start.
+    pub kv_bytes: Option<u64>,
     /// Sessions unused for this long are dropped.
     pub idle_timeout: Duration,
+    /// Sessions that ran no step this long after opening are dropped.
+    pub open_grace: Duration,
 }
 
 impl Default for ExecutorConfig {
     fn default() -> Self {
         Self {
             max_sessions: DEFAULT_MAX_SESSIONS,
-            kv_tokens: DEFAULT_KV_TOKENS,
+            max_sessions_per_peer: DEFAULT_MAX_SESSIONS_PER_PEER,
+            kv_bytes: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            open_grace: DEFAULT_OPEN_GRACE,
         }
     }
+}
+
+impl ExecutorConfig {
+    /// The KV budget in bytes: the configured figure, or a share of the
+    /// memory available now.
+    pub fn resolved_kv_bytes(&self) -> u64 {
+        self.kv_bytes.unwrap_or_else(|| match available_memory() {
+            Some(m) => (m as f64 * DEFAULT_KV_MEMORY_SHARE) as u64,
+            None => FALLBACK_KV_BYTES,
+        })
+    }
+}
+
+/// Memory this process may still take: the kernel's `MemAvailable`, or what
+/// the cgroup's limit leaves if that is less. `None` where neither can be
+/// read.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .map(|max| max.saturating_sub(read("/sys/fs/cgroup/memory.current").unwrap_or(0)));
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Bytes of KV cache one position of blocks `[start, end)` takes: keys and
+/// values in f32 for every kv head.
+pub fn kv_bytes_per_position(cfg: &crate::engine::ModelConfig, start: usize, end: usize) -> u64 {
+    (end.saturating_sub(start) * 2 * cfg.num_kv_heads * cfg.head_dim * 4) as u64
 }
 
 /// Why a request failed, with its wire code.
@@ -83,9 +141,12 @@ impl From<EngineError> for ExecError {
 pub struct ExecutorStats {
     /// Sessions open.
     pub sessions: usize,
-    /// Positions reserved by open sessions.
-    pub reserved_kv_tokens: usize,
-    /// Positions still free in the budget.
+    /// The KV budget, bytes.
+    pub kv_bytes: u64,
+    /// Bytes of KV cache reserved by open sessions.
+    pub reserved_kv_bytes: u64,
+    /// Positions of the whole span the free part of the budget still holds:
+    /// what the server announces as its free KV.
     pub free_kv_tokens: usize,
     /// Decode throughput of the span (EMA over one-token steps), tokens/s.
     pub throughput: f32,
@@ -108,6 +169,7 @@ impl ExecutorStats {
 enum Job {
     Open {
         id: SessionId,
+        peer: PeerId,
         start: usize,
         end: usize,
         max_len: usize,
@@ -134,9 +196,13 @@ struct Session {
     /// finish on the old span (it is freed with the last of them).
     span: Arc<Span>,
     cache: SpanCache,
+    peer: PeerId,
     last_seq: u64,
-    reserved: usize,
+    /// Bytes of KV cache reserved.
+    reserved: u64,
     last_used: Instant,
+    /// Whether a step has run.
+    stepped: bool,
 }
 
 /// A cloneable handle to the executor thread.
@@ -145,6 +211,7 @@ pub struct Executor {
     tx: SyncSender<Job>,
     stats: Arc<Mutex<ExecutorStats>>,
     span: Arc<Mutex<Arc<Span>>>,
+    idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for Executor {
@@ -160,13 +227,25 @@ impl Executor {
     /// Starts the executor thread for a span.
     pub fn start(span: Arc<Span>, cfg: ExecutorConfig) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<Job>(EXECUTOR_QUEUE);
+        let kv_bytes = cfg.resolved_kv_bytes();
+        let per_position = kv_bytes_per_position(span.config(), span.start(), span.end()).max(1);
+        tracing::info!(
+            "KV budget {} MiB: {} positions of blocks {}..{}",
+            kv_bytes >> 20,
+            kv_bytes / per_position,
+            span.start(),
+            span.end()
+        );
         let stats = Arc::new(Mutex::new(ExecutorStats {
-            free_kv_tokens: cfg.kv_tokens,
+            kv_bytes,
+            free_kv_tokens: (kv_bytes / per_position) as usize,
             max_sessions: cfg.max_sessions,
             ..Default::default()
         }));
+        let idle_timeout = cfg.idle_timeout;
         let worker = Worker {
             span: span.clone(),
+            kv_bytes,
             cfg,
             sessions: HashMap::new(),
             stats: stats.clone(),
@@ -179,7 +258,14 @@ impl Executor {
             tx,
             stats,
             span: Arc::new(Mutex::new(span)),
+            idle_timeout,
         })
+    }
+
+    /// How long a session may sit unused: streams that carry nothing for
+    /// this long are closed too.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
     /// The span new sessions open on.
@@ -213,11 +299,12 @@ impl Executor {
         })
     }
 
-    /// Opens a session running blocks `[start, end)`; returns the positions
-    /// it may hold.
+    /// Opens a session of `peer` running blocks `[start, end)`; returns the
+    /// positions it may hold.
     pub async fn open(
         &self,
         id: SessionId,
+        peer: PeerId,
         start: usize,
         end: usize,
         max_len: usize,
@@ -225,6 +312,7 @@ impl Executor {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Open {
             id,
+            peer,
             start,
             end,
             max_len,
@@ -269,6 +357,8 @@ impl Executor {
 struct Worker {
     span: Arc<Span>,
     cfg: ExecutorConfig,
+    /// The KV budget, bytes.
+    kv_bytes: u64,
     sessions: HashMap<SessionId, Session>,
     stats: Arc<Mutex<ExecutorStats>>,
     ema: Option<f32>,
@@ -289,14 +379,19 @@ impl Worker {
         }
     }
 
-    fn reserved(&self) -> usize {
+    fn reserved(&self) -> u64 {
         self.sessions.values().map(|s| s.reserved).sum()
     }
 
     fn expire(&mut self) {
-        let timeout = self.cfg.idle_timeout;
+        let (timeout, grace) = (self.cfg.idle_timeout, self.cfg.open_grace);
         self.sessions.retain(|id, s| {
-            let keep = s.last_used.elapsed() < timeout;
+            let idle = s.last_used.elapsed();
+            if !s.stepped && idle >= grace {
+                tracing::info!(session = %id, peer = %s.peer, "session dropped: no step within {grace:?} of opening");
+                return false;
+            }
+            let keep = idle < timeout;
             if !keep {
                 tracing::info!(session = %id, "session expired after {timeout:?} idle");
             }
@@ -314,8 +409,11 @@ impl Worker {
             .values()
             .filter(|s| !Arc::ptr_eq(&s.span, &self.span))
             .count();
-        st.reserved_kv_tokens = reserved;
-        st.free_kv_tokens = self.cfg.kv_tokens.saturating_sub(reserved);
+        st.kv_bytes = self.kv_bytes;
+        st.reserved_kv_bytes = reserved;
+        let per_position =
+            kv_bytes_per_position(self.span.config(), self.span.start(), self.span.end()).max(1);
+        st.free_kv_tokens = (self.kv_bytes.saturating_sub(reserved) / per_position) as usize;
         if let Some(e) = self.ema {
             st.throughput = e;
         }
@@ -325,12 +423,13 @@ impl Worker {
         match job {
             Job::Open {
                 id,
+                peer,
                 start,
                 end,
                 max_len,
                 reply,
             } => {
-                let _ = reply.send(self.open(id, start, end, max_len));
+                let _ = reply.send(self.open(id, peer, start, end, max_len));
             }
             Job::Step {
                 id,
@@ -372,6 +471,7 @@ impl Worker {
     fn open(
         &mut self,
         id: SessionId,
+        peer: PeerId,
         start: usize,
         end: usize,
         max_len: usize,
@@ -392,14 +492,44 @@ impl Worker {
                 ),
             ));
         }
+        let per_peer = self
+            .cfg
+            .max_sessions_per_peer
+            .clamp(1, self.cfg.max_sessions.max(1));
+        let (mine, mine_bytes) = self
+            .sessions
+            .values()
+            .filter(|s| s.peer == peer)
+            .fold((0, 0u64), |(n, b), s| (n + 1, b + s.reserved));
+        if mine >= per_peer {
+            return Err(ExecError::new(
+                ErrorCode::Busy,
+                format!("server busy: this peer holds {mine} sessions, the most one peer may hold"),
+            ));
+        }
         let cache = self.span.new_cache_range(start, end, max_len)?;
-        let reserve = cache.max_len();
-        let free = self.cfg.kv_tokens.saturating_sub(self.reserved());
+        let positions = cache.max_len();
+        let reserve = positions as u64 * kv_bytes_per_position(self.span.config(), start, end);
+        let free = self.kv_bytes.saturating_sub(self.reserved());
         if reserve > free {
             return Err(ExecError::new(
                 ErrorCode::Busy,
                 format!(
-                    "server busy: the session needs {reserve} cache positions, {free} are free"
+                    "server busy: the session's {positions} positions need {} KiB of KV cache, {} KiB are free",
+                    reserve.div_ceil(1024),
+                    free / 1024
+                ),
+            ));
+        }
+        let peer_budget = (self.kv_bytes as u128 * per_peer as u128
+            / self.cfg.max_sessions.max(1) as u128) as u64;
+        if mine_bytes + reserve > peer_budget {
+            return Err(ExecError::new(
+                ErrorCode::Busy,
+                format!(
+                    "server busy: this peer's sessions already reserve {} KiB of the {} KiB one peer may hold",
+                    mine_bytes / 1024,
+                    peer_budget / 1024
                 ),
             ));
         }
@@ -408,12 +538,14 @@ impl Worker {
             Session {
                 span: self.span.clone(),
                 cache,
+                peer,
                 last_seq: 0,
                 reserved: reserve,
                 last_used: Instant::now(),
+                stepped: false,
             },
         );
-        Ok(reserve)
+        Ok(positions)
     }
 
     fn step(
@@ -452,6 +584,7 @@ impl Worker {
         // Only a step that ran keeps the session alive: malformed ones
         // refresh nothing.
         s.last_used = Instant::now();
+        s.stepped = true;
         if t == 1 && Arc::ptr_eq(&s.span, &self.span) {
             let tps = 1.0 / began.elapsed().as_secs_f32().max(1e-6);
             self.ema = Some(match self.ema {

@@ -71,6 +71,7 @@ pub(super) async fn client_stream(
         let max_len = match exec
             .open(
                 id,
+                peer,
                 blocks.start as usize,
                 blocks.end as usize,
                 open.max_length as usize,
@@ -96,6 +97,7 @@ pub(super) async fn client_stream(
                 route: open.route.clone(),
                 attached: false,
                 epoch: 0,
+                last_active: std::time::Instant::now(),
             })),
         };
         sessions.insert(id, ctx.clone());
@@ -107,8 +109,15 @@ pub(super) async fn client_stream(
             })
             .await;
         info!(%peer, %blocks, "session open");
+        // Once the session has run nothing for as long as it may idle, its
+        // stream closes too, even in the middle of a half-sent frame.
+        let idle = exec.idle_timeout();
         loop {
-            match read_message(&mut r).await {
+            let Some(next) = read_while_active(&mut r, &ctx, idle).await else {
+                info!("session idle for {idle:?}: closing its stream");
+                break;
+            };
+            match next {
                 Ok(Some(InferMessage::Step(step))) if step.session_id == id => {
                     run_step(&exec, &ctx, step, None).await;
                 }
@@ -223,9 +232,16 @@ pub(super) fn spawn_push(
                 }
             };
             while let Some(msg) = rx.recv().await {
-                if let Err(e) = write_message(&mut w, &msg).await {
-                    debug!("push write failed: {e}");
-                    break;
+                match tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut w, &msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        debug!("push write failed: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        debug!("the next hop read nothing for {WRITE_TIMEOUT:?}");
+                        break;
+                    }
                 }
             }
             let _ = futures::AsyncWriteExt::close(&mut w).await;
@@ -365,8 +381,13 @@ pub(super) async fn push_stream(
             max_length: 0,
         })
         .await;
+    let idle = exec.idle_timeout();
     loop {
-        match read_message(&mut r).await {
+        let Some(next) = read_while_active(&mut r, &ctx, idle).await else {
+            debug!("session idle for {idle:?}: closing the push stream");
+            break;
+        };
+        match next {
             Ok(Some(InferMessage::Step(step))) if step.session_id == id => {
                 if !run_step(&exec, &ctx, step, Some(epoch)).await {
                     debug!("push stream replaced by a reroute");
@@ -379,6 +400,29 @@ pub(super) async fn push_stream(
                 debug!("push stream ended: {e}");
                 break;
             }
+        }
+    }
+}
+
+/// The next message of a session's stream, or `None` once the session has
+/// run no step for `idle` (a partly read frame is abandoned with the
+/// stream). Steps on the session's other streams count as activity: a hop's
+/// client stream carries no steps once its push stream runs them.
+async fn read_while_active(
+    r: &mut ReadHalf<Stream>,
+    ctx: &SessionCtx,
+    idle: Duration,
+) -> Option<Result<Option<InferMessage>, crate::net::wire::WireError>> {
+    let read = read_message(r);
+    tokio::pin!(read);
+    loop {
+        let wait = idle.saturating_sub(ctx.state().last_active.elapsed());
+        if wait.is_zero() {
+            return None;
+        }
+        tokio::select! {
+            m = &mut read => return Some(m),
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -401,7 +445,10 @@ pub(super) async fn run_step(
     }
     let result = exec.step(id, seq, start_pos as usize, step.hidden).await;
     let (push, hop_index) = {
-        let st = ctx.state();
+        let mut st = ctx.state();
+        if result.is_ok() {
+            st.last_active = std::time::Instant::now();
+        }
         (st.push.clone(), st.hop_index)
     };
     match result {

@@ -42,6 +42,9 @@ pub const MAX_WAITING_ATTACH_PER_PEER: usize = 32;
 pub const MAX_WAITING_ATTACH: usize = 256;
 /// Queue of messages waiting to be written to one stream.
 pub const STREAM_QUEUE: usize = 64;
+/// How long one message may take to write: a peer that stops reading loses
+/// its stream after this.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server waits for the first message of a new stream.
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -56,6 +59,9 @@ struct HopState {
     /// Counts attachments: a push stream runs steps only while the epoch it
     /// attached in is current, so a replaced previous hop is ignored.
     epoch: u64,
+    /// When the session last ran a step (or opened): its streams close
+    /// once it has been idle for the executor's idle timeout.
+    last_active: std::time::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -138,9 +144,16 @@ fn writer(mut w: WriteHalf<Stream>, what: String) -> mpsc::Sender<InferMessage> 
     tokio::spawn(
         async move {
             while let Some(msg) = rx.recv().await {
-                if let Err(e) = write_message(&mut w, &msg).await {
-                    debug!("write failed: {e}");
-                    break;
+                match tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut w, &msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        debug!("write failed: {e}");
+                        break;
+                    }
+                    Err(_) => {
+                        debug!("peer read nothing for {WRITE_TIMEOUT:?}: dropping the stream");
+                        break;
+                    }
                 }
             }
             let _ = futures::AsyncWriteExt::close(&mut w).await;
