@@ -774,3 +774,53 @@ fn an_api_key_is_required_and_foreign_hosts_and_origins_are_refused() -> Result<
     openai_error(&r, 401)?;
     Ok(())
 }
+
+#[test]
+fn slow_http_clients_are_cut_off_while_others_are_served() -> Result<()> {
+    use std::io::{Read, Write};
+    let _serial = serial();
+    let gw = gateway(None, &[])?;
+    let addr = gw.http_addr()?;
+    // Reads until the gateway closes the connection; returns what came
+    // and how long it took.
+    let until_closed = move |first: &'static [u8]| {
+        std::thread::spawn(move || -> Result<(String, Duration)> {
+            let mut c = std::net::TcpStream::connect(addr)?;
+            c.set_read_timeout(Some(Duration::from_secs(90)))?;
+            c.write_all(first)?;
+            let began = Instant::now();
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            Ok((String::from_utf8_lossy(&got).into_owned(), began.elapsed()))
+        })
+    };
+    // Headers that never end (slowloris), and a body that never comes.
+    let headers = until_closed(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    let body = until_closed(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"model\":",
+    );
+    // Meanwhile everyone else is served.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        &chat_body("hi", json!({"max_tokens": 4})),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let join = |h: std::thread::JoinHandle<Result<(String, Duration)>>| {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?
+    };
+    let (_, waited) = join(headers)?;
+    assert!(
+        waited < Duration::from_secs(30),
+        "half-sent headers held the connection {waited:?}"
+    );
+    let (answer, waited) = join(body)?;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(
+        waited < Duration::from_secs(60),
+        "a half-sent body held the connection {waited:?}"
+    );
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! One generation job: a session (on the swarm or the local model), the
 //! token loop, stop strings, and events on a bounded channel.
 
+use std::time::Duration;
+
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
@@ -45,6 +47,20 @@ pub enum JobEvent {
     Failed(String),
 }
 
+/// How long a job waits for its client to take the next event: a client
+/// that stops reading (a stalled stream) frees its generation slot after
+/// this.
+pub const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends `event` to the job's client; `false` when the client went away or
+/// read nothing for [`CLIENT_STALL_TIMEOUT`].
+async fn send_or_give_up(tx: &mpsc::Sender<JobEvent>, event: JobEvent) -> bool {
+    matches!(
+        tokio::time::timeout(CLIENT_STALL_TIMEOUT, tx.send(event)).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Turns a job's tokens into text events, cut at stop strings.
 struct JobSink<'a> {
     tok: &'a crate::engine::ChatTokenizer,
@@ -62,8 +78,8 @@ impl TokenSink for JobSink<'_> {
             return Ok(true);
         };
         let (emit, hit) = self.stop.push(&p);
-        if !emit.is_empty() && self.tx.send(JobEvent::Text(emit)).await.is_err() {
-            debug!("the client went away; stopping");
+        if !emit.is_empty() && !send_or_give_up(self.tx, JobEvent::Text(emit)).await {
+            debug!("the client went away or stopped reading; stopping");
             return Ok(false);
         }
         if hit {
@@ -193,7 +209,7 @@ impl Gateway {
                         JobEvent::Failed(e.to_string())
                     }
                 };
-                let _ = tx.send(event).await;
+                let _ = send_or_give_up(&tx, event).await;
             }
             .instrument(span),
         );
@@ -225,7 +241,7 @@ impl Gateway {
         if !stopped_by_string {
             let rest = stop.flush();
             if !rest.is_empty() {
-                let _ = tx.send(JobEvent::Text(rest)).await;
+                let _ = send_or_give_up(tx, JobEvent::Text(rest)).await;
             }
         }
         Ok(Finish {

@@ -43,7 +43,7 @@ use crate::net::discover::{discover, merge_servers, server_addrs};
 use crate::net::NetHandle;
 
 pub use error::ApiError;
-pub use job::{Finish, Job, JobEvent, EVENT_QUEUE};
+pub use job::{Finish, Job, JobEvent, CLIENT_STALL_TIMEOUT, EVENT_QUEUE};
 pub use launch::{
     model_name, open_model, serve_in_process, swarm_gateway, wait_covered, LaunchError,
 };
@@ -268,6 +268,16 @@ impl Gateway {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &ChatTokenizer {
         &self.inner.tokenizer
+    }
+
+    /// Tokenizes `text` on a blocking thread: a large prompt does not stall
+    /// the network runtime (its one worker also runs libp2p).
+    pub async fn encode(&self, text: String) -> Result<Vec<u32>, ApiError> {
+        let gw = self.clone();
+        tokio::task::spawn_blocking(move || gw.inner.tokenizer.encode(&text))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     /// The model's configuration.
@@ -497,10 +507,91 @@ pub async fn serve(
     let guard = guard::Guard::new(&gw.inner.cfg.api_keys, bound);
     let app = gw
         .router()
+        .layer(axum::middleware::from_fn(read_body_in_time))
         .layer(axum::middleware::from_fn_with_state(guard, guard::guard));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    // hyper directly rather than `axum::serve`, for a header read timeout
+    // (slowloris) and a cap on connections.
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let connections = Arc::new(Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2().timer(hyper_util::rt::TokioTimer::new());
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, from) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!("accepting an API connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%from, "{MAX_HTTP_CONNECTIONS} API connections open: refusing one");
+            drop(tcp);
+            continue;
+        };
+        let conn =
+            http.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service.clone());
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::debug!(%from, "API connection: {e}");
+            }
+        });
+    }
+    // Requests in flight finish (bounded: a stalled client's generation
+    // gives up after its stall timeout).
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    Ok(())
+}
+
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// API connections open at once; more are closed at once.
+pub const MAX_HTTP_CONNECTIONS: usize = 512;
+
+/// Reads the whole body (at most [`MAX_BODY_BYTES`]) within
+/// [`BODY_READ_TIMEOUT`], so a client that sends it slowly holds nothing for
+/// long: 408 past the time, 413 past the size.
+async fn read_body_in_time(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return ApiError::too_large(format!(
+                "the request body is over {MAX_BODY_BYTES} bytes, or was cut off"
+            ))
+            .into_response()
+        }
+        Err(_) => {
+            return ApiError::timeout(format!(
+                "the request body did not arrive within {BODY_READ_TIMEOUT:?}"
+            ))
+            .into_response()
+        }
+    };
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the listener and

@@ -334,10 +334,7 @@ async fn chat(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
         messages.push(ChatMessage::new(role, text));
     }
     let text = gw.tokenizer().chat_prompt(&messages);
-    let prompt = gw
-        .tokenizer()
-        .encode(&text)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let prompt = gw.encode(text).await?;
     let job = job(&gw, &req.sampling, prompt)?;
     let rx = gw.start_job(job).await?;
     let id = new_id("chatcmpl");
@@ -404,10 +401,7 @@ async fn complete(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
             ))
         }
     };
-    let prompt = gw
-        .tokenizer()
-        .encode(&text)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let prompt = gw.encode(text).await?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             Some("prompt"),
