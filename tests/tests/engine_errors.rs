@@ -302,3 +302,69 @@ fn a_gguf_header_with_zero_alignment_is_corrupt_not_a_panic() -> Result<()> {
     assert!(err.to_string().contains("alignment"), "{err}");
     Ok(())
 }
+
+#[test]
+fn safetensors_offsets_past_any_file_are_corrupt() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let st = TinyModel::generate(TinySpec::new(TinyArch::Qwen2))?
+        .write_safetensors(&dir.path().join("st"))?;
+    let w = st.join("model.safetensors");
+    // One tensor whose window wraps around u64 (a release build would
+    // otherwise wrap past the size check, a debug build panic).
+    for offsets in [
+        format!("[{}, {}]", u64::MAX - 2, u64::MAX),
+        format!("[8, {}]", u64::MAX),
+        "[16, 8]".to_string(),
+    ] {
+        let header = format!(
+            r#"{{"model.embed_tokens.weight":{{"dtype":"F32","shape":[2],"data_offsets":{offsets}}}}}"#
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0u8; 64]);
+        std::fs::write(&w, &bytes)?;
+        let err = load_all(&st).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Corrupt { .. }),
+            "{offsets}: {err}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_config_json_with_absurd_sizes_is_refused_before_anything_is_allocated() -> Result<()> {
+    let base = serde_json::json!({
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-6
+    });
+    assert!(nomoat_node::engine::ModelConfig::from_hf_json(&base.to_string()).is_ok());
+    for (field, value) in [
+        ("hidden_size", serde_json::json!(1u64 << 40)),
+        ("num_hidden_layers", serde_json::json!(1_000_000)),
+        ("intermediate_size", serde_json::json!(1u64 << 40)),
+        ("vocab_size", serde_json::json!(1u64 << 33)),
+        ("num_attention_heads", serde_json::json!(0)),
+        ("rms_norm_eps", serde_json::json!(-1.0)),
+        ("hidden_size", serde_json::json!("sixty-four")),
+    ] {
+        let mut cfg = base.clone();
+        cfg[field] = value.clone();
+        let err = nomoat_node::engine::ModelConfig::from_hf_json(&cfg.to_string()).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Config(_)),
+            "{field} = {value}: {err}"
+        );
+    }
+    let mut scaled = base.clone();
+    scaled["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 0.0});
+    assert!(nomoat_node::engine::ModelConfig::from_hf_json(&scaled.to_string()).is_err());
+    Ok(())
+}

@@ -7,6 +7,18 @@ use super::{EngineError, Result};
 
 /// Largest context nomoat allocates rotary tables for, whatever a model claims.
 pub const MAX_CONTEXT: usize = 32_768;
+/// Largest hidden size a model file may declare.
+pub const MAX_HIDDEN: usize = 1 << 16;
+/// Most blocks a model file may declare.
+pub const MAX_BLOCKS: usize = 1024;
+/// Most attention heads a model file may declare.
+pub const MAX_HEADS: usize = 1024;
+/// Largest head dimension a model file may declare.
+pub const MAX_HEAD_DIM: usize = 1024;
+/// Largest MLP size a model file may declare.
+pub const MAX_INTERMEDIATE: usize = 1 << 20;
+/// Largest vocabulary a model file may declare.
+pub const MAX_VOCAB: usize = 1 << 22;
 
 /// The decoder families the engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +139,46 @@ impl ModelConfig {
         if c.intermediate_size == 0 || c.vocab_size == 0 || c.max_seq_len == 0 {
             return bad("intermediate size, vocabulary and context must be positive".into());
         }
+        // Files and peers' manifests are untrusted: sizes past these are no
+        // real model, and would only make the loader allocate without end.
+        for (what, v, most) in [
+            ("hidden size", c.hidden_size, MAX_HIDDEN),
+            ("blocks", c.num_blocks, MAX_BLOCKS),
+            ("heads", c.num_heads, MAX_HEADS),
+            ("head dim", c.head_dim, MAX_HEAD_DIM),
+            ("intermediate size", c.intermediate_size, MAX_INTERMEDIATE),
+            ("vocabulary", c.vocab_size, MAX_VOCAB),
+        ] {
+            if v > most {
+                return bad(format!("{what} {v} is over the most supported, {most}"));
+            }
+        }
+        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps > 0.0) {
+            return bad(format!("rms norm eps {} must be positive", c.rms_norm_eps));
+        }
         if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
             return bad(format!("rope theta {} must be positive", c.rope_theta));
+        }
+        let finite_positive = |x: f32| x.is_finite() && x > 0.0;
+        match &c.rope_scaling {
+            RopeScaling::Linear { factor } if !finite_positive(*factor) => {
+                return bad(format!("rope scaling factor {factor} must be positive"));
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            } if ![*factor, *low_freq_factor, *high_freq_factor]
+                .into_iter()
+                .all(finite_positive)
+                || low_freq_factor >= high_freq_factor =>
+            {
+                return bad(format!(
+                    "llama3 rope scaling factors {factor}, {low_freq_factor}, {high_freq_factor} must be positive, low below high"
+                ));
+            }
+            _ => {}
         }
         if let RopeScaling::Factors(f) = &c.rope_scaling {
             if f.len() != c.head_dim / 2 {

@@ -691,8 +691,16 @@ fn read_safetensors_header(
         let expected = shape
             .iter()
             .try_fold(elem as u64, |a, &d| a.checked_mul(d as u64));
-        let (start, end) = (data_start + offs.0, data_start + offs.1);
-        if offs.1 < offs.0 || end > file_len || expected != Some(offs.1 - offs.0) {
+        let window = data_start
+            .checked_add(offs.0)
+            .zip(data_start.checked_add(offs.1));
+        let Some((start, end)) = window.filter(|_| offs.1 >= offs.0) else {
+            return Err(corrupt(format!(
+                "`{name}` has data_offsets [{}, {}) past any file",
+                offs.0, offs.1
+            )));
+        };
+        if end > file_len || expected != Some(offs.1 - offs.0) {
             return Err(corrupt(format!(
                 "`{name}` data [{}, {}) does not match its shape {shape:?} or the file size",
                 offs.0, offs.1

@@ -19,7 +19,10 @@ mod model;
 mod sampling;
 mod tokenizer;
 
-pub use config::{Arch, ModelConfig, RopeScaling, MAX_CONTEXT};
+pub use config::{
+    Arch, ModelConfig, RopeScaling, MAX_BLOCKS, MAX_CONTEXT, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN,
+    MAX_INTERMEDIATE, MAX_VOCAB,
+};
 pub use error::EngineError;
 pub use file::{ModelFile, WeightMode, MAX_SAFETENSORS_HEADER};
 pub use kv::{SpanCache, INITIAL_CACHE_POSITIONS};
