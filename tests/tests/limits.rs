@@ -307,3 +307,32 @@ async fn a_result_from_a_hop_that_is_not_last_is_refused_and_odd_copies_are_not_
     tail.kill().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_message_bigger_than_any_open_is_refused_before_its_body_is_read() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let server = TestServer::start(&file, MODEL, 0, 6, ExecutorConfig::default(), vec![]).await?;
+    let peer = server.net.peer_id();
+    let big = client_net().await?;
+    big.dial(server.addr.clone()).await?;
+    let mut raw = Raw::open(&big, peer).await?;
+    // A prefix announcing 1 MiB: fine for a step's tensor, but a stream's
+    // first message is an Open or an Attach, a few hundred bytes.
+    raw.w.write_all(&(1u32 << 20).to_le_bytes()).await?;
+    raw.w.flush().await?;
+    match raw.recv().await? {
+        Some(InferMessage::Error(e)) => {
+            assert_eq!(e.code, Some(ErrorCode::TooLarge), "{e}");
+            assert!(
+                e.message
+                    .contains(&nomoat_protocol::MAX_CONTROL_BYTES.to_string()),
+                "{e}"
+            );
+        }
+        other => bail!("expected TooLarge, got {other:?}"),
+    }
+    honest_session_is_exact(&file, &server).await?;
+    server.kill().await;
+    Ok(())
+}

@@ -8,7 +8,7 @@ use nomoat_protocol::{
     decode_info_response, encode_info_request, MessageError, ServerInfo, INFO_PROTOCOL,
 };
 
-use super::wire::{read_frame, write_frame, WireError};
+use super::wire::{read_frame_max, write_frame, WireError};
 use super::{NetError, NetHandle};
 
 /// How long an info query may take.
@@ -80,7 +80,7 @@ pub async fn query_servers(
         write_frame(&mut s, &encode_info_request(model_id))
             .await
             .map_err(wire)?;
-        let body = read_frame(&mut s)
+        let body = read_frame_max(&mut s, nomoat_protocol::MAX_INFO_BYTES)
             .await
             .map_err(wire)?
             .ok_or(DiscoverError::Closed { peer })?;

@@ -21,6 +21,16 @@ pub enum WireError {
 ///
 /// Not cancel safe: a cancelled read may leave half a message consumed.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, WireError> {
+    read_frame_max(r, nomoat_protocol::MAX_MESSAGE_BYTES).await
+}
+
+/// Like [`read_frame`], refusing (before reading the body) a frame over
+/// `max` bytes: each protocol and state reads with the most it can need, so
+/// a peer cannot make the node buffer more.
+pub async fn read_frame_max<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, WireError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -35,6 +45,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
     }
     let len = u32::from_le_bytes(len) as usize;
     check_message_len(len)?;
+    if len > max {
+        return Err(MessageError::TooLarge { len, max }.into());
+    }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
     Ok(Some(buf))
@@ -46,6 +59,18 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 ) -> Result<Option<InferMessage>, WireError> {
     match read_frame(r).await? {
         // The hidden state inside stays in this buffer: no copy.
+        Some(buf) => Ok(Some(InferMessage::decode_bytes(bytes::Bytes::from(buf))?)),
+        None => Ok(None),
+    }
+}
+
+/// Like [`read_message`], refusing a frame over `max` bytes before its body
+/// is read.
+pub async fn read_message_max<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<InferMessage>, WireError> {
+    match read_frame_max(r, max).await? {
         Some(buf) => Ok(Some(InferMessage::decode_bytes(bytes::Bytes::from(buf))?)),
         None => Ok(None),
     }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
 use super::executor::Executor;
-use crate::net::wire::{read_frame, read_message, write_frame};
+use crate::net::wire::{read_frame_max, read_message_max, write_frame};
 use crate::net::NetHandle;
 
 use super::hop::{client_stream, push_stream};
@@ -121,7 +121,11 @@ pub async fn serve_info(net: NetHandle, shutdown: CancellationToken) {
         };
         let net = net.clone();
         tokio::spawn(async move {
-            let req = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_frame(&mut stream)).await;
+            let req = tokio::time::timeout(
+                FIRST_MESSAGE_TIMEOUT,
+                read_frame_max(&mut stream, nomoat_protocol::MAX_CONTROL_BYTES),
+            )
+            .await;
             let model = match req {
                 Ok(Ok(Some(b))) => decode_info_request(&b),
                 _ => return,
@@ -153,7 +157,9 @@ async fn handle_stream(
 ) {
     let (mut r, w) = stream.split();
     let out = writer(w, format!("to {peer}"));
-    let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_message(&mut r)).await {
+    // The first message is `Open` or `Attach`: control-sized, never a tensor.
+    let first_read = read_message_max(&mut r, nomoat_protocol::MAX_CONTROL_BYTES);
+    let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first_read).await {
         Ok(Ok(Some(m))) => m,
         Ok(Ok(None)) | Err(_) => return,
         Ok(Err(e)) => {

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
-use crate::net::wire::read_frame;
+use crate::net::wire::read_frame_max;
 use crate::net::NetHandle;
 use crate::store::ChunkStore;
 
@@ -200,7 +200,9 @@ pub async fn serve_weights_with(
                 // The request is read first, so the fetcher's write does
                 // not fail on a stream already answered.
                 let _ = tokio::time::timeout(BUSY_ANSWER_TIMEOUT, async {
-                    if let Ok(Some(_)) = read_frame(&mut stream).await {
+                    if let Ok(Some(_)) =
+                        read_frame_max(&mut stream, nomoat_protocol::MAX_CONTROL_BYTES).await
+                    {
                         let _ = stream.write_all(&reply.encode_framed()).await;
                         let _ = stream.close().await;
                     }
@@ -242,10 +244,13 @@ async fn answer(
     peer: PeerId,
     mut stream: Stream,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let body = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream))
-        .await
-        .map_err(|_| "no request in time")??
-        .ok_or("stream closed before a request")?;
+    let body = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        read_frame_max(&mut stream, nomoat_protocol::MAX_CONTROL_BYTES),
+    )
+    .await
+    .map_err(|_| "no request in time")??
+    .ok_or("stream closed before a request")?;
     let request = match WeightsRequest::decode(&body) {
         Ok(r) => r,
         Err(e) => {
