@@ -231,20 +231,7 @@ pub(super) fn spawn_push(
                     return;
                 }
             };
-            while let Some(msg) = rx.recv().await {
-                match tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut w, &msg)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        debug!("push write failed: {e}");
-                        break;
-                    }
-                    Err(_) => {
-                        debug!("the next hop read nothing for {WRITE_TIMEOUT:?}");
-                        break;
-                    }
-                }
-            }
-            let _ = futures::AsyncWriteExt::close(&mut w).await;
+            drain_to(&mut w, &mut rx).await;
         }
         .instrument(tracing::debug_span!("push", session = %id, to = next_hop)),
     );

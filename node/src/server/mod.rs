@@ -142,25 +142,30 @@ pub struct ServerConfig {
 fn writer(mut w: WriteHalf<Stream>, what: String) -> mpsc::Sender<InferMessage> {
     let (tx, mut rx) = mpsc::channel::<InferMessage>(STREAM_QUEUE);
     tokio::spawn(
-        async move {
-            while let Some(msg) = rx.recv().await {
-                match tokio::time::timeout(WRITE_TIMEOUT, write_message(&mut w, &msg)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        debug!("write failed: {e}");
-                        break;
-                    }
-                    Err(_) => {
-                        debug!("peer read nothing for {WRITE_TIMEOUT:?}: dropping the stream");
-                        break;
-                    }
-                }
-            }
-            let _ = futures::AsyncWriteExt::close(&mut w).await;
-        }
-        .instrument(tracing::debug_span!("writer", stream = %what)),
+        async move { drain_to(&mut w, &mut rx).await }
+            .instrument(tracing::debug_span!("writer", stream = %what)),
     );
     tx
+}
+
+/// Writes `rx`'s messages to `w` until the queue closes, a write fails or
+/// one takes longer than [`WRITE_TIMEOUT`] (the peer stopped reading); then
+/// closes `w`.
+async fn drain_to(w: &mut WriteHalf<Stream>, rx: &mut mpsc::Receiver<InferMessage>) {
+    while let Some(msg) = rx.recv().await {
+        match tokio::time::timeout(WRITE_TIMEOUT, write_message(w, &msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!("write failed: {e}");
+                break;
+            }
+            Err(_) => {
+                debug!("peer read nothing for {WRITE_TIMEOUT:?}: dropping the stream");
+                break;
+            }
+        }
+    }
+    let _ = futures::AsyncWriteExt::close(w).await;
 }
 
 fn error(
