@@ -58,6 +58,23 @@ enum Command {
         /// The model id.
         model_id: String,
     },
+    /// Make a new private swarm's key file (mode 0600) and print its
+    /// fingerprint; every member then runs with `--swarm-key FILE`.
+    SwarmKey {
+        /// Where to write it (an existing file is never overwritten).
+        file: PathBuf,
+    },
+    /// Print the peer id of an identity file (made if missing), the id
+    /// others name in `--allow-peer`.
+    PeerId {
+        /// The identity file (default: $NOMOAT_HOME/node.key, which
+        /// `nomoat serve` uses).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +99,10 @@ enum BenchCommand {
     /// Weight transfer rate over loopback from 1 and 2 providers against a
     /// raw QUIC stream, measured in the same run.
     Weights(cli::bench::weights::BenchWeightsArgs),
+    /// One server at its session capacity asked for ten times as many,
+    /// then flooded with fresh identities: busy answers, the open
+    /// sessions' step times and the server's memory.
+    Overload(cli::bench::overload::BenchOverloadArgs),
     /// Route-planning time on simulated swarms of 100, 1,000 and 10,000 servers.
     Scheduler {
         /// BlockRange in the simulated model.
@@ -188,6 +209,9 @@ fn main() -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cli::bench::failover::bench_failover(args))
         }
+        Command::Bench(BenchCommand::Overload(args)) => {
+            runtime()?.block_on(cli::bench::overload::bench_overload(args))
+        }
         Command::Bench(BenchCommand::Weights(args)) => {
             // The fetching node's runtime; each provider gets one of its own.
             runtime()?.block_on(cli::bench::weights::bench_weights(args))
@@ -233,6 +257,8 @@ fn main() -> Result<()> {
         }
         Command::Import(args) => cli::weights::import(args),
         Command::Verify { model_id } => cli::weights::verify(&model_id),
+        Command::SwarmKey { file } => cli::access::swarm_key(&file),
+        Command::PeerId { identity, json } => cli::access::peer_id(identity, json),
         Command::Fetch { model } => {
             let entry = catalog::find(&model).with_context(|| {
                 format!("`{model}` is not in the catalog; `nomoat models` lists it")

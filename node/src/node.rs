@@ -253,6 +253,20 @@ impl Node {
             None => Some(ModelFile::open(crate::catalog::resolve(&cfg.model, true)?)?),
         };
         let bootstrap = cfg.net.bootstrap.clone();
+        let mut net_cfg = cfg.net.clone();
+        let key = net_cfg
+            .keypair
+            .get_or_insert_with(libp2p::identity::Keypair::generate_ed25519)
+            .clone();
+        if cfg.api.is_some() && !net_cfg.access.allow.is_empty() {
+            // The server's own API node is always let in.
+            let api = net::access::api_identity(&key).public().to_peer_id();
+            net_cfg.access.allow.push(api);
+        }
+        let cfg = NodeConfig {
+            net: net_cfg,
+            ..cfg
+        };
         let net = net::start(cfg.net.clone()).await?;
         let shutdown = CancellationToken::new();
         let result = Self::assemble(&cfg, file, store_id, &net, &bootstrap, &shutdown).await;
@@ -348,7 +362,7 @@ impl Node {
                         .with_api_keys(a.api_keys.clone()),
                     &file,
                     net,
-                    &cfg.net.listen,
+                    &cfg.net,
                     bootstrap,
                     &model_id,
                     cfg.weights,

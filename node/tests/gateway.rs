@@ -824,3 +824,83 @@ fn slow_http_clients_are_cut_off_while_others_are_served() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_streaming_client_that_stops_reading_gives_up_its_slot() -> Result<()> {
+    use std::io::{Read, Write};
+    let _serial = serial();
+    // One generation at a time: while the stalled client holds the slot,
+    // everyone else gets 429.
+    let gw = gateway(None, &["--max-concurrent", "1"])?;
+    let addr = gw.http_addr()?;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn(move || -> Result<(usize, String)> {
+        // A small receive window, so the gateway's writes block soon.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.set_recv_buffer_size(4096)?;
+        sock.connect(&addr.into())?;
+        let mut c: std::net::TcpStream = sock.into();
+        let body = json!({
+            "model": MODEL,
+            "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+            "max_tokens": 3000,
+            "temperature": 0,
+            "stream": true,
+        })
+        .to_string();
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        // The headers and the first events, then nothing more is read
+        // (the socket stays open) until the test is over.
+        let mut first = [0u8; 512];
+        let n = c.read(&mut first)?;
+        let _ = done_rx.recv_timeout(Duration::from_secs(150));
+        // Then whatever the gateway had queued, to its end.
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        Ok((n, String::from_utf8_lossy(&rest).into_owned()))
+    });
+    let began = Instant::now();
+    let (mut refused, mut served) = (0, None);
+    while began.elapsed() < Duration::from_secs(120) {
+        let r = post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body("hi", json!({"max_tokens": 1})),
+        )?;
+        match r.status {
+            429 => refused += 1,
+            200 => {
+                served = Some(began.elapsed());
+                break;
+            }
+            s => bail!("unexpected {s}: {}", r.text()),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = done_tx.send(());
+    let (read, rest) = stalled
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stalled client panicked"))??;
+    assert!(read > 0, "the stalled client got its first bytes");
+    // The generation was cut short, not run to its end.
+    assert!(rest.contains("data: "), "events were queued for the client");
+    assert!(
+        !rest.contains("[DONE]") && !rest.contains("\"finish_reason\":\"length\""),
+        "the stalled generation ran to its end: {}",
+        rest.get(rest.len().saturating_sub(300)..).unwrap_or(&rest)
+    );
+    assert!(refused > 0, "the stalled client never held the slot");
+    let served = served.context("the slot was never given up")?;
+    // Filling the socket buffers takes seconds of decoding; then the
+    // gateway waits CLIENT_STALL_TIMEOUT (30 s) for the client to read.
+    assert!(
+        served >= nomoat_node::gateway::CLIENT_STALL_TIMEOUT,
+        "served after {served:?}: the slot was given up before the client stalled for the bound"
+    );
+    Ok(())
+}

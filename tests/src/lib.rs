@@ -7,6 +7,7 @@
 //! biases, Q/K rows permuted for llama as llama.cpp's converter does) and as a
 //! Hugging Face safetensors directory with `config.json`.
 
+pub mod fuzz;
 pub mod harness;
 pub mod web;
 

@@ -39,7 +39,10 @@ pub(crate) async fn local_swarm_gateway(
         model_id.to_string(),
         GatewayConfig::new(name),
         vec![boot],
-        vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+        nomoat_node::net::NetConfig {
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+            ..Default::default()
+        },
         WeightMode::Fast,
         shutdown.clone(),
     )

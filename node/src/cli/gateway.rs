@@ -55,6 +55,8 @@ pub(crate) struct GatewayArgs {
     wire_dtype: nomoat_protocol::DType,
     #[command(flatten)]
     keys: ApiKeyArgs,
+    #[command(flatten)]
+    access: crate::cli::access::AccessArgs,
 }
 
 /// The API keys of a gateway.
@@ -124,7 +126,14 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
             .with_api_keys(keys.clone())
     };
     let cfg = cfg(GatewayConfig::new(name.clone()));
-    let (file, model_id) = open_model(&args.model, &args.swarm).await?;
+    let net_cfg = args.access.config(
+        nomoat_node::net::NetConfig {
+            listen: args.listen.clone(),
+            ..Default::default()
+        },
+        false,
+    )?;
+    let (file, model_id) = open_model(&args.model, &args.swarm, &net_cfg).await?;
     let hidden = file.config().hidden_size;
     if hidden % args.wire_dtype.block_len() != 0 {
         anyhow::bail!(
@@ -151,7 +160,7 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
             model_id.context("a swarm's model has an id")?,
             cfg,
             args.swarm.clone(),
-            args.listen.clone(),
+            net_cfg,
             args.weights,
             shutdown.clone(),
         )

@@ -71,6 +71,8 @@ pub(crate) struct GenerateArgs {
     /// 0.27x the bytes). See DESIGN.md for each one's error.
     #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
     wire_dtype: nomoat_protocol::DType,
+    #[command(flatten)]
+    access: crate::cli::access::AccessArgs,
 }
 
 /// `nomoat generate`: streams the text to stdout, the speeds to stderr.
@@ -78,9 +80,17 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     let rt = crate::runtime()?;
     // A catalog name or file opens here; a model id opens from the store,
     // fetching what is missing through --swarm.
+    let net_cfg = args.access.config(
+        NetConfig {
+            mdns: args.mdns,
+            ..NetConfig::default()
+        },
+        false,
+    )?;
     let (file, model_id) = rt.block_on(nomoat_node::gateway::open_model(
         &args.model.model,
         &args.swarm,
+        &net_cfg,
     ))?;
     // mDNS finds a swarm with no peer named: it still needs the model id.
     let model_id = match model_id {
@@ -126,7 +136,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
             &prompt,
             &opts,
             step_timeout,
-            args.mdns,
+            net_cfg,
             args.wire_dtype,
         ))?
     };
@@ -161,15 +171,12 @@ async fn open_swarm(
     prompt: &[u32],
     opts: &GenerateOptions,
     step_timeout: Duration,
-    mdns: bool,
+    net_cfg: NetConfig,
     wire: nomoat_protocol::DType,
 ) -> Result<Swarm> {
     let head = Arc::new(Head::load(file, weights)?);
-    let net = net::start(NetConfig {
-        mdns,
-        ..NetConfig::default()
-    })
-    .await?;
+    let mdns = net_cfg.mdns;
+    let net = net::start(net_cfg).await?;
     let n = file.config().num_blocks as u32;
     let max_len = file
         .config()

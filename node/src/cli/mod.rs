@@ -2,6 +2,7 @@
 //! the library and prints. No node is assembled here ([`nomoat_node::node`]
 //! does that).
 
+pub(crate) mod access;
 pub(crate) mod bench;
 pub(crate) mod config;
 pub(crate) mod demo;

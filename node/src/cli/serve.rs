@@ -16,6 +16,8 @@ use nomoat_node::server::rebalance::RebalanceConfig;
 use nomoat_node::shutdown::shutdown_signal;
 use nomoat_scheduler::BlockRange;
 
+use crate::cli::access::AccessArgs;
+
 /// Network flags shared by every swarm command.
 #[derive(Debug, Args)]
 pub(crate) struct NetArgs {
@@ -41,19 +43,24 @@ pub(crate) struct NetArgs {
     /// IP or a forwarded port.
     #[arg(long)]
     external: Vec<Multiaddr>,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 impl NetArgs {
-    fn config(&self, bootstrap: Vec<Multiaddr>) -> NetConfig {
-        NetConfig {
-            listen: self.listen.clone(),
-            bootstrap,
-            mdns: self.mdns,
-            relay_server: self.relay_server,
-            heartbeat: Duration::from_secs_f64(self.heartbeat.max(0.1)),
-            external: self.external.clone(),
-            ..NetConfig::default()
-        }
+    fn config(&self, bootstrap: Vec<Multiaddr>) -> Result<NetConfig> {
+        self.access.config(
+            NetConfig {
+                listen: self.listen.clone(),
+                bootstrap,
+                mdns: self.mdns,
+                relay_server: self.relay_server,
+                heartbeat: Duration::from_secs_f64(self.heartbeat.max(0.1)),
+                external: self.external.clone(),
+                ..NetConfig::default()
+            },
+            true,
+        )
     }
 }
 
@@ -144,7 +151,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         ..RebalanceConfig::default()
     });
     let cfg = NodeConfig {
-        net: args.net.config(args.bootstrap.clone()),
+        net: args.net.config(args.bootstrap.clone())?,
         relays: args.net.relay.clone(),
         fetch: args.fetch.config(),
         fault: args.fetch.fault(),
@@ -203,19 +210,24 @@ pub(crate) struct RelayArgs {
     /// public IP; its interface addresses are handed out too.
     #[arg(long)]
     external: Vec<Multiaddr>,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 /// `nomoat relay`: prints `{"peer_id", "listen"}` and relays until SIGINT
 /// or SIGTERM.
 pub(crate) async fn relay(args: RelayArgs) -> Result<()> {
     let n = args.listen.len();
-    let net = nomoat_node::net::start(NetConfig {
-        listen: args.listen,
-        bootstrap: args.bootstrap,
-        relay_server: true,
-        external: args.external,
-        ..NetConfig::default()
-    })
+    let net = nomoat_node::net::start(args.access.config(
+        NetConfig {
+            listen: args.listen,
+            bootstrap: args.bootstrap,
+            relay_server: true,
+            external: args.external,
+            ..NetConfig::default()
+        },
+        true,
+    )?)
     .await?;
     let listen = net.wait_listening(n, Duration::from_secs(10)).await;
     if listen.is_empty() {

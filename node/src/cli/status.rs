@@ -29,13 +29,18 @@ pub(crate) struct StatusArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    access: crate::cli::access::AccessArgs,
 }
 
 pub(crate) async fn status(args: StatusArgs) -> Result<()> {
-    let net = net::start(NetConfig {
-        mdns: args.mdns,
-        ..NetConfig::default()
-    })
+    let net = net::start(args.access.config(
+        NetConfig {
+            mdns: args.mdns,
+            ..NetConfig::default()
+        },
+        false,
+    )?)
     .await?;
     let mut peers = args.swarm.clone();
     if args.mdns {

@@ -169,41 +169,8 @@ impl ModelFile {
             source,
         };
         let mut file = File::open(&path).map_err(io)?;
-        let content = read_gguf(&mut file).map_err(|reason| EngineError::Corrupt {
-            path: path.clone(),
-            reason,
-        })?;
-        let vocab_hint = content
-            .tensor_infos
-            .get("token_embd.weight")
-            .and_then(|t| t.shape.dims().first().copied());
-        let mut config = ModelConfig::from_gguf(&content.metadata, vocab_hint)?;
-        config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
         let file_len = file.metadata().map_err(io)?.len();
-        for (name, info) in &content.tensor_infos {
-            let Some(bytes) = gguf_tensor_bytes(info) else {
-                return Err(EngineError::Corrupt {
-                    path: path.clone(),
-                    reason: format!(
-                        "tensor `{name}` has an impossible shape {:?} for {:?}",
-                        info.shape.dims(),
-                        info.ggml_dtype
-                    ),
-                });
-            };
-            let end = content
-                .tensor_data_offset
-                .saturating_add(info.offset)
-                .saturating_add(bytes);
-            if end > file_len {
-                return Err(EngineError::Corrupt {
-                    path: path.clone(),
-                    reason: format!(
-                        "tensor `{name}` ends at byte {end} but the file has {file_len} bytes (truncated download?)"
-                    ),
-                });
-            }
-        }
+        let (content, config) = gguf_header(&path, &mut file, file_len)?;
         Self {
             path,
             config,
@@ -436,7 +403,14 @@ impl ModelFile {
                 path: p.clone(),
                 source,
             })?;
-            for (name, entry) in read_safetensors_header(&p, &mut f, idx)? {
+            let file_len = f
+                .metadata()
+                .map_err(|source| EngineError::Io {
+                    path: p.clone(),
+                    source,
+                })?
+                .len();
+            for (name, entry) in read_safetensors_header(&p, &mut f, file_len, idx)? {
                 entries.insert(name, entry);
             }
             files.push((p, Mutex::new(f)));
@@ -634,9 +608,10 @@ fn check_ggml_dtype(name: &str, dtype: GgmlDType) -> Result<()> {
     }
 }
 
-fn read_safetensors_header(
+fn read_safetensors_header<R: Read>(
     path: &Path,
-    f: &mut File,
+    f: &mut R,
+    file_len: u64,
     file_idx: usize,
 ) -> Result<Vec<(String, SafetensorEntry)>> {
     let corrupt = |reason: String| EngineError::Corrupt {
@@ -647,7 +622,6 @@ fn read_safetensors_header(
         path: path.to_path_buf(),
         source,
     };
-    let file_len = f.metadata().map_err(io)?.len();
     let mut len_buf = [0u8; 8];
     f.read_exact(&mut len_buf)
         .map_err(|_| corrupt("shorter than a safetensors header".into()))?;
@@ -718,6 +692,67 @@ fn read_safetensors_header(
         ));
     }
     Ok(out)
+}
+
+/// Reads and checks a GGUF header: the model's config from its metadata,
+/// and every tensor's shape and extent against a file of `file_len` bytes.
+fn gguf_header<R: Read + Seek>(
+    path: &Path,
+    r: &mut R,
+    file_len: u64,
+) -> Result<(gguf_file::Content, ModelConfig)> {
+    let corrupt = |reason: String| EngineError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let content = read_gguf(r).map_err(corrupt)?;
+    let vocab_hint = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|t| t.shape.dims().first().copied());
+    let mut config = ModelConfig::from_gguf(&content.metadata, vocab_hint)?;
+    config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    for (name, info) in &content.tensor_infos {
+        let Some(bytes) = gguf_tensor_bytes(info) else {
+            return Err(corrupt(format!(
+                "tensor `{name}` has an impossible shape {:?} for {:?}",
+                info.shape.dims(),
+                info.ggml_dtype
+            )));
+        };
+        let end = content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
+        if end > file_len {
+            return Err(corrupt(format!(
+                "tensor `{name}` ends at byte {end} but the file has {file_len} bytes (truncated download?)"
+            )));
+        }
+    }
+    Ok((content, config))
+}
+
+/// What opening a GGUF file checks, on its bytes in memory: the model's
+/// config, or the typed error a file or a peer's manifest would get.
+/// Decoders of untrusted input are fuzzed through this.
+pub fn check_gguf_bytes(bytes: &[u8]) -> Result<ModelConfig> {
+    let path = Path::new("<gguf bytes>");
+    let (_, config) = gguf_header(path, &mut std::io::Cursor::new(bytes), bytes.len() as u64)?;
+    Ok(config)
+}
+
+/// What opening a safetensors file checks, on its bytes in memory: the
+/// number of tensors its header indexes, or the typed error.
+pub fn check_safetensors_bytes(bytes: &[u8]) -> Result<usize> {
+    let path = Path::new("<safetensors bytes>");
+    let entries = read_safetensors_header(
+        path,
+        &mut std::io::Cursor::new(bytes),
+        bytes.len() as u64,
+        0,
+    )?;
+    Ok(entries.len())
 }
 
 /// Reads a GGUF header with candle, which panics on some invalid headers

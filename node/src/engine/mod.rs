@@ -24,7 +24,9 @@ pub use config::{
     MAX_INTERMEDIATE, MAX_VOCAB,
 };
 pub use error::EngineError;
-pub use file::{ModelFile, WeightMode, MAX_SAFETENSORS_HEADER};
+pub use file::{
+    check_gguf_bytes, check_safetensors_bytes, ModelFile, WeightMode, MAX_SAFETENSORS_HEADER,
+};
 pub use kv::{SpanCache, INITIAL_CACHE_POSITIONS};
 pub use local::{
     GenerateOptions, GenerationStats, LocalModel, LocalSession, TokenLoop, DEFAULT_MAX_TOKENS,

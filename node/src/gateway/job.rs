@@ -69,6 +69,8 @@ struct JobSink<'a> {
     stopped_by_string: bool,
     tx: &'a mpsc::Sender<JobEvent>,
     guard: &'a SessionGuard,
+    /// The client went away or stopped reading.
+    gone: bool,
 }
 
 impl TokenSink for JobSink<'_> {
@@ -80,6 +82,7 @@ impl TokenSink for JobSink<'_> {
         let (emit, hit) = self.stop.push(&p);
         if !emit.is_empty() && !send_or_give_up(self.tx, JobEvent::Text(emit)).await {
             debug!("the client went away or stopped reading; stopping");
+            self.gone = true;
             return Ok(false);
         }
         if hit {
@@ -190,14 +193,18 @@ impl Gateway {
         let span = tracing::info_span!("session", id = guard.id, prompt = job.prompt.len());
         tokio::spawn(
             async move {
-                let _permit = permit;
                 let mut stepper = stepper;
                 let result = gw.drive(&mut stepper, &job, &tx, &guard).await;
                 stepper.close().await;
                 drop(guard);
+                // The slot is free before the last event waits for its reader.
+                drop(permit);
                 let m = crate::metrics::global();
                 let event = match result {
-                    Ok(fin) => {
+                    // The client went away or stopped reading: nobody is
+                    // left to tell.
+                    Ok(None) => return,
+                    Ok(Some(fin)) => {
                         m.requests_ok.inc();
                         m.prompt_tokens.add(fin.prompt_tokens as u64);
                         m.generated_tokens.add(fin.completion_tokens as u64);
@@ -222,7 +229,7 @@ impl Gateway {
         job: &Job,
         tx: &mpsc::Sender<JobEvent>,
         guard: &SessionGuard,
-    ) -> Result<Finish, StepError> {
+    ) -> Result<Option<Finish>, StepError> {
         let mut sink = JobSink {
             tok: &self.inner.tokenizer,
             text: TextStream::default(),
@@ -230,21 +237,26 @@ impl Gateway {
             stopped_by_string: false,
             tx,
             guard,
+            gone: false,
         };
         let limit = self.inner.model.max_seq_len;
         let (out, stats) = generate(stepper, &job.prompt, &job.opts, limit, &mut sink).await?;
         let JobSink {
             mut stop,
             stopped_by_string,
+            gone,
             ..
         } = sink;
+        if gone {
+            return Ok(None);
+        }
         if !stopped_by_string {
             let rest = stop.flush();
             if !rest.is_empty() {
                 let _ = send_or_give_up(tx, JobEvent::Text(rest)).await;
             }
         }
-        Ok(Finish {
+        Ok(Some(Finish {
             prompt_tokens: job.prompt.len(),
             completion_tokens: out.len(),
             reason: if stats.stopped || stopped_by_string {
@@ -252,7 +264,7 @@ impl Gateway {
             } else {
                 "length"
             },
-        })
+        }))
     }
 }
 

@@ -84,11 +84,12 @@ pub fn model_name(model: &str) -> String {
 pub async fn open_model(
     model: &str,
     bootstrap: &[Multiaddr],
+    net_cfg: &NetConfig,
 ) -> Result<(ModelFile, Option<String>), LaunchError> {
     match crate::weights::parse_model_id(model) {
         Some(id) => {
             let store = ChunkStore::open(&crate::catalog::home())?;
-            let file = crate::weights::open_for_generate(store, id, bootstrap).await?;
+            let file = crate::weights::open_for_generate(store, id, bootstrap, net_cfg).await?;
             Ok((file, Some(id.to_hex())))
         }
         None => {
@@ -117,17 +118,13 @@ pub async fn swarm_gateway(
     model_id: String,
     cfg: GatewayConfig,
     bootstrap: Vec<Multiaddr>,
-    listen: Vec<Multiaddr>,
+    net_cfg: NetConfig,
     weights: WeightMode,
     shutdown: CancellationToken,
 ) -> Result<(Gateway, NetHandle), LaunchError> {
     let tokenizer = ChatTokenizer::from_model(file)?;
     let head = Arc::new(Head::load(file, weights)?);
-    let net = net::start(NetConfig {
-        listen,
-        ..NetConfig::default()
-    })
-    .await?;
+    let net = net::start(net_cfg).await?;
     net.subscribe(&model_id).await;
     let backend = Backend::Swarm(SwarmBackend::new(net.clone(), bootstrap, model_id, head));
     let gw = Gateway::new(cfg, backend, tokenizer, file.config().clone(), shutdown);
@@ -144,14 +141,15 @@ pub async fn serve_in_process(
     cfg: GatewayConfig,
     file: &ModelFile,
     server: &NetHandle,
-    listen: &[Multiaddr],
+    server_net: &NetConfig,
     bootstrap: &[Multiaddr],
     model_id: &str,
     weights: WeightMode,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, NetHandle), LaunchError> {
     use libp2p::multiaddr::Protocol;
-    let any_port: Vec<Multiaddr> = listen
+    let any_port: Vec<Multiaddr> = server_net
+        .listen
         .iter()
         .map(|a| {
             a.iter()
@@ -165,12 +163,18 @@ pub async fn serve_in_process(
         .collect();
     let mut boot = server.listen_addrs();
     boot.extend(bootstrap.iter().cloned());
+    let net_cfg = NetConfig {
+        listen: any_port,
+        keypair: server_net.keypair.as_ref().map(net::access::api_identity),
+        access: server_net.access.clone(),
+        ..NetConfig::default()
+    };
     let (gw, net) = swarm_gateway(
         file,
         model_id.to_string(),
         cfg,
         boot,
-        any_port,
+        net_cfg,
         weights,
         shutdown.clone(),
     )

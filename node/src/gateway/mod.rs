@@ -47,7 +47,7 @@ pub use job::{Finish, Job, JobEvent, CLIENT_STALL_TIMEOUT, EVENT_QUEUE};
 pub use launch::{
     model_name, open_model, serve_in_process, swarm_gateway, wait_covered, LaunchError,
 };
-pub use openai::MAX_STOPS;
+pub use openai::{check_body, MAX_STOPS};
 
 /// Default address of the API and dashboard.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8080";

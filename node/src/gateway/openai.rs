@@ -115,24 +115,75 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-/// Checks the model name and sampling fields against the model and turns
-/// them into a job for `prompt`.
-fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
-    let id = s.model.as_str();
-    let known = id == gw.model_name()
-        || matches!(&gw.inner.backend, super::Backend::Swarm(b) if b.model_id == id);
-    if !known {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "the model `{id}` does not exist here; this gateway serves `{}` (GET /v1/models lists it)",
-                gw.model_name()
-            ),
-            kind: "invalid_request_error",
-            param: Some("model"),
-            code: Some("model_not_found"),
-        });
+/// The messages of a chat request, checked.
+fn chat_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "messages is empty: send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}]",
+        ));
     }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer" | "tool"
+        ) {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                format!("unknown role `{}`: use system, user or assistant", m.role),
+            ));
+        }
+        let text = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            Some("messages"),
+                            format!("content parts of type `{}` are not supported: this model reads text only", p.kind),
+                        ));
+                    }
+                    t.push_str(&p.text);
+                }
+                t
+            }
+        };
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            &m.role
+        };
+        messages.push(ChatMessage::new(role, text));
+    }
+    Ok(messages)
+}
+
+/// The text of a completion request's prompt.
+fn completion_text(prompt: Prompt) -> Result<String, ApiError> {
+    match prompt {
+        Prompt::One(t) => Ok(t),
+        Prompt::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+        Prompt::Many(_) => Err(ApiError::invalid(
+            Some("prompt"),
+            "send one prompt per request (a string, or an array of one string)",
+        )),
+    }
+}
+
+/// The sampling fields of a request, checked on their own.
+struct Checked {
+    temperature: f32,
+    top_p: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    stops: Vec<String>,
+}
+
+/// Checks the sampling fields that need no model.
+fn check_sampling(s: &Sampling) -> Result<Checked, ApiError> {
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid(
             Some("n"),
@@ -173,6 +224,57 @@ fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
             format!("at most {MAX_STOPS} stop strings"),
         ));
     }
+    Ok(Checked {
+        temperature,
+        top_p,
+        presence_penalty,
+        frequency_penalty,
+        stops,
+    })
+}
+
+/// Parses and checks a request body as `POST /v1/chat/completions`
+/// (`chat`) or `POST /v1/completions` does before the model is involved,
+/// with the same typed errors. Decoders of untrusted input are fuzzed
+/// through this.
+pub fn check_body(chat: bool, body: &[u8]) -> Result<(), ApiError> {
+    if chat {
+        let req: ChatRequest = parse(body)?;
+        chat_messages(&req)?;
+        check_sampling(&req.sampling)?;
+    } else {
+        let req: CompletionRequest = parse(body)?;
+        completion_text(req.prompt)?;
+        check_sampling(&req.sampling)?;
+    }
+    Ok(())
+}
+
+/// Checks the model name and sampling fields against the model and turns
+/// them into a job for `prompt`.
+fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
+    let id = s.model.as_str();
+    let known = id == gw.model_name()
+        || matches!(&gw.inner.backend, super::Backend::Swarm(b) if b.model_id == id);
+    if !known {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model `{id}` does not exist here; this gateway serves `{}` (GET /v1/models lists it)",
+                gw.model_name()
+            ),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        });
+    }
+    let Checked {
+        temperature,
+        top_p,
+        presence_penalty,
+        frequency_penalty,
+        stops,
+    } = check_sampling(s)?;
     let context = gw.model_config().max_seq_len;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
@@ -292,47 +394,7 @@ pub(super) async fn chat_completions(State(gw): State<Gateway>, body: Bytes) -> 
 
 async fn chat(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(body)?;
-    if req.messages.is_empty() {
-        return Err(ApiError::invalid(
-            Some("messages"),
-            "messages is empty: send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}]",
-        ));
-    }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "user" | "assistant" | "developer" | "tool"
-        ) {
-            return Err(ApiError::invalid(
-                Some("messages"),
-                format!("unknown role `{}`: use system, user or assistant", m.role),
-            ));
-        }
-        let text = match &m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t.clone(),
-            Some(Content::Parts(parts)) => {
-                let mut t = String::new();
-                for p in parts {
-                    if p.kind != "text" {
-                        return Err(ApiError::invalid(
-                            Some("messages"),
-                            format!("content parts of type `{}` are not supported: this model reads text only", p.kind),
-                        ));
-                    }
-                    t.push_str(&p.text);
-                }
-                t
-            }
-        };
-        let role = if m.role == "developer" {
-            "system"
-        } else {
-            &m.role
-        };
-        messages.push(ChatMessage::new(role, text));
-    }
+    let messages = chat_messages(&req)?;
     let text = gw.tokenizer().chat_prompt(&messages);
     let prompt = gw.encode(text).await?;
     let job = job(&gw, &req.sampling, prompt)?;
@@ -391,16 +453,7 @@ pub(super) async fn completions(State(gw): State<Gateway>, body: Bytes) -> Respo
 
 async fn complete(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse(body)?;
-    let text = match req.prompt {
-        Prompt::One(t) => t,
-        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(_) => {
-            return Err(ApiError::invalid(
-                Some("prompt"),
-                "send one prompt per request (a string, or an array of one string)",
-            ))
-        }
-    };
+    let text = completion_text(req.prompt)?;
     let prompt = gw.encode(text).await?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(

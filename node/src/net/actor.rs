@@ -11,8 +11,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux, Multiaddr,
-    PeerId, StreamProtocol, Swarm,
+    autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, yamux, Multiaddr, PeerId,
+    StreamProtocol, Swarm,
 };
 use nomoat_protocol::{Reachability, ServerInfo};
 use tokio::sync::{mpsc, oneshot};
@@ -24,6 +24,8 @@ use super::*;
 struct Behaviour {
     /// Bounds connections overall, per peer and while pending.
     limits: libp2p::connection_limits::Behaviour,
+    /// Admits only the allow-listed peers, where there is a list.
+    allow: Toggle<libp2p::allow_block_list::Behaviour<libp2p::allow_block_list::AllowedPeers>>,
     relay_client: relay::client::Behaviour,
     relay_server: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
@@ -45,15 +47,22 @@ fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetErr
         .with_max_established(Some(cfg.max_connections))
         .with_max_established_per_peer(Some(cfg.max_connections_per_peer))
         .with_max_pending_incoming(Some(cfg.max_pending_connections));
+    let swarm_key = cfg.access.swarm_key;
+    let allow = (!cfg.access.allow.is_empty()).then(|| {
+        let mut b =
+            libp2p::allow_block_list::Behaviour::<libp2p::allow_block_list::AllowedPeers>::default(
+            );
+        for p in &cfg.access.allow {
+            b.allow_peer(*p);
+        }
+        b
+    });
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| access::tcp_transport(key, swarm_key))
         .map_err(|e| setup(&e))?
-        .with_quic()
+        .with_other_transport(|key| access::quic_transport(key, swarm_key))
+        .map_err(|e| setup(&e))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| setup(&e))?
         .with_behaviour(|key, relay_client| {
@@ -92,6 +101,7 @@ fn build_swarm(cfg: &NetConfig, key: Keypair) -> Result<Swarm<Behaviour>, NetErr
             };
             Ok(Behaviour {
                 limits: libp2p::connection_limits::Behaviour::new(limits),
+                allow: allow.into(),
                 relay_client,
                 relay_server: relay_server
                     .then(|| {

@@ -12,7 +12,9 @@
 //! * [`discover`](mod@discover): the servers of a model, by info queries.
 //! * [`wire`]: length-prefixed messages on streams.
 //! * [`addrs`]: which addresses are handed to, and taken from, other peers.
+//! * [`access`]: lasting identities, private swarms' keys and allow-lists.
 
+pub mod access;
 mod actor;
 pub mod addrs;
 pub mod discover;
@@ -76,6 +78,8 @@ pub struct NetConfig {
     pub max_connections_per_peer: u32,
     /// Most incoming connections still in their handshake at once.
     pub max_pending_connections: u32,
+    /// Who may connect: a private swarm's key, an allow-list.
+    pub access: access::Access,
 }
 
 /// The default of [`NetConfig::max_connections`].
@@ -104,6 +108,7 @@ impl Default for NetConfig {
             max_connections: MAX_CONNECTIONS,
             max_connections_per_peer: MAX_CONNECTIONS_PER_PEER,
             max_pending_connections: MAX_PENDING_CONNECTIONS,
+            access: access::Access::default(),
         }
     }
 }

@@ -140,6 +140,7 @@ pub async fn open_for_generate(
     store: ChunkStore,
     id: Hash,
     swarm: &[Multiaddr],
+    net_cfg: &NetConfig,
 ) -> Result<ModelFile, ModelError> {
     if let Ok(model) = StoreModel::stored(store.clone(), id) {
         let blocks = if swarm.is_empty() {
@@ -154,7 +155,7 @@ pub async fn open_for_generate(
     if swarm.is_empty() {
         return Err(ModelError::NotStored(id));
     }
-    let net = net::start(NetConfig::default()).await?;
+    let net = net::start(net_cfg.clone()).await?;
     let result = async {
         let mut model = StoreModel::open(&net, store, id, swarm).await?;
         let need = Need {

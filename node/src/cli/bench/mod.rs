@@ -3,6 +3,7 @@
 pub(crate) mod api;
 pub(crate) mod engine;
 pub(crate) mod failover;
+pub(crate) mod overload;
 pub(crate) mod scheduler;
 pub(crate) mod swarm;
 #[cfg(target_os = "linux")]
