@@ -2,10 +2,13 @@
 # Runs nomoat's fuzz targets with cargo fuzz (libFuzzer) and prints, per
 # target, the executions, the time, the new inputs found and the crashes.
 #
-#   fuzz/run.sh [--runs N] [--seconds S] [TARGET...]
+#   fuzz/run.sh [--runs N] [--seconds S] [--sanitizer none|address] [TARGET...]
 #
 # Default: every target, 60 seconds each. With --runs, each target stops
-# after N executions (or S seconds, whichever comes first). New inputs go
+# after N executions (or S seconds, whichever comes first; --seconds 0 for
+# no time limit). The code is safe
+# Rust apart from a few dependencies, so the default sanitizer is none;
+# --sanitizer address adds AddressSanitizer. New inputs go
 # to fuzz/work/TARGET (not committed); a crash's input is left in
 # fuzz/artifacts/TARGET/: fix the bug, then copy the input into
 # fuzz/corpus/TARGET/ as regression-NAME so `cargo test` replays it.
@@ -15,14 +18,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-runs=0
+runs=-1
 seconds=60
+sanitizer=none
 targets=()
 while (($#)); do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
         --seconds) seconds="$2"; shift 2 ;;
-        -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+        --sanitizer) sanitizer="$2"; shift 2 ;;
+        -h|--help) sed -n 2,18p "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
@@ -43,7 +48,7 @@ for t in "${targets[@]}"; do
     before=$(ls "artifacts/$t" | wc -l)
     # Inputs up to 2 MB: the seeds include prompt-sized steps and files.
     set +e
-    cargo fuzz run --release "$t" "work/$t" "corpus/$t" -- \
+    cargo fuzz run --release --sanitizer "$sanitizer" "$t" "work/$t" "corpus/$t" -- \
         -runs="$runs" -max_total_time="$seconds" -max_len=2097152 \
         -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 >"$log" 2>&1
     rc=$?

@@ -539,6 +539,14 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
+        // Unsent bytes wait in the kernel only up to SEND_LOWAT, so a
+        // client that stops reading blocks its stream's writes (and then
+        // its generation, see CLIENT_STALL_TIMEOUT) after kilobytes, not
+        // after megabytes of autotuned send buffer.
+        #[cfg(target_os = "linux")]
+        if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(SEND_LOWAT) {
+            tracing::debug!(%from, "TCP_NOTSENT_LOWAT: {e}");
+        }
         let conn =
             http.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service.clone());
         let conn = graceful.watch(conn.into_owned());
@@ -554,6 +562,11 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
     Ok(())
 }
+
+/// Most unsent bytes an API socket queues in the kernel (Linux's
+/// `TCP_NOTSENT_LOWAT`); bytes in flight are bounded by the client's
+/// receive window.
+pub const SEND_LOWAT: u32 = 16 * 1024;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
