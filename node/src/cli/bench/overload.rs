@@ -87,11 +87,13 @@ struct Outcomes {
     opened: AtomicU64,
     other: AtomicU64,
     message: std::sync::Mutex<Option<String>>,
+    /// The first answer that was neither busy nor opened.
+    other_example: std::sync::Mutex<Option<String>>,
 }
 
 /// One attempt to open a session, as a client's first message: `Open` on
 /// a new stream, and the server's answer.
-async fn try_open(net: &NetHandle, server: PeerId, model_id: &str, out: &Outcomes) {
+async fn try_open(net: &NetHandle, server: PeerId, model_id: &str, n: u32, out: &Outcomes) {
     let attempt = async {
         let mut s = net
             .control()
@@ -103,7 +105,7 @@ async fn try_open(net: &NetHandle, server: PeerId, model_id: &str, out: &Outcome
             model_id: model_id.to_string(),
             route: vec![Hop {
                 peer_id: server.to_bytes(),
-                blocks: BlockRange { start: 0, end: 0 },
+                blocks: BlockRange { start: 0, end: n },
             }],
             hop_index: 0,
             max_length: 64,
@@ -120,8 +122,14 @@ async fn try_open(net: &NetHandle, server: PeerId, model_id: &str, out: &Outcome
         Ok(Some(InferMessage::Opened { .. })) => {
             out.opened.fetch_add(1, Ordering::Relaxed);
         }
-        _ => {
+        other => {
             out.other.fetch_add(1, Ordering::Relaxed);
+            let mut m = out.other_example.lock().unwrap_or_else(|p| p.into_inner());
+            m.get_or_insert_with(|| match other {
+                Ok(Some(msg)) => format!("{msg:?}"),
+                Ok(None) => "no answer".into(),
+                Err(_) => "no answer within 10 s".into(),
+            });
         }
     };
 }
@@ -251,7 +259,7 @@ pub(crate) async fn bench_overload(args: BenchOverloadArgs) -> Result<()> {
         flood.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(600);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                try_open(&net, server_peer, &id, &out).await;
+                try_open(&net, server_peer, &id, n, &out).await;
             }
         }));
     }
@@ -298,9 +306,18 @@ pub(crate) async fn bench_overload(args: BenchOverloadArgs) -> Result<()> {
         "sessions at capacity: {}; newcomers at once: {newcomers} ({}x) from {peers} peers",
         args.sessions, args.factor
     );
+    let other_example = outcomes
+        .other_example
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
     println!(
         "newcomers' answers in {flood_secs:.1} s: {busy} busy, {opened} opened, {other} other; busy says: {message:?}"
     );
+    if other > 0 {
+        println!("the first other answer: {other_example}");
+    }
     println!(
         "open sessions' decode step: idle p50 {:.1} ms p99 {:.1} ms; under the flood p50 {:.1} ms p99 {:.1} ms: p99 {:.2}x idle",
         p50_idle * 1e3,
@@ -415,12 +432,12 @@ async fn fake_identity(
 ) -> Result<NetHandle> {
     let net = net::start(NetConfig {
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+        bootstrap: vec![boot],
         heartbeat: Duration::from_millis(300),
         ..NetConfig::default()
     })
     .await?;
     let joined = async {
-        net.dial(boot).await?;
         net.subscribe(model_id).await;
         let start = i % n;
         net.announce(ServerInfo {
