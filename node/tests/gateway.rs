@@ -894,8 +894,20 @@ fn a_streaming_client_that_stops_reading_gives_up_its_slot() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the stalled client panicked"))??;
     assert!(read > 0, "the stalled client got its first bytes");
-    // The generation was cut short, not run to its end.
-    assert!(rest.contains("data: "), "events were queued for the client");
+    // The generation was cut short, not run to its end: it never finished
+    // (the 1-token answers count 1 generated token each), and the client
+    // got no end of stream.
+    let metrics = get(addr, "/metrics")?.text();
+    let generated: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nomoat_generated_tokens_total "))
+        .context("no nomoat_generated_tokens_total in /metrics")?
+        .trim()
+        .parse()?;
+    assert!(
+        generated < 100.0,
+        "{generated} tokens finished: the stalled generation ran"
+    );
     assert!(
         !rest.contains("[DONE]") && !rest.contains("\"finish_reason\":\"length\""),
         "the stalled generation ran to its end: {}",

@@ -461,7 +461,11 @@ fn interrupted(
     });
     let mut text = orx.recv_timeout(Duration::from_secs(90))?;
     let mut seen = String::new();
-    while !seen.contains("route:") {
+    // The whole route line: a read may end in the middle of it.
+    while !seen
+        .split_once("route:")
+        .is_some_and(|(_, rest)| rest.contains('\n'))
+    {
         seen = erx.recv_timeout(Duration::from_secs(30))?;
     }
     act(&seen)?;
