@@ -834,6 +834,7 @@ fn a_streaming_client_that_stops_reading_gives_up_its_slot() -> Result<()> {
     let gw = gateway(None, &["--max-concurrent", "1"])?;
     let addr = gw.http_addr()?;
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let stalled = std::thread::spawn(move || -> Result<(usize, String)> {
         // A small receive window, so the gateway's writes block soon.
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -857,6 +858,8 @@ fn a_streaming_client_that_stops_reading_gives_up_its_slot() -> Result<()> {
         // (the socket stays open) until the test is over.
         let mut first = [0u8; 512];
         let n = c.read(&mut first)?;
+        // The stream has begun: its generation holds the slot.
+        let _ = started_tx.send(());
         let _ = done_rx.recv_timeout(Duration::from_secs(150));
         // Then whatever the gateway had queued, to its end (30 s at most).
         c.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -871,6 +874,9 @@ fn a_streaming_client_that_stops_reading_gives_up_its_slot() -> Result<()> {
         }
         Ok((n, String::from_utf8_lossy(&rest).into_owned()))
     });
+    started_rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("the stalled client's stream never began")?;
     let began = Instant::now();
     let (mut refused, mut served) = (0, None);
     while began.elapsed() < Duration::from_secs(120) {

@@ -483,6 +483,7 @@ impl RemoteSession {
                         arrived[last] = Some(Instant::now());
                         self.observe(sent, &arrived);
                     }
+                    self.await_copies(seq, &shape, &mut copies).await;
                     return Ok(hidden);
                 }
                 Some(InferMessage::Copy { seq: s, hidden, .. }) => {
@@ -507,6 +508,38 @@ impl RemoteSession {
                     });
                 }
                 Some(_) => {} // late answers of earlier steps
+            }
+        }
+    }
+
+    /// The earlier hops' copies of step `seq` travel on other streams than
+    /// the last hop's result and may come just after it: waits for them a
+    /// little ([`COPY_GRACE`]), so the history that failover replays holds
+    /// the step. A copy later still is recorded when it comes.
+    async fn await_copies(&mut self, seq: u64, shape: &[usize], copies: &mut [bool]) {
+        let last = self.hops.len() - 1;
+        let until = Instant::now() + COPY_GRACE;
+        while copies[..last].contains(&false) {
+            let left = until.saturating_duration_since(Instant::now());
+            let Ok(Some((conn, msg))) = tokio::time::timeout(left, self.events.recv()).await else {
+                return;
+            };
+            let Some(hop) = self.hop_of(conn) else {
+                continue;
+            };
+            match msg {
+                Some(InferMessage::Copy { seq: s, hidden, .. }) => {
+                    if s == seq && hidden.shape() == shape {
+                        copies[hop] = true;
+                    }
+                    self.record_copy(hop, s, hidden);
+                }
+                // Anything else (a closed stream, an error) is the next
+                // step's business: queued again, and the wait ends.
+                other => {
+                    let _ = self.events_tx.try_send((conn, other));
+                    return;
+                }
             }
         }
     }
@@ -592,6 +625,10 @@ impl RemoteSession {
         }
     }
 }
+
+/// How long a step's result waits for the earlier hops' copies that have
+/// not come yet.
+pub(crate) const COPY_GRACE: Duration = Duration::from_millis(200);
 
 /// Times a stream a server dropped unanswered is opened, in all.
 pub(crate) const UNANSWERED_STREAM_ATTEMPTS: u32 = 3;
