@@ -336,3 +336,60 @@ async fn a_first_message_bigger_than_any_open_is_refused_before_its_body_is_read
     server.kill().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_info_queries_open_gets_only_its_share() -> Result<()> {
+    use nomoat_node::server::MAX_INFO_STREAMS_PER_PEER;
+    use nomoat_protocol::INFO_PROTOCOL;
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let server = TestServer::start(&file, MODEL, 0, 6, ExecutorConfig::default(), vec![]).await?;
+    let peer = server.net.peer_id();
+    // The hog opens twice its share of info streams and sends nothing on
+    // them: each it is given holds a slot until the first-message timeout.
+    let hog = client_net().await?;
+    hog.dial(server.addr.clone()).await?;
+    let mut streams = Vec::new();
+    for _ in 0..2 * MAX_INFO_STREAMS_PER_PEER {
+        let s = hog
+            .control()
+            .open_stream(peer, StreamProtocol::new(INFO_PROTOCOL))
+            .await?;
+        streams.push(s);
+    }
+    // Those past its share are dropped at once; the rest stay open.
+    let outcomes = futures::future::join_all(streams.iter_mut().map(|s| async move {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            futures::AsyncReadExt::read(s, &mut b),
+        )
+        .await
+        .is_err()
+    }))
+    .await;
+    let held = outcomes.iter().filter(|open| **open).count();
+    assert_eq!(held, MAX_INFO_STREAMS_PER_PEER, "{outcomes:?}");
+    // While the hog holds its share, its own next query is not answered,
+    // and everyone else's is.
+    assert!(nomoat_node::net::query_servers(&hog, peer, MODEL)
+        .await
+        .is_err());
+    let honest = client_net().await?;
+    honest.dial(server.addr.clone()).await?;
+    let found = nomoat_node::net::query_servers(&honest, peer, MODEL).await?;
+    assert_eq!(found.len(), 1, "{found:?}");
+    // Once the hog lets go, it is answered again.
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nomoat_node::net::query_servers(&hog, peer, MODEL)
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the hog's slots were never given back");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -111,6 +111,7 @@ pub async fn serve_info(net: NetHandle, shutdown: CancellationToken) {
     let Ok(mut incoming) = control.accept(StreamProtocol::new(INFO_PROTOCOL)) else {
         return;
     };
+    let slots = Arc::new(InfoSlots::default());
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -119,8 +120,16 @@ pub async fn serve_info(net: NetHandle, shutdown: CancellationToken) {
         let Some((peer, mut stream)) = next else {
             break;
         };
+        // A peer that asks and never reads holds a task and an answer's
+        // buffer: a few per peer, a bounded number in all; past that the
+        // stream is dropped unanswered (askers retry).
+        let Some(slot) = slots.take(peer) else {
+            debug!(%peer, "too many info queries at once: dropping one");
+            continue;
+        };
         let net = net.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let req = tokio::time::timeout(
                 FIRST_MESSAGE_TIMEOUT,
                 read_frame_max(&mut stream, nomoat_protocol::MAX_CONTROL_BYTES),
@@ -141,9 +150,64 @@ pub async fn serve_info(net: NetHandle, shutdown: CancellationToken) {
                 servers.truncate(nomoat_protocol::MAX_INFO_SERVERS);
             }
             let body = encode_info_response(&servers);
-            let _ = write_frame(&mut stream, &body).await;
-            let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            let answer = async {
+                if write_frame(&mut stream, &body).await.is_ok() {
+                    let _ = futures::AsyncWriteExt::close(&mut stream).await;
+                }
+            };
+            if tokio::time::timeout(WRITE_TIMEOUT, answer).await.is_err() {
+                debug!(%peer, "an info answer went unread for {WRITE_TIMEOUT:?}: dropped");
+            }
         });
+    }
+}
+
+/// Info queries one peer may have in flight at once.
+pub const MAX_INFO_STREAMS_PER_PEER: usize = 4;
+/// Info queries in flight at once, all peers together.
+pub const MAX_INFO_STREAMS: usize = 256;
+
+/// Counts the info queries in flight, per peer and in all.
+#[derive(Debug, Default)]
+struct InfoSlots {
+    held: std::sync::Mutex<(usize, std::collections::HashMap<PeerId, usize>)>,
+}
+
+/// One info query's slot, given back when dropped.
+#[derive(Debug)]
+struct InfoSlot {
+    slots: Arc<InfoSlots>,
+    peer: PeerId,
+}
+
+impl InfoSlots {
+    fn take(self: &Arc<Self>, peer: PeerId) -> Option<InfoSlot> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per) = &mut *held;
+        let mine = per.get(&peer).copied().unwrap_or(0);
+        if *total >= MAX_INFO_STREAMS || mine >= MAX_INFO_STREAMS_PER_PEER {
+            return None;
+        }
+        *total += 1;
+        per.insert(peer, mine + 1);
+        Some(InfoSlot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for InfoSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per) = &mut *held;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.peer);
+            }
+        }
     }
 }
 

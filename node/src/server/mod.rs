@@ -18,7 +18,9 @@ pub mod executor;
 mod hop;
 pub mod rebalance;
 
-pub use accept::{run_server, serve_info, server_info};
+pub use accept::{
+    run_server, serve_info, server_info, MAX_INFO_STREAMS, MAX_INFO_STREAMS_PER_PEER,
+};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
