@@ -31,9 +31,9 @@ pub(crate) struct AccessArgs {
 }
 
 impl AccessArgs {
-    /// Sets the identity and access of `cfg`; `lasting` gives a node the
+    /// `cfg` with this identity and access; `lasting` gives a node the
     /// identity of `$NOMOAT_HOME` when no file is named.
-    pub(crate) fn apply(&self, cfg: &mut NetConfig, lasting: bool) -> Result<()> {
+    pub(crate) fn config(&self, mut cfg: NetConfig, lasting: bool) -> Result<NetConfig> {
         cfg.keypair = match &self.identity {
             Some(path) => Some(access::identity(path)?),
             None if lasting => {
@@ -54,12 +54,6 @@ impl AccessArgs {
             swarm_key: self.swarm_key.as_deref().map(SwarmKey::read).transpose()?,
             allow: self.allow_peer.clone(),
         };
-        Ok(())
-    }
-
-    /// A network configuration with these settings over `cfg`.
-    pub(crate) fn config(&self, mut cfg: NetConfig, lasting: bool) -> Result<NetConfig> {
-        self.apply(&mut cfg, lasting)?;
         Ok(cfg)
     }
 }

@@ -226,12 +226,7 @@ impl ModelFile {
                         )));
                     }
                 }
-                let vocab_hint = content
-                    .tensor_infos
-                    .get("token_embd.weight")
-                    .and_then(|t| t.shape.dims().first().copied());
-                let mut config = ModelConfig::from_gguf(&content.metadata, vocab_hint)?;
-                config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+                let config = gguf_config(&content)?;
                 Self {
                     path,
                     config,
@@ -694,6 +689,17 @@ fn read_safetensors_header<R: Read>(
     Ok(out)
 }
 
+/// The model's config from a GGUF header's metadata and tensor names.
+fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
+    let vocab_hint = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|t| t.shape.dims().first().copied());
+    let mut config = ModelConfig::from_gguf(&content.metadata, vocab_hint)?;
+    config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    Ok(config)
+}
+
 /// Reads and checks a GGUF header: the model's config from its metadata,
 /// and every tensor's shape and extent against a file of `file_len` bytes.
 fn gguf_header<R: Read + Seek>(
@@ -706,12 +712,7 @@ fn gguf_header<R: Read + Seek>(
         reason,
     };
     let content = read_gguf(r).map_err(corrupt)?;
-    let vocab_hint = content
-        .tensor_infos
-        .get("token_embd.weight")
-        .and_then(|t| t.shape.dims().first().copied());
-    let mut config = ModelConfig::from_gguf(&content.metadata, vocab_hint)?;
-    config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+    let config = gguf_config(&content)?;
     for (name, info) in &content.tensor_infos {
         let Some(bytes) = gguf_tensor_bytes(info) else {
             return Err(corrupt(format!(
