@@ -593,3 +593,71 @@ fn a_span_is_fetched_across_hosts_over_a_lossy_link() -> Result<()> {
     assert!(dropped > 0, "the lossy link dropped nothing");
     Ok(())
 }
+
+/// A private swarm across hosts: three servers with a swarm key, a member
+/// whose UDP to one server is blocked (so that hop runs over TCP under
+/// pnet, the others over QUIC with the key proof) gets the local text; an
+/// outsider host without the key finds and generates nothing.
+#[test]
+fn a_private_swarm_across_hosts_serves_members_only() -> Result<()> {
+    let _serial = serial();
+    let local = local_text(PROMPT, MAX_TOKENS)?;
+    let dir = tempfile::tempdir()?;
+    let key_path = dir.path().join("swarm.key");
+    let key = key_path.to_str().context("path")?;
+    nomoat_in(None, "here", &["swarm-key", key])?;
+    let bed = Bed::builder()
+        .hosts(&["s1", "s2", "s3", "member", "outsider"])
+        .default_link(Link::delay_ms(5))
+        .block_udp("member", "s2")
+        .build()?;
+    let member = ["--swarm-key", key];
+    let s3 = server(&bed, "s3", "20..30", &member)?;
+    let boot = addr_on(&s3, bed.ip("s3"))?;
+    let with_boot = [&member[..], &["--bootstrap", &boot]].concat();
+    let s2 = server(&bed, "s2", "10..20", &with_boot)?;
+    let s1 = server(&bed, "s1", "0..10", &with_boot)?;
+    let _servers = [s1, s2, s3];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (out, _) = nomoat_in(
+            Some(&bed),
+            "member",
+            &["status", "--swarm", &boot, "--json", "--swarm-key", key],
+        )?;
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if status["servers"].as_array().map_or(0, Vec::len) == 3 {
+            break;
+        }
+        ensure_before(deadline, "the member never saw the three servers")?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (text, stderr) = swarm_text(&bed, "member", &boot, &member)?;
+    assert_eq!(text, local, "member stderr: {stderr}");
+    let hop1 = path_of(&stderr, 1)?;
+    assert!(hop1.contains("/tcp/") && !hop1.contains("quic"), "{hop1}");
+    assert!(path_of(&stderr, 0)?.contains("quic"), "{stderr}");
+    // The outsider: status fails or finds no server, generate fails.
+    let status = nomoat_in(
+        Some(&bed),
+        "outsider",
+        &["status", "--swarm", &boot, "--json"],
+    );
+    if let Ok((out, _)) = status {
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        assert_eq!(
+            status["servers"].as_array().map_or(0, Vec::len),
+            0,
+            "{status}"
+        );
+    }
+    assert!(swarm_text(&bed, "outsider", &boot, &["--step-timeout", "5"]).is_err());
+    Ok(())
+}
+
+fn ensure_before(deadline: Instant, what: &str) -> Result<()> {
+    if Instant::now() > deadline {
+        bail!("{what}");
+    }
+    Ok(())
+}
