@@ -32,7 +32,7 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve a span of a model's blocks to the swarm.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// Relay for peers behind NAT (and be a peer to bootstrap from),
     /// serving no blocks.
     Relay(cli::serve::RelayArgs),
@@ -53,6 +53,9 @@ enum Command {
     },
     /// Import a model into the weight store and print its model id.
     Import(cli::weights::ImportArgs),
+    /// Import a LoRA adapter (a PEFT directory or a GGUF LoRA file) of a
+    /// base model into the weight store and print its adapter id.
+    ImportAdapter(cli::weights::ImportAdapterArgs),
     /// Re-hash every stored chunk of a model; corrupt chunks are deleted.
     Verify {
         /// The model id.
@@ -227,7 +230,7 @@ fn main() -> Result<()> {
                 // set before any other thread exists.
                 std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
             }
-            runtime()?.block_on(cli::serve::serve(args))
+            runtime()?.block_on(cli::serve::serve(*args))
         }
         Command::Status(args) => runtime()?.block_on(cli::status::status(args)),
         Command::Relay(args) => runtime()?.block_on(cli::serve::relay(args)),
@@ -256,6 +259,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Import(args) => cli::weights::import(args),
+        Command::ImportAdapter(args) => cli::weights::import_adapter(args),
         Command::Verify { model_id } => cli::weights::verify(&model_id),
         Command::SwarmKey { file } => cli::access::swarm_key(&file),
         Command::PeerId { identity, json } => cli::access::peer_id(identity, json),

@@ -92,6 +92,12 @@ pub struct NodeConfig {
     pub rebalance: Option<RebalanceConfig>,
     /// A gateway in the node's process.
     pub api: Option<ApiConfig>,
+    /// Most memory the whole process may take (weights, KV caches,
+    /// working memory); `None`: no limit, KV gets a share of what is free.
+    pub max_memory: Option<u64>,
+    /// LoRA adapters to load (from the store or from peers) before
+    /// serving, and announce; others load on a session's first use.
+    pub adapters: Vec<nomoat_protocol::Hash>,
 }
 
 impl NodeConfig {
@@ -111,6 +117,8 @@ impl NodeConfig {
             weights: WeightMode::Fast,
             rebalance: None,
             api: None,
+            max_memory: None,
+            adapters: Vec::new(),
         }
     }
 }
@@ -167,6 +175,12 @@ pub enum NodeError {
     /// The gateway did not start.
     #[error(transparent)]
     Api(#[from] LaunchError),
+    /// An adapter given with `--adapter` could not be loaded.
+    #[error("{0}")]
+    Adapter(String),
+    /// The span does not fit `--max-memory`.
+    #[error(transparent)]
+    Memory(#[from] crate::server::memory::MemoryError),
     /// A compute task panicked.
     #[error("loading the span: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -320,9 +334,59 @@ impl Node {
             (None, None) => unreachable!("a model is a file or a model id"),
         };
         let model_id = cfg.model_id.clone().unwrap_or(file_id);
+        // With a memory limit: what each block and the head take once
+        // loaded, known from the header before anything is fetched.
+        let sizes = match cfg.max_memory {
+            Some(limit) => {
+                let opened;
+                let f = match (&stored, &file) {
+                    (Some(m), _) => {
+                        opened = m.file()?;
+                        &opened
+                    }
+                    (None, Some(f)) => f,
+                    (None, None) => unreachable!("a model is a file or a model id"),
+                };
+                let tensors = f.stored_tensors();
+                let head = if cfg.api.is_some() {
+                    crate::engine::head_bytes(&tensors, cfg.weights)
+                } else {
+                    0
+                };
+                let per_block = crate::engine::block_bytes(&tensors, n, cfg.weights);
+                Some((limit, f.config().clone(), per_block, head))
+            }
+            None => None,
+        };
         let blocks = match &cfg.blocks {
             BlockChoice::Auto { max_blocks } => {
-                auto_blocks(net, bootstrap, &model_id, n, *max_blocks).await?
+                let mut max_blocks = *max_blocks;
+                if let Some((limit, mcfg, per_block, head)) = &sizes {
+                    let fit =
+                        crate::server::memory::blocks_that_fit(*limit, mcfg, per_block, *head);
+                    if fit < max_blocks {
+                        eprintln!(
+                            "memory: --max-memory {} MiB holds at most {fit} blocks; taking {fit} rather than {max_blocks}",
+                            limit >> 20
+                        );
+                    }
+                    max_blocks = max_blocks.min(fit);
+                    if max_blocks == 0 {
+                        // The budget's error says what one block needs.
+                        crate::server::memory::budget(
+                            *limit,
+                            mcfg,
+                            per_block,
+                            BlockRange::new(0, 1).map_err(|source| NodeError::BadBlocks {
+                                source,
+                                num_blocks: n,
+                            })?,
+                            *head,
+                            None,
+                        )?;
+                    }
+                }
+                auto_blocks(net, bootstrap, &model_id, n, max_blocks).await?
             }
             BlockChoice::Range(b) => {
                 b.check_within(n).map_err(|source| NodeError::BadBlocks {
@@ -332,6 +396,26 @@ impl Node {
                 *b
             }
         };
+        let mut executor = cfg.executor.clone();
+        if let Some((limit, mcfg, per_block, head)) = &sizes {
+            let b = crate::server::memory::budget(
+                *limit,
+                mcfg,
+                per_block,
+                blocks,
+                *head,
+                cfg.executor.kv_bytes,
+            )?;
+            eprintln!(
+                "memory: --max-memory {} MiB: weights {} MiB, head {} MiB, reserve {} MiB, KV caches {} MiB",
+                b.limit >> 20,
+                b.weights >> 20,
+                b.head >> 20,
+                b.reserve >> 20,
+                b.kv >> 20
+            );
+            executor.kv_bytes = Some(b.kv);
+        }
         let mut fetched = None;
         let file = Arc::new(match (&mut stored, file) {
             (Some(m), _) => {
@@ -346,7 +430,7 @@ impl Node {
             (None, None) => unreachable!("a model is a file or a model id"),
         });
         let span = Arc::new(load_span(file.clone(), blocks.start, blocks.end, cfg.weights).await?);
-        let exec = Executor::start(span, cfg.executor.clone()).map_err(NodeError::Executor)?;
+        let exec = Executor::start(span, executor).map_err(NodeError::Executor)?;
         let listen = net
             .wait_listening(cfg.net.listen.len() + cfg.relays.len(), LISTEN_TIMEOUT)
             .await;
@@ -374,7 +458,14 @@ impl Node {
             None => (None, None),
         };
         let moves = Arc::new(Moves::default());
-        if let (BlockChoice::Auto { .. }, Some(rcfg)) = (&cfg.blocks, &cfg.rebalance) {
+        let rebalance = match (&cfg.rebalance, cfg.max_memory) {
+            (Some(_), Some(_)) => {
+                eprintln!("rebalance: off under --max-memory (a move holds two spans at once)");
+                None
+            }
+            (r, _) => r.as_ref(),
+        };
+        if let (BlockChoice::Auto { .. }, Some(rcfg)) = (&cfg.blocks, rebalance) {
             let weights = cfg.weights;
             // A move loads the new span from the file, or fetches its
             // chunks from peers first when the model lives in the store.
@@ -417,11 +508,27 @@ impl Node {
                 shutdown.clone(),
             ));
         }
+        let adapters = crate::server::adapters::Adapters::new(
+            net.clone(),
+            store.clone(),
+            model_id.clone(),
+            file.config().clone(),
+            bootstrap.to_vec(),
+            cfg.fetch.clone(),
+        );
+        for id in &cfg.adapters {
+            let a = adapters
+                .get(*id, blocks.start as usize, blocks.end as usize, None)
+                .await
+                .map_err(|e| NodeError::Adapter(e.message))?;
+            eprintln!("adapter {id} loaded for blocks {}..{}", a.start(), a.end());
+        }
         let server = tokio::spawn(run_server(
             net.clone(),
             exec.clone(),
             ServerConfig {
                 model_id: model_id.clone(),
+                adapters: Some(adapters),
             },
             shutdown.clone(),
         ));

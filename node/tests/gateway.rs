@@ -114,6 +114,25 @@ fn openai_error(r: &http::HttpResponse, status: u16) -> Result<Value> {
     Ok(e)
 }
 
+/// Checks Anthropic's error shape and returns the error object.
+fn anthropic_error(r: &http::HttpResponse, status: u16) -> Result<Value> {
+    ensure!(
+        r.status == status,
+        "expected {status}, got {}: {}",
+        r.status,
+        r.text()
+    );
+    let v = r.json();
+    ensure!(v["type"] == "error", "not Anthropic's error shape: {v}");
+    let e = v["error"].clone();
+    ensure!(e["type"].is_string(), "error object without `type`: {e}");
+    ensure!(
+        !e["message"].as_str().unwrap_or_default().is_empty(),
+        "empty message: {e}"
+    );
+    Ok(e)
+}
+
 /// Runs `tests/python/SCRIPT ARGS` and returns the JSON of its last
 /// stdout line.
 fn run_python(script: &str, args: &[&str]) -> Result<Value> {
@@ -125,8 +144,10 @@ fn run_python(script: &str, args: &[&str]) -> Result<Value> {
         .output()
         .with_context(|| format!("running {python}"))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No module named 'openai'") {
-        bail!("the openai package is missing: `{python} -m pip install openai` (.ci/run does)");
+    for package in ["openai", "anthropic"] {
+        if stderr.contains(&format!("No module named '{package}'")) {
+            bail!("the {package} package is missing: `{python} -m pip install {package}` (.ci/run does)");
+        }
     }
     ensure!(
         out.status.success(),
@@ -157,13 +178,14 @@ fn chat_body(content: &str, extra: Value) -> String {
 }
 
 #[test]
-fn openai_python_client_against_a_three_server_swarm() -> Result<()> {
+fn official_openai_and_anthropic_clients_against_a_three_server_swarm() -> Result<()> {
     let _serial = serial();
     let procs = servers(&["0..10", "10..20", "20..30"])?;
     let gw = gateway(Some(&procs[0].addr()), &[])?;
     let addr = gw.http_addr()?;
     wait_covered(addr, 3)?;
     let seen = run_python("openai_client.py", &[&format!("http://{addr}/v1"), MODEL])?;
+    let claude = run_python("anthropic_client.py", &[&format!("http://{addr}"), MODEL])?;
     assert!(
         seen["answer"]
             .as_str()
@@ -190,6 +212,22 @@ fn openai_python_client_against_a_three_server_swarm() -> Result<()> {
     assert_eq!(
         seen["answer"].as_str().unwrap_or_default(),
         local.trim_end()
+    );
+    // Anthropic's API gives the same greedy text; its stop sequence cut
+    // it just before "Paris", and a prefilled answer goes on from the
+    // prefill.
+    assert_eq!(claude["answer"], seen["answer"], "{claude}");
+    let before = claude["before_stop"].as_str().unwrap_or_default();
+    assert!(
+        local.starts_with(before) && local[before.len()..].starts_with("Paris"),
+        "{claude}"
+    );
+    assert!(
+        claude["prefilled"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Paris"),
+        "{claude}"
     );
     // Four requests at once through the swarm, each on its own session.
     let body = chat_body("What is the capital of France?", json!({}));
@@ -309,6 +347,43 @@ fn bad_requests_get_openai_errors_and_concurrent_requests_work() -> Result<()> {
     assert_eq!(e["param"], "prompt");
     openai_error(&get(addr, "/v1/nothing-here")?, 404)?;
     openai_error(&get(addr, "/v1/models/gpt-9")?, 404)?;
+
+    // Anthropic's route answers in Anthropic's error format.
+    let messages = "/v1/messages";
+    let e = anthropic_error(&post(addr, messages, "{not json")?, 400)?;
+    assert_eq!(e["type"], "invalid_request_error");
+    let e = anthropic_error(
+        &post(
+            addr,
+            messages,
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+        )?,
+        400,
+    )?;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_tokens"),
+        "{e}"
+    );
+    let e = anthropic_error(
+        &post(
+            addr,
+            messages,
+            &json!({"model": "claude-9", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+        )?,
+        404,
+    )?;
+    assert_eq!(e["type"], "not_found_error");
+    let e = anthropic_error(&post(addr, "/v1/messages/nothing", "{}")?, 404)?;
+    assert_eq!(e["type"], "not_found_error");
+    let huge = format!(
+        "{{\"model\": \"{MODEL}\", \"max_tokens\": 4, \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
+        "a".repeat(2 << 20)
+    );
+    let e = anthropic_error(&post(addr, messages, &huge)?, 413)?;
+    assert_eq!(e["type"], "request_too_large");
     assert_eq!(
         get(addr, &format!("/v1/models/{MODEL}"))?.json()["id"],
         MODEL
@@ -769,6 +844,24 @@ fn an_api_key_is_required_and_foreign_hosts_and_origins_are_refused() -> Result<
     }
     // The dashboard's own origin is fine, and the dashboard needs no key.
     assert_eq!(seen["own_origin_dashboard"], 200, "{seen}");
+    // Anthropic's client with the right key (x-api-key) gets the same
+    // answer; a wrong key or none gets Anthropic's 401.
+    assert_eq!(seen["anthropic_answer"], seen["answer"], "{seen}");
+    assert_eq!(seen["anthropic_wrong_key"]["status"], 401, "{seen}");
+    let body = &seen["anthropic_wrong_key"]["body"];
+    assert_eq!(body["type"], "error", "{seen}");
+    assert_eq!(body["error"]["type"], "authentication_error", "{seen}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("Incorrect API key"), "{msg}");
+    assert!(
+        !msg.contains("sk-wrong-0000000000"),
+        "the key is echoed: {msg}"
+    );
+    assert_eq!(seen["anthropic_no_key"]["status"], 401, "{seen}");
+    let msg = seen["anthropic_no_key"]["body"]["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("x-api-key"), "{msg}");
     // The gateway still answers the right key afterwards, from Rust too.
     let r = get(addr, "/v1/models")?;
     openai_error(&r, 401)?;

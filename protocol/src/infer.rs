@@ -14,7 +14,7 @@ use crate::codec::{
 use crate::ids::peer_id;
 use crate::pb::{self, field};
 use crate::{
-    check_message_len, BlockRange, ErrorCode, Hop, MessageError, SessionId, TensorFrame,
+    check_message_len, BlockRange, ErrorCode, Hash, Hop, MessageError, SessionId, TensorFrame,
     MAX_CONTROL_BYTES,
 };
 
@@ -36,6 +36,8 @@ pub struct OpenSession {
     pub hop_index: u32,
     /// Most positions the session holds.
     pub max_length: u32,
+    /// The LoRA adapter the session runs with, if any.
+    pub adapter: Option<Hash>,
 }
 
 impl OpenSession {
@@ -329,6 +331,11 @@ impl InferMessage {
                     route,
                     hop_index: o.hop_index,
                     max_length: o.max_length,
+                    adapter: if o.adapter.is_empty() {
+                        None
+                    } else {
+                        Some(Hash::from_bytes(&o.adapter, "adapter")?)
+                    },
                 })
             }
             Kind::Attach(a) => InferMessage::Attach {
@@ -379,6 +386,7 @@ impl InferMessage {
                 route: route_to_pb(&o.route),
                 hop_index: o.hop_index,
                 max_length: o.max_length,
+                adapter: o.adapter.map(|h| h.0.to_vec()).unwrap_or_default(),
             }),
             InferMessage::Attach {
                 session_id,

@@ -8,7 +8,7 @@ use crate::codec::{
 };
 use crate::ids::peer_id;
 use crate::pb::{self, field};
-use crate::{BlockRange, MessageError, MAX_CONTROL_BYTES, MAX_TEXT_BYTES};
+use crate::{BlockRange, Hash, MessageError, MAX_CONTROL_BYTES, MAX_TEXT_BYTES};
 
 /// Protocol id of swarm information queries.
 pub const INFO_PROTOCOL: &str = "/nomoat/info/1";
@@ -18,6 +18,8 @@ pub const MAX_INFO_SERVERS: usize = 1024;
 pub const MAX_INFO_BYTES: usize = 4 * 1024 * 1024;
 /// Most addresses in one `ServerInfo`.
 pub const MAX_ADDRS: usize = 32;
+/// Most adapters a server announces.
+pub const MAX_ANNOUNCED_ADAPTERS: usize = 32;
 
 /// Whether a server can be dialled directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,8 @@ pub struct ServerInfo {
     pub reachability: Reachability,
     /// Publisher's clock, ms since the Unix epoch.
     pub timestamp_ms: u64,
+    /// LoRA adapters held for the span.
+    pub adapters: Vec<Hash>,
 }
 
 impl ServerInfo {
@@ -80,6 +84,20 @@ impl ServerInfo {
                 format!("address of {} bytes, limit {MAX_TEXT_BYTES}", a.len()),
             ));
         }
+        if s.adapters.len() > MAX_ANNOUNCED_ADAPTERS {
+            return Err(field_error(
+                "adapters",
+                format!(
+                    "{} adapters, limit {MAX_ANNOUNCED_ADAPTERS}",
+                    s.adapters.len()
+                ),
+            ));
+        }
+        let adapters = s
+            .adapters
+            .iter()
+            .map(|h| Hash::from_bytes(h, "adapters"))
+            .collect::<Result<Vec<_>, _>>()?;
         if !s.throughput.is_finite() || s.throughput < 0.0 {
             return Err(field_error("throughput", "negative or not finite"));
         }
@@ -104,6 +122,7 @@ impl ServerInfo {
                 _ => Reachability::Unknown,
             },
             timestamp_ms: s.timestamp_ms,
+            adapters,
         })
     }
 
@@ -126,6 +145,7 @@ impl ServerInfo {
             timestamp_ms: self.timestamp_ms,
             active_sessions: self.active_sessions,
             hidden_size: self.hidden_size,
+            adapters: self.adapters.iter().map(|h| h.0.to_vec()).collect(),
         }
     }
 
@@ -200,5 +220,12 @@ fn precheck_server_info(bytes: &[u8]) -> Result<(), MessageError> {
         MAX_ADDRS,
         "addrs",
         "addresses",
+    )?;
+    ensure_repeated_at_most(
+        bytes,
+        field::SERVER_INFO_ADAPTERS,
+        MAX_ANNOUNCED_ADAPTERS,
+        "adapters",
+        "adapters",
     )
 }

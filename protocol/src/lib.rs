@@ -364,7 +364,8 @@
 //! [`ServerInfo::decode`] accepts a heartbeat only if it is at most
 //! [`MAX_CONTROL_BYTES`] long, its peer id is 1 to 128 bytes, its block range is
 //! non-empty and ends at or before `num_blocks`, throughput and load are finite and
-//! not negative, it has at most [`MAX_ADDRS`] addresses, and every text and address
+//! not negative, it has at most [`MAX_ADDRS`] addresses and [`MAX_ANNOUNCED_ADAPTERS`]
+//! adapters of 32 bytes each, and every text and address
 //! is at most [`MAX_TEXT_BYTES`] bytes. An unknown reachability reads as
 //! [`Reachability::Unknown`].
 //!
@@ -475,6 +476,7 @@
 //! | [`MAX_INFO_BYTES`]         | 4 MiB           | one information answer                             |
 //! | [`MAX_INFO_SERVERS`]       | 1,024           | the entries of one information answer              |
 //! | [`MAX_ADDRS`]              | 32              | the addresses of one `ServerInfo`                  |
+//! | [`MAX_ANNOUNCED_ADAPTERS`] | 32              | the adapters of one `ServerInfo`                   |
 //! | [`MAX_TEXT_BYTES`]         | 4,096           | a model id, error message, version or address      |
 //! | [`SESSION_ID_LEN`]         | 16              | a session id, exactly                              |
 //! | [`MAX_MANIFEST_BYTES`]     | 32 MiB          | a manifest's canonical bytes                       |
@@ -543,7 +545,8 @@ pub use infer::{
 };
 pub use info::{
     decode_info_request, decode_info_response, encode_info_request, encode_info_response,
-    Reachability, ServerInfo, INFO_PROTOCOL, MAX_ADDRS, MAX_INFO_BYTES, MAX_INFO_SERVERS,
+    Reachability, ServerInfo, INFO_PROTOCOL, MAX_ADDRS, MAX_ANNOUNCED_ADAPTERS, MAX_INFO_BYTES,
+    MAX_INFO_SERVERS,
 };
 pub use manifest::{
     ChunkRef, Manifest, ModelFormat, TensorEntry, TensorRole, CHUNK_SIZE, MANIFEST_VERSION,
@@ -594,6 +597,7 @@ mod tests {
             "MAX_INFO_BYTES" => MAX_INFO_BYTES,
             "MAX_INFO_SERVERS" => MAX_INFO_SERVERS,
             "MAX_ADDRS" => MAX_ADDRS,
+            "MAX_ANNOUNCED_ADAPTERS" => MAX_ANNOUNCED_ADAPTERS,
             "MAX_TEXT_BYTES" => MAX_TEXT_BYTES,
             "SESSION_ID_LEN" => SESSION_ID_LEN,
             "MAX_MANIFEST_BYTES" => MAX_MANIFEST_BYTES,

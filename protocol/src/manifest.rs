@@ -39,6 +39,9 @@ pub enum ModelFormat {
     Gguf,
     /// A safetensors directory; the manifest's header is `config.json`.
     Safetensors,
+    /// A LoRA adapter of a base model; the header is its description
+    /// (JSON), the tensors its per-block A and B matrices.
+    Lora,
 }
 
 /// What a tensor is for, which decides who needs it.
@@ -149,6 +152,7 @@ impl Manifest {
             format: match self.format {
                 ModelFormat::Gguf => pb::ModelFormat::Gguf,
                 ModelFormat::Safetensors => pb::ModelFormat::Safetensors,
+                ModelFormat::Lora => pb::ModelFormat::Lora,
             } as i32,
             chunk_size: self.chunk_size,
             architecture: self.architecture.clone(),
@@ -283,6 +287,7 @@ impl Manifest {
         let format = match pb::ModelFormat::try_from(m.format) {
             Ok(pb::ModelFormat::Gguf) => ModelFormat::Gguf,
             Ok(pb::ModelFormat::Safetensors) => ModelFormat::Safetensors,
+            Ok(pb::ModelFormat::Lora) => ModelFormat::Lora,
             _ => {
                 return Err(field_error(
                     "format",

@@ -70,6 +70,8 @@ pub(crate) mod field {
         SPAN_OUTPUT_HIDDEN: SpanOutput.hidden = 4,
         /// The addresses of a `ServerInfo`.
         SERVER_INFO_ADDRS: ServerInfo.addrs = 9,
+        /// The adapters of a `ServerInfo`.
+        SERVER_INFO_ADAPTERS: ServerInfo.adapters = 14,
         /// The entries of an `InfoResponse`.
         INFO_RESPONSE_SERVERS: InfoResponse.servers = 1,
         /// `Manifest.chunk_size` (the tests write it by hand).

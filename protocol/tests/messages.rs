@@ -173,6 +173,7 @@ fn golden_open() -> (InferMessage, Vec<u8>) {
         ],
         hop_index: 1,
         max_length: 300,
+        adapter: None,
     });
     let bytes = concat(&[
         // InferFrame.open (field 1, LEN), 46 bytes
@@ -338,6 +339,7 @@ fn golden_server_info() -> (ServerInfo, Vec<u8>) {
         addrs: vec![vec![0x04, 127, 0, 0, 1]],
         reachability: Reachability::Public,
         timestamp_ms: 1000,
+        adapters: Vec::new(),
     };
     let bytes = vec![
         0x0a, 0x01, 0xaa, // peer_id (field 1, LEN)
@@ -891,6 +893,7 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
             hop_index: i % route.len() as u32,
             route,
             max_length,
+            adapter: None,
         },
     )
 }
@@ -1016,6 +1019,7 @@ fn server_info() -> impl Strategy<Value = ServerInfo> {
                 addrs,
                 reachability,
                 timestamp_ms,
+                adapters: Vec::new(),
             },
         )
 }

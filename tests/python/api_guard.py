@@ -8,6 +8,7 @@ import http.client
 import json
 import sys
 
+import anthropic
 import openai
 
 host, port, model, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -33,6 +34,22 @@ try:
 except openai.AuthenticationError as e:
     seen["wrong_key"] = {"status": e.status_code, "body": e.body}
 
+# Anthropic's client sends its key as x-api-key, and gets Anthropic's errors.
+good = anthropic.Anthropic(base_url=f"http://{host}:{port}", api_key=key, max_retries=0, timeout=120)
+r = good.messages.create(
+    model=model,
+    max_tokens=12,
+    messages=[{"role": "user", "content": "What is the capital of France?"}],
+    extra_body={"temperature": 0},
+)
+seen["anthropic_answer"] = r.content[0].text
+bad = anthropic.Anthropic(base_url=f"http://{host}:{port}", api_key="sk-wrong-0000000000", max_retries=0)
+try:
+    bad.messages.count_tokens(model=model, messages=[{"role": "user", "content": "hi"}])
+    seen["anthropic_wrong_key"] = "accepted"
+except anthropic.AuthenticationError as e:
+    seen["anthropic_wrong_key"] = {"status": e.status_code, "body": e.body}
+
 
 def raw(method, path, headers, body=None):
     c = http.client.HTTPConnection(host, port, timeout=30)
@@ -48,6 +65,12 @@ def raw(method, path, headers, body=None):
 
 own = f"{host}:{port}"
 seen["no_key"] = raw("GET", "/v1/models", {"Host": own})
+seen["anthropic_no_key"] = raw(
+    "POST",
+    "/v1/messages",
+    {"Host": own, "Content-Type": "application/json"},
+    json.dumps({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+)
 seen["rebound_host"] = raw(
     "GET", "/v1/models", {"Host": f"evil.example:{port}", "Authorization": f"Bearer {key}"}
 )

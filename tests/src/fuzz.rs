@@ -130,13 +130,22 @@ pub fn config_json(data: &[u8]) {
     }
 }
 
-/// The OpenAI API's request bodies (the first byte picks chat or
-/// completions).
+/// The API's request bodies: the first byte picks OpenAI's chat (0) or
+/// completions (1), or Anthropic's messages (2), modulo 3.
 pub fn api_body(data: &[u8]) {
+    let _ = check_api_body(data);
+}
+
+/// The checks [`api_body`] runs, with their answer.
+pub fn check_api_body(data: &[u8]) -> Result<(), nomoat_node::gateway::ApiError> {
     let Some((first, body)) = data.split_first() else {
-        return;
+        return Ok(());
     };
-    let _ = nomoat_node::gateway::check_body(first % 2 == 0, body);
+    match first % 3 {
+        0 => nomoat_node::gateway::check_body(true, body),
+        1 => nomoat_node::gateway::check_body(false, body),
+        _ => nomoat_node::gateway::check_messages_body(body),
+    }
 }
 
 /// The corpus directory of `target` in this checkout.
@@ -197,6 +206,7 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
                 route,
                 hop_index: 1,
                 max_length: 2048,
+                adapter: None,
             }),
         ),
         (
@@ -292,6 +302,7 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
         ],
         reachability: Reachability::Public,
         timestamp_ms: 1_790_000_000_000,
+        adapters: Vec::new(),
     };
     put("info_message", "request", &encode_info_request("c0ffee"))?;
     put("info_message", "request-all", &encode_info_request(""))?;
@@ -393,7 +404,7 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
     )?;
     // API bodies: the first byte picks chat (even) or completions (odd).
     let long = "lorem ipsum ".repeat(40_000);
-    let bodies: [(&str, u8, String); 5] = [
+    let bodies: [(&str, u8, String); 7] = [
         (
             "chat",
             0,
@@ -418,6 +429,16 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
             "completion-array",
             1,
             r#"{"model":"m","prompt":["One prompt"],"max_completion_tokens":8}"#.into(),
+        ),
+        (
+            "messages",
+            2,
+            r#"{"model":"smollm2-135m","max_tokens":64,"system":"Be brief.","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0.5,"top_p":0.9,"top_k":40,"stop_sequences":["\n\n"],"stream":true,"metadata":{"user_id":"u1"}}"#.into(),
+        ),
+        (
+            "messages-blocks",
+            2,
+            r#"{"model":"m","max_tokens":8,"system":[{"type":"text","text":"Be brief."}],"messages":[{"role":"user","content":[{"type":"text","text":"Hi"}]},{"role":"assistant","content":"Hello"}],"thinking":{"type":"disabled"}}"#.into(),
         ),
     ];
     for (name, first, body) in bodies {

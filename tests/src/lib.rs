@@ -9,6 +9,7 @@
 
 pub mod fuzz;
 pub mod harness;
+pub mod lora;
 pub mod web;
 
 /// The multi-host test bed, from the node crate (`nomoat bench wan` runs on it too).
@@ -156,6 +157,18 @@ impl TinyModel {
             w.push(("output.weight".to_string(), lin(&mut rng, v, h)?));
         }
         Ok(Self { spec, weights: w })
+    }
+
+    /// The same model with every weight passed through `f(name, weight)`.
+    pub fn map_weights(&self, f: impl Fn(&str, &Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            spec: self.spec.clone(),
+            weights: self
+                .weights
+                .iter()
+                .map(|(n, w)| Ok((n.clone(), f(n, w)?)))
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// Names of the tensors, in file order.

@@ -40,6 +40,7 @@ fn info(net: &NetHandle, start: u32) -> ServerInfo {
         addrs: Vec::new(),
         reachability: Reachability::Unknown,
         timestamp_ms: 0,
+        adapters: Vec::new(),
     }
 }
 

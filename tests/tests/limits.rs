@@ -40,6 +40,7 @@ fn open_msg(id: SessionId, peer: PeerId, max_length: u32) -> InferMessage {
         }],
         hop_index: 0,
         max_length,
+        adapter: None,
     })
 }
 

@@ -115,6 +115,7 @@ fn open_msg(id: SessionId, model: &str, peer: PeerId, blocks: BlockRange) -> Inf
         }],
         hop_index: 0,
         max_length: 64,
+        adapter: None,
     })
 }
 
@@ -667,7 +668,7 @@ async fn a_duplicate_server_moves_into_a_gap_drains_and_stays() -> Result<()> {
     let reference = Span::load(&file, 0, 2, WeightMode::Fast)?;
     let mut ref_cache = reference.new_cache();
     let id = SessionId([7; 16]);
-    b.exec.open(id, PeerId::random(), 0, 2, 64).await?;
+    b.exec.open(id, PeerId::random(), 0, 2, 64, None).await?;
     let prompt = head.embed(&PROMPT)?;
     let out = b
         .exec
@@ -761,6 +762,7 @@ async fn the_clients_own_measurements_win_over_announcements() -> Result<()> {
         addrs: Vec::new(),
         reachability: nomoat_protocol::Reachability::Unknown,
         timestamp_ms: 0,
+        adapters: Vec::new(),
     };
     // `slow` claims 1,000 tokens/s, `fast` 10; the client measured otherwise.
     let servers = [info(fast, 10.0), info(slow, 1000.0)];
@@ -806,7 +808,7 @@ async fn announced_load_counts_against_the_configured_session_cap() -> Result<()
     for i in 0..2u8 {
         server
             .exec
-            .open(SessionId([i; 16]), PeerId::random(), 0, 6, 16)
+            .open(SessionId([i; 16]), PeerId::random(), 0, 6, 16, None)
             .await?;
     }
     // Announcements refresh every second; wait for the full one.

@@ -59,6 +59,7 @@ fn open_second(id: SessionId, prev: PeerId, server: PeerId) -> InferMessage {
         ],
         hop_index: 1,
         max_length: 64,
+        adapter: None,
     })
 }
 
@@ -285,6 +286,7 @@ async fn malformed_steps_do_not_keep_an_idle_session_alive() -> Result<()> {
         }],
         hop_index: 0,
         max_length: 64,
+        adapter: None,
     }))
     .await?;
     assert!(matches!(

@@ -12,7 +12,8 @@ use nomoat_node::engine::{
     SamplingParams, TextStream, WeightMode, DEFAULT_MAX_TOKENS, DEFAULT_SEED, DEFAULT_TOP_P,
 };
 use nomoat_node::net::{self, NetConfig};
-use nomoat_protocol::BlockRange;
+use nomoat_node::store::ChunkStore;
+use nomoat_protocol::{BlockRange, Hash};
 
 use crate::ModelArgs;
 
@@ -71,6 +72,10 @@ pub(crate) struct GenerateArgs {
     /// 0.27x the bytes). See DESIGN.md for each one's error.
     #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
     wire_dtype: nomoat_protocol::DType,
+    /// A LoRA adapter id from `nomoat import-adapter`, applied to this
+    /// generation.
+    #[arg(long)]
+    adapter: Option<String>,
     #[command(flatten)]
     access: crate::cli::access::AccessArgs,
 }
@@ -124,9 +129,28 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         stop_ids: tokenizer.stop_ids().to_vec(),
     };
     let step_timeout = Duration::from_secs_f64(args.step_timeout.max(0.1));
+    let adapter = args
+        .adapter
+        .as_deref()
+        .map(Hash::from_hex)
+        .transpose()
+        .context("--adapter takes an adapter id, 64 hex digits")?;
     let stepper = if args.swarm.is_empty() && !args.mdns {
-        let model = LocalModel::load_whole(&file, args.model.weights)?;
-        Swarm::Local(Stepper::local(Arc::new(model)))
+        let model = Arc::new(LocalModel::load_whole(&file, args.model.weights)?);
+        match adapter {
+            Some(id) => {
+                let base_id = match &model_id {
+                    Some(m) => m.clone(),
+                    None => nomoat_node::weights::model_file_id(file.path())?,
+                };
+                let store = ChunkStore::open(&nomoat_node::catalog::home())?;
+                let w =
+                    nomoat_node::weights::open_adapter(&store, &id, file.config(), &base_id, None)?;
+                let session = model.new_session_with(model.adapter_parts(&w)?);
+                Swarm::Local(Stepper::local_session(model, session))
+            }
+            None => Swarm::Local(Stepper::local(model)),
+        }
     } else {
         rt.block_on(open_swarm(
             &args.swarm,
@@ -138,6 +162,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
             step_timeout,
             net_cfg,
             args.wire_dtype,
+            adapter,
         ))?
     };
     let stats = rt.block_on(run(stepper, &tokenizer, &file, &prompt, &opts))?;
@@ -173,6 +198,7 @@ async fn open_swarm(
     step_timeout: Duration,
     net_cfg: NetConfig,
     wire: nomoat_protocol::DType,
+    adapter: Option<Hash>,
 ) -> Result<Swarm> {
     let head = Arc::new(Head::load(file, weights)?);
     let mdns = net_cfg.mdns;
@@ -191,16 +217,23 @@ async fn open_swarm(
             );
         }
     }
-    let session =
-        match RemoteSession::discover_and_open(&net, bootstrap, model_id, n, max_len, step_timeout)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                net.shutdown().await;
-                return Err(e.into());
-            }
-        };
+    let session = match RemoteSession::discover_and_open(
+        &net,
+        bootstrap,
+        model_id,
+        n,
+        max_len,
+        step_timeout,
+        adapter,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            net.shutdown().await;
+            return Err(e.into());
+        }
+    };
     eprintln!("route: {}", describe_route(&session.route()));
     let stepper = match Stepper::swarm(head, session).with_wire_dtype(wire) {
         Ok(s) => s,

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use libp2p::Multiaddr;
 use nomoat_node::engine::WeightMode;
@@ -108,6 +108,18 @@ pub(crate) struct ServeArgs {
     /// the bytes its longest context takes on this span.
     #[arg(long, value_parser = crate::parse_size)]
     kv_memory: Option<u64>,
+    /// Most memory this server may take in all, e.g. 600MiB: the span's
+    /// weights, the head with --api, a reserve for the runtime and one
+    /// step's working memory, and KV caches (what is left, unless
+    /// --kv-memory says less). --blocks auto then takes the most blocks
+    /// (up to --max-blocks) that fit; rebalancing is off.
+    #[arg(long, value_parser = crate::parse_size)]
+    max_memory: Option<u64>,
+    /// A LoRA adapter id (from `nomoat import-adapter`, or held by peers)
+    /// to load before serving and announce (repeatable). Sessions may name
+    /// other adapters too: they load on first use.
+    #[arg(long)]
+    adapter: Vec<String>,
     /// Seconds after which an idle session is dropped.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
@@ -183,6 +195,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             }
             None => None,
         },
+        max_memory: args.max_memory,
+        adapters: args
+            .adapter
+            .iter()
+            .map(|a| nomoat_protocol::Hash::from_hex(a))
+            .collect::<Result<_, _>>()
+            .context("--adapter takes an adapter id, 64 hex digits")?,
         ..NodeConfig::new(args.model.clone(), blocks)
     };
     let node = Node::start(cfg).await?;

@@ -36,6 +36,54 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
     Ok(())
 }
 
+/// `nomoat import-adapter`.
+#[derive(Debug, Args)]
+pub(crate) struct ImportAdapterArgs {
+    /// A PEFT directory (adapter_config.json and adapter_model.safetensors)
+    /// or a GGUF LoRA file (as llama.cpp's convert_lora_to_gguf.py writes).
+    path: PathBuf,
+    /// The base model: a catalog name, a model file or directory, or a
+    /// model id from `nomoat import` (stored here).
+    #[arg(long, env = "NOMOAT_MODEL")]
+    model: String,
+    /// Print one JSON object instead of the id alone.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn import_adapter(args: ImportAdapterArgs) -> Result<()> {
+    let store = ChunkStore::open(&nomoat_node::catalog::home())?;
+    let t = Instant::now();
+    let (file, base_id) = nomoat_node::weights::adapter::open_base(&store, &args.model)?;
+    let r = nomoat_node::weights::import_adapter(&store, &args.path, file.config(), &base_id)?;
+    eprintln!(
+        "imported {}: rank {}, scale {}, targets {}, {:.1} MB ({} new chunks) in {:.2} s, for model {base_id}",
+        args.path.display(),
+        r.meta.rank,
+        r.meta.scale,
+        r.meta.targets.join(","),
+        r.bytes as f64 / 1e6,
+        r.new_chunks,
+        t.elapsed().as_secs_f64()
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": r.id.to_hex(),
+                "base": base_id,
+                "rank": r.meta.rank,
+                "scale": r.meta.scale,
+                "targets": r.meta.targets,
+                "bytes": r.bytes,
+            })
+        );
+    } else {
+        println!("{}", r.id.to_hex());
+    }
+    Ok(())
+}
+
 pub(crate) fn verify(model_id: &str) -> Result<()> {
     let id = Hash::from_hex(model_id).context("a model id is 64 hex digits")?;
     let store = ChunkStore::open(&nomoat_node::catalog::home())?;

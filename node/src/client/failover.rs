@@ -167,6 +167,7 @@ impl RemoteSession {
                     &route,
                     i + r,
                     self.max_length,
+                    self.adapter,
                     conn,
                     self.events_tx.clone(),
                 )

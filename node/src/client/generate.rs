@@ -74,6 +74,14 @@ impl Stepper {
         Stepper::Local { model, session }
     }
 
+    /// Steps a given session of the local model (e.g. one with an adapter).
+    pub fn local_session(model: Arc<LocalModel>, session: crate::engine::LocalSession) -> Self {
+        Stepper::Local {
+            model,
+            session: Some(session),
+        }
+    }
+
     /// Steps `session` with `head` computed here; hidden states travel as
     /// f32 until [`with_wire_dtype`](Self::with_wire_dtype) says otherwise.
     pub fn swarm(head: Arc<Head>, session: RemoteSession) -> Self {

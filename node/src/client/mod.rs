@@ -175,6 +175,8 @@ pub struct RemoteSession {
     id: SessionId,
     model_id: String,
     max_length: u32,
+    /// The LoRA adapter every hop runs the session with.
+    adapter: Option<nomoat_protocol::Hash>,
     hops: Vec<HopConn>,
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,

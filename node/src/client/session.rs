@@ -29,6 +29,7 @@ pub(super) async fn open_hop(
     route: &[Hop],
     hop: usize,
     max_length: u32,
+    adapter: Option<nomoat_protocol::Hash>,
     conn: u64,
     tx: mpsc::Sender<Event>,
 ) -> Result<WriteHalf<Stream>, ClientError> {
@@ -46,6 +47,7 @@ pub(super) async fn open_hop(
         route: route.to_vec(),
         hop_index: hop as u32,
         max_length,
+        adapter,
     };
     let fut = async {
         net.connect_known(peer).await;
@@ -109,7 +111,7 @@ pub(super) async fn open_hop(
 impl RemoteSession {
     /// Finds the model's servers through `bootstrap` (and the announcements
     /// heard), plans the cheapest route over its `num_blocks` blocks and
-    /// opens a session along it.
+    /// opens a session along it, with `adapter` if one is given.
     pub async fn discover_and_open(
         net: &NetHandle,
         bootstrap: &[libp2p::Multiaddr],
@@ -117,11 +119,12 @@ impl RemoteSession {
         num_blocks: u32,
         max_length: u32,
         step_timeout: Duration,
+        adapter: Option<nomoat_protocol::Hash>,
     ) -> Result<Self, ClientError> {
         net.subscribe(model_id).await;
         let servers = crate::net::discover(net, bootstrap, model_id).await?;
         let route = super::plan(net, model_id, num_blocks, &servers, max_length)?;
-        Self::open(net, model_id, route, max_length, step_timeout).await
+        Self::open_with(net, model_id, route, max_length, step_timeout, adapter).await
     }
 
     /// Opens a session on every hop, all at once.
@@ -138,9 +141,30 @@ impl RemoteSession {
         max_length: u32,
         step_timeout: Duration,
     ) -> Result<Self, ClientError> {
+        Self::open_with(net, model_id, route, max_length, step_timeout, None).await
+    }
+
+    /// [`open`](Self::open) for a session that runs with a LoRA adapter
+    /// (every hop loads its part, fetching it from peers if needed).
+    pub async fn open_with(
+        net: &NetHandle,
+        model_id: &str,
+        route: Vec<Hop>,
+        max_length: u32,
+        step_timeout: Duration,
+        adapter: Option<nomoat_protocol::Hash>,
+    ) -> Result<Self, ClientError> {
         let mut attempt = 0u32;
         loop {
-            match Self::open_once(net, model_id, route.clone(), max_length, step_timeout).await {
+            let once = Self::open_once(
+                net,
+                model_id,
+                route.clone(),
+                max_length,
+                step_timeout,
+                adapter,
+            );
+            match once.await {
                 Err(e) if e.transient() && attempt < OPEN_RETRIES => {
                     attempt += 1;
                     tracing::debug!("opening the session failed ({e}); retrying");
@@ -163,6 +187,7 @@ impl RemoteSession {
         route: Vec<Hop>,
         max_length: u32,
         step_timeout: Duration,
+        adapter: Option<nomoat_protocol::Hash>,
     ) -> Result<Self, ClientError> {
         let mut id = [0u8; 16];
         rand::Rng::fill(&mut rand::rng(), &mut id);
@@ -181,6 +206,7 @@ impl RemoteSession {
                 &route,
                 hop,
                 max_length,
+                adapter,
                 hop as u64,
                 tx.clone(),
             )
@@ -221,6 +247,7 @@ impl RemoteSession {
             id,
             model_id: model_id.to_string(),
             max_length,
+            adapter,
             net: net.clone(),
             history: vec![Vec::new(); hops.len()],
             next_conn: hops.len() as u64,

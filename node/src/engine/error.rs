@@ -67,6 +67,9 @@ pub enum EngineError {
         /// Maximum sequence length.
         limit: usize,
     },
+    /// A LoRA adapter is malformed or does not fit the model.
+    #[error("adapter: {0}")]
+    Adapter(String),
     /// A hidden state has the wrong shape or dtype for this model.
     #[error("bad hidden state: {0}")]
     BadHidden(String),

@@ -273,6 +273,9 @@ impl ModelFile {
                     },
                 })
             }
+            ModelFormat::Lora => Err(corrupt(
+                "this id is a LoRA adapter, not a model: pass the base model as --model and this id as --adapter".into(),
+            )),
             _ => Err(corrupt("unknown model format".into())),
         }
     }
@@ -340,6 +343,31 @@ impl ModelFile {
                 (out.into_iter().map(|(_, t)| t).collect(), None)
             }
             Backing::Store { .. } => (Vec::new(), None),
+        }
+    }
+
+    /// Every tensor's role, stored type and shape, from the header alone.
+    pub fn stored_tensors(&self) -> Vec<super::StoredTensor> {
+        match &self.backing {
+            Backing::Store { manifest, .. } => manifest
+                .tensors
+                .iter()
+                .map(|t| super::StoredTensor {
+                    role: t.role,
+                    dtype: t.dtype.clone(),
+                    shape: t.shape.clone(),
+                })
+                .collect(),
+            _ => self
+                .tensor_sources()
+                .0
+                .into_iter()
+                .map(|t| super::StoredTensor {
+                    role: crate::weights::import::tensor_role(&t.name),
+                    dtype: t.dtype,
+                    shape: t.shape,
+                })
+                .collect(),
         }
     }
 

@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use nomoat_protocol::TensorFrame;
 
+use super::adapter::{AdapterWeights, SpanAdapter};
 use super::file::{ModelFile, WeightMode};
 use super::kv::SpanCache;
 use super::model::{hidden_from_frame, hidden_to_frame, Head, Span};
@@ -76,6 +77,8 @@ pub struct LocalModel {
 #[derive(Debug)]
 pub struct LocalSession {
     caches: Vec<SpanCache>,
+    /// An adapter's part for each span, or none.
+    adapters: Vec<std::sync::Arc<SpanAdapter>>,
 }
 
 impl LocalSession {
@@ -143,6 +146,25 @@ impl LocalModel {
     pub fn new_session(&self) -> LocalSession {
         LocalSession {
             caches: self.spans.iter().map(Span::new_cache).collect(),
+            adapters: Vec::new(),
+        }
+    }
+
+    /// An adapter's parts for this model's spans, to share between
+    /// sessions ([`new_session_with`](Self::new_session_with)).
+    pub fn adapter_parts(&self, w: &AdapterWeights) -> Result<Vec<std::sync::Arc<SpanAdapter>>> {
+        self.spans
+            .iter()
+            .map(|s| Ok(std::sync::Arc::new(w.span(s.start(), s.end())?)))
+            .collect()
+    }
+
+    /// A fresh session that runs with an adapter's parts (from
+    /// [`adapter_parts`](Self::adapter_parts); empty: no adapter).
+    pub fn new_session_with(&self, adapters: Vec<std::sync::Arc<SpanAdapter>>) -> LocalSession {
+        LocalSession {
+            adapters,
+            ..self.new_session()
         }
     }
 
@@ -159,13 +181,14 @@ impl LocalModel {
         }
         let hidden = self.head.config().hidden_size;
         let mut h = self.head.embed(tokens)?;
-        for (i, (span, cache)) in self.spans.iter().zip(session.caches.iter_mut()).enumerate() {
+        let LocalSession { caches, adapters } = session;
+        for (i, (span, cache)) in self.spans.iter().zip(caches.iter_mut()).enumerate() {
             if i > 0 {
                 // Cross the span boundary as the network would.
                 let bytes = hidden_to_frame(&h, nomoat_protocol::DType::F32)?.encode();
                 h = hidden_from_frame(&TensorFrame::decode(&bytes)?, hidden)?;
             }
-            h = span.forward(&h, pos, cache)?;
+            h = span.forward_with(&h, pos, cache, adapters.get(i).map(|a| &**a))?;
         }
         Ok(h)
     }
@@ -188,10 +211,21 @@ impl LocalModel {
         &self,
         prompt: &[u32],
         opts: &GenerateOptions,
+        on_token: impl FnMut(u32) -> Result<bool>,
+    ) -> Result<(Vec<u32>, GenerationStats)> {
+        self.generate_in(self.new_session(), prompt, opts, on_token)
+    }
+
+    /// [`generate`](Self::generate) in a given fresh session (e.g. one with
+    /// an adapter).
+    pub fn generate_in(
+        &self,
+        mut session: LocalSession,
+        prompt: &[u32],
+        opts: &GenerateOptions,
         mut on_token: impl FnMut(u32) -> Result<bool>,
     ) -> Result<(Vec<u32>, GenerationStats)> {
         let mut tokens = TokenLoop::new(prompt, opts, self.head.config().max_seq_len)?;
-        let mut session = self.new_session();
         let mut logits = self.forward_last(&mut session, prompt)?;
         while let Some(next) = tokens.next(&logits, &mut on_token)? {
             logits = self.forward_last(&mut session, &[next])?;

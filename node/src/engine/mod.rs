@@ -10,15 +10,18 @@
 //! * [`Sampler`] turns logits into tokens; [`ChatTokenizer`] turns text into
 //!   ids and back; [`LocalModel`] chains a head and spans into a generator.
 
+pub mod adapter;
 mod config;
 mod error;
 mod file;
 mod kv;
 mod local;
+mod memory;
 mod model;
 mod sampling;
 mod tokenizer;
 
+pub use adapter::{AdapterMeta, AdapterWeights, SpanAdapter};
 pub use config::{
     Arch, ModelConfig, RopeScaling, MAX_BLOCKS, MAX_CONTEXT, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN,
     MAX_INTERMEDIATE, MAX_VOCAB,
@@ -31,7 +34,8 @@ pub use kv::{SpanCache, INITIAL_CACHE_POSITIONS};
 pub use local::{
     GenerateOptions, GenerationStats, LocalModel, LocalSession, TokenLoop, DEFAULT_MAX_TOKENS,
 };
-pub use model::{hidden_from_frame, hidden_to_frame, Head, Span};
+pub use memory::{block_bytes, head_bytes, loaded_bytes, StoredTensor};
+pub use model::{hidden_from_frame, hidden_to_frame, Head, Span, PREFILL_CHUNK};
 pub use sampling::{
     Sampler, SamplingParams, DEFAULT_REPETITION_WINDOW, DEFAULT_SEED, DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,

@@ -4,13 +4,18 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use nomoat_protocol::TensorFrame;
 
+use super::adapter::{BlockAdapter, LoraPair, SpanAdapter};
 use super::config::ModelConfig;
 use super::file::{ModelFile, RawWeight, WeightMode};
 use super::kv::SpanCache;
 use super::{EngineError, Result};
 
+/// Most positions a span computes at once: a longer step (a prompt) runs
+/// in pieces of this many, so its working memory does not grow with it.
+pub const PREFILL_CHUNK: usize = 256;
+
 /// Whether candle has a fast CPU kernel for a ggml type.
-fn has_fast_kernel(dtype: GgmlDType) -> bool {
+pub(super) fn has_fast_kernel(dtype: GgmlDType) -> bool {
     matches!(
         dtype,
         GgmlDType::Q4_0
@@ -102,12 +107,16 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, lora: Option<&LoraPair>) -> Result<Tensor> {
         let y = self.weight.forward(x)?;
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        match lora {
+            Some(l) => l.add_to(x, y),
+            None => Ok(y),
+        }
     }
 }
 
@@ -209,25 +218,27 @@ impl Attention {
         rope: &Rope,
         cache: &mut super::kv::LayerCache,
         max_len: usize,
+        lora: Option<&BlockAdapter>,
     ) -> Result<Tensor> {
+        let pair = |t: usize| lora.and_then(|l| l.pair(t));
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let group = nh / nkv;
         let q = self
             .q
-            .forward(x)?
+            .forward(x, pair(0))?
             .reshape((b, t, nh, hd))?
             .transpose(1, 2)?
             .contiguous()?;
         let k = self
             .k
-            .forward(x)?
+            .forward(x, pair(1))?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
         let v = self
             .v
-            .forward(x)?
+            .forward(x, pair(2))?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
         let q = rope.apply(&q, pos)?;
@@ -259,7 +270,7 @@ impl Attention {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        self.o.forward(&out)
+        self.o.forward(&out, pair(3))
     }
 
     fn bytes(&self) -> usize {
@@ -284,10 +295,11 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+    fn forward(&self, x: &Tensor, lora: Option<&BlockAdapter>) -> Result<Tensor> {
+        let pair = |t: usize| lora.and_then(|l| l.pair(t));
+        let g = candle_nn::ops::silu(&self.gate.forward(x, pair(4))?)?;
+        let u = self.up.forward(x, pair(5))?;
+        self.down.forward(&(g * u)?, pair(6))
     }
 
     fn bytes(&self) -> usize {
@@ -322,12 +334,13 @@ impl Block {
         rope: &Rope,
         cache: &mut super::kv::LayerCache,
         max_len: usize,
+        lora: Option<&BlockAdapter>,
     ) -> Result<Tensor> {
         let h = self
             .attn
-            .forward(&self.attn_norm.forward(x)?, pos, rope, cache, max_len)?;
+            .forward(&self.attn_norm.forward(x)?, pos, rope, cache, max_len, lora)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?, lora)?;
         Ok((x + h)?)
     }
 
@@ -422,6 +435,18 @@ impl Span {
     /// `pos` must equal the cache's length: roll the cache back first to
     /// recompute earlier positions.
     pub fn forward(&self, x: &Tensor, pos: usize, cache: &mut SpanCache) -> Result<Tensor> {
+        self.forward_with(x, pos, cache, None)
+    }
+
+    /// [`forward`](Self::forward) with an adapter's updates, which must
+    /// cover the cache's blocks.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        pos: usize,
+        cache: &mut SpanCache,
+        adapter: Option<&SpanAdapter>,
+    ) -> Result<Tensor> {
         let dims = x.dims();
         if dims.len() != 3 || dims[0] != 1 || dims[1] == 0 || dims[2] != self.config.hidden_size {
             return Err(EngineError::BadHidden(format!(
@@ -457,13 +482,41 @@ impl Span {
                 limit: max,
             });
         }
-        let mut h = x.clone();
+        if let Some(a) = adapter {
+            if a.start() > first || a.end() < last {
+                return Err(EngineError::Adapter(format!(
+                    "the adapter is loaded for blocks {}..{}, the session runs {first}..{last}",
+                    a.start(),
+                    a.end()
+                )));
+            }
+        }
         let blocks = &self.blocks[first - self.start..last - self.start];
-        for (block, layer) in blocks.iter().zip(cache.layers.iter_mut()) {
-            h = block.forward(&h, pos, &self.rope, layer, max)?;
+        // A long step runs in pieces of PREFILL_CHUNK positions, every block
+        // on one piece before the next: the same causal attention over the
+        // cache, with working memory bounded by the piece, not the prompt.
+        let mut outs = Vec::with_capacity(t.div_ceil(PREFILL_CHUNK));
+        let mut done = 0;
+        while done < t {
+            let n = (t - done).min(PREFILL_CHUNK);
+            let mut h = if n == t {
+                x.clone()
+            } else {
+                x.narrow(1, done, n)?
+            };
+            for (i, (block, layer)) in blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+                let lora = adapter.and_then(|a| a.block(first + i));
+                h = block.forward(&h, pos + done, &self.rope, layer, max, lora)?;
+            }
+            outs.push(h);
+            done += n;
         }
         cache.set_len(pos + t);
-        Ok(h)
+        Ok(if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 1)?
+        })
     }
 }
 
@@ -536,7 +589,7 @@ impl Head {
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let (_, t, hidden) = h.dims3()?;
         let x = self.norm.forward(&h.reshape((t, hidden))?)?;
-        self.lm_head.forward(&x)
+        self.lm_head.forward(&x, None)
     }
 
     /// Logits of the last position of `h`.

@@ -1,9 +1,31 @@
-//! Errors in OpenAI's format: `{"error": {"message", "type", "param", "code"}}`.
+//! API errors, in OpenAI's format (`{"error": {"message", "type", "param",
+//! "code"}}`) or, under `/v1/messages`, in Anthropic's (`{"type": "error",
+//! "error": {"type", "message"}}`).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::client::ClientError;
+
+/// Which API a request speaks, and so the format of its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI's: every route but Anthropic's.
+    OpenAi,
+    /// Anthropic's Messages API: `/v1/messages` and below.
+    Anthropic,
+}
+
+impl Dialect {
+    /// The dialect of a request path.
+    pub fn of(path: &str) -> Self {
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Self::Anthropic
+        } else {
+            Self::OpenAi
+        }
+    }
+}
 
 /// An API error: an HTTP status and OpenAI's error object.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,6 +107,17 @@ impl ApiError {
         }
     }
 
+    /// A 502: the generation failed after it started.
+    pub fn generation_failed(e: impl std::fmt::Display) -> Self {
+        Self {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("generation failed: {e}; retry, a new request plans a new route"),
+            kind: "server_error",
+            param: None,
+            code: Some("generation_failed"),
+        }
+    }
+
     /// A 500.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
@@ -106,6 +139,42 @@ impl ApiError {
                 "code": self.code,
             }
         })
+    }
+}
+
+impl ApiError {
+    /// Anthropic's error `type` for this error's status.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            408 | 504 => "timeout_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The error object in Anthropic's format.
+    pub fn anthropic_body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "error",
+            "error": {"type": self.anthropic_type(), "message": self.message},
+        })
+    }
+
+    /// The response in `dialect`'s format.
+    pub fn respond(self, dialect: Dialect) -> Response {
+        match dialect {
+            Dialect::OpenAi => self.into_response(),
+            Dialect::Anthropic => {
+                crate::metrics::global().requests_failed.inc();
+                (self.status, axum::Json(self.anthropic_body())).into_response()
+            }
+        }
     }
 }
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
-use super::ApiError;
+use super::{ApiError, Dialect};
 
 /// The checks of one listening gateway.
 #[derive(Debug, Clone)]
@@ -66,8 +66,8 @@ fn masked(key: &str) -> String {
     format!("{head}***{tail}")
 }
 
-/// OpenAI's error body with `status` and `code`.
-fn refuse(status: StatusCode, code: &'static str, message: String) -> Response {
+/// An error body with `status` and `code`, in the request's dialect.
+fn refuse(status: StatusCode, code: &'static str, message: String, d: Dialect) -> Response {
     ApiError {
         status,
         message,
@@ -75,15 +75,15 @@ fn refuse(status: StatusCode, code: &'static str, message: String) -> Response {
         param: None,
         code: Some(code),
     }
-    .into_response()
+    .respond(d)
 }
 
-fn forbidden(message: String) -> Response {
-    refuse(StatusCode::FORBIDDEN, "forbidden", message)
+fn forbidden(message: String, d: Dialect) -> Response {
+    refuse(StatusCode::FORBIDDEN, "forbidden", message, d)
 }
 
-fn unauthorized(message: String) -> Response {
-    let mut r = refuse(StatusCode::UNAUTHORIZED, "invalid_api_key", message);
+fn unauthorized(message: String, d: Dialect) -> Response {
+    let mut r = refuse(StatusCode::UNAUTHORIZED, "invalid_api_key", message, d);
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer"),
@@ -93,6 +93,7 @@ fn unauthorized(message: String) -> Response {
 
 /// The middleware: the loopback checks on every route, the key on `/v1`.
 pub(super) async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response {
+    let dialect = Dialect::of(req.uri().path());
     if let Some(bound) = g.loopback {
         let host = req
             .headers()
@@ -100,10 +101,13 @@ pub(super) async fn guard(State(g): State<Guard>, req: Request, next: Next) -> R
             .and_then(|h| h.to_str().ok())
             .unwrap_or_default();
         if !is_local_host(host, bound.port()) {
-            return forbidden(format!(
-                "Host `{host}` is not this machine: a gateway on {bound} answers only \
+            return forbidden(
+                format!(
+                    "Host `{host}` is not this machine: a gateway on {bound} answers only \
                  requests addressed to localhost (bind another address with --api to serve others)"
-            ));
+                ),
+                dialect,
+            );
         }
         if let Some(origin) = req.headers().get(header::ORIGIN) {
             let origin = origin.to_str().unwrap_or_default();
@@ -112,27 +116,39 @@ pub(super) async fn guard(State(g): State<Guard>, req: Request, next: Next) -> R
                 .or_else(|| origin.strip_prefix("https://"))
                 .unwrap_or("");
             if !is_local_host(host, bound.port()) {
-                return forbidden(format!(
-                    "requests from pages of {origin} are refused: the gateway answers only \
+                return forbidden(
+                    format!(
+                        "requests from pages of {origin} are refused: the gateway answers only \
                      its own pages while it listens on loopback"
-                ));
+                    ),
+                    dialect,
+                );
             }
         }
     }
     if !g.keys.is_empty() && req.uri().path().starts_with("/v1/") {
-        let given = req
-            .headers()
+        // OpenAI's clients send `Authorization: Bearer KEY`, Anthropic's
+        // `x-api-key: KEY`; either header is accepted on every route.
+        let headers = req.headers();
+        let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(|h| h.strip_prefix("Bearer "));
+        let x_api_key = headers.get("x-api-key").and_then(|h| h.to_str().ok());
+        let given = bearer.or(x_api_key).map(str::trim);
         match given {
             None => {
-                return unauthorized(
-                    "You didn't provide an API key. You need to provide your API key in an \
+                let message = match dialect {
+                    Dialect::OpenAi => {
+                        "You didn't provide an API key. You need to provide your API key in an \
                      Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-                        .into(),
-                )
+                    }
+                    Dialect::Anthropic => {
+                        "x-api-key header is required: send the gateway's key \
+                     (x-api-key: YOUR_KEY)."
+                    }
+                };
+                return unauthorized(message.into(), dialect);
             }
             Some(k)
                 if !g
@@ -140,11 +156,14 @@ pub(super) async fn guard(State(g): State<Guard>, req: Request, next: Next) -> R
                     .iter()
                     .any(|want| same(want.as_bytes(), k.as_bytes())) =>
             {
-                return unauthorized(format!(
-                    "Incorrect API key provided: {}. Ask the gateway's operator for a key \
-                     (nomoat gateway --api-key).",
-                    masked(k)
-                ))
+                return unauthorized(
+                    format!(
+                        "Incorrect API key provided: {}. Ask the gateway's operator for a key \
+                         (nomoat gateway --api-key).",
+                        masked(k)
+                    ),
+                    dialect,
+                )
             }
             Some(_) => {}
         }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
-use super::{ApiError, Backend, Gateway, SessionGuard};
+use super::{ApiError, Backend, Gateway, SessionGuard, DEFAULT_API_MAX_TOKENS};
 use crate::client::{generate, plan, RemoteSession, StepError, Stepper, TokenSink};
-use crate::engine::{GenerateOptions, TextStream};
+use crate::engine::{GenerateOptions, SamplingParams, TextStream};
 
 /// Events buffered between a job and its HTTP response.
 pub const EVENT_QUEUE: usize = 64;
@@ -22,6 +22,8 @@ pub struct Job {
     pub opts: GenerateOptions,
     /// Strings that end the text (not included).
     pub stops: Vec<String>,
+    /// The LoRA adapter to run with.
+    pub adapter: Option<nomoat_protocol::Hash>,
 }
 
 /// How a job ended.
@@ -34,6 +36,8 @@ pub struct Finish {
     /// `stop` (a stop token or string) or `length` (the token limit or the
     /// context).
     pub reason: &'static str,
+    /// The stop string that ended the text, if one did.
+    pub stop_sequence: Option<String>,
 }
 
 /// What a job reports, in order: text pieces, then `Done` or `Failed`.
@@ -66,7 +70,7 @@ struct JobSink<'a> {
     tok: &'a crate::engine::ChatTokenizer,
     text: TextStream,
     stop: StopMatcher,
-    stopped_by_string: bool,
+    stopped_by: Option<String>,
     tx: &'a mpsc::Sender<JobEvent>,
     guard: &'a SessionGuard,
     /// The client went away or stopped reading.
@@ -85,8 +89,8 @@ impl TokenSink for JobSink<'_> {
             self.gone = true;
             return Ok(false);
         }
-        if hit {
-            self.stopped_by_string = true;
+        if let Some(s) = hit {
+            self.stopped_by = Some(s);
             return Ok(false);
         }
         Ok(true)
@@ -109,19 +113,20 @@ impl StopMatcher {
         }
     }
 
-    /// Adds a piece; returns the text that is safe to emit and whether a
-    /// stop string was reached (the text then ends before it).
-    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
+    /// Adds a piece; returns the text that is safe to emit and the stop
+    /// string reached, if one was (the text then ends before it).
+    pub(crate) fn push(&mut self, piece: &str) -> (String, Option<String>) {
         self.held.push_str(piece);
-        if let Some(i) = self
+        if let Some((i, s)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s)))
+            .min_by_key(|(i, _)| *i)
         {
             let out = self.held[..i].to_string();
+            let stop = s.clone();
             self.held.clear();
-            return (out, true);
+            return (out, Some(stop));
         }
         let mut keep = 0;
         for s in &self.stops {
@@ -135,7 +140,7 @@ impl StopMatcher {
         let cut = self.held.len() - keep;
         let out = self.held[..cut].to_string();
         self.held.drain(..cut);
-        (out, false)
+        (out, None)
     }
 
     /// The text held back, once no more comes.
@@ -144,7 +149,75 @@ impl StopMatcher {
     }
 }
 
+/// What a request asks for, in either API's dialect, with the checks that
+/// need no model done.
+#[derive(Debug)]
+pub(super) struct Ask<'a> {
+    /// The model the request names.
+    pub(super) model: &'a str,
+    /// The token limit the request gives, if any.
+    pub(super) max_tokens: Option<usize>,
+    /// Sampling, checked.
+    pub(super) sampling: SamplingParams,
+    /// Stop strings.
+    pub(super) stops: Vec<String>,
+}
+
 impl Gateway {
+    /// Checks the model name and token limit against the model and turns
+    /// the request into a job for `prompt`.
+    pub(super) fn job(&self, ask: Ask<'_>, prompt: Vec<u32>) -> Result<Job, ApiError> {
+        let adapter = self.check_model(ask.model)?;
+        let context = self.model_config().max_seq_len;
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                "the prompt is empty: send some text",
+            ));
+        }
+        if prompt.len() >= context {
+            return Err(ApiError::invalid(
+                Some("messages"),
+                format!(
+                    "the prompt is {} tokens, but the model's context is {context}: shorten it",
+                    prompt.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        let room = context - prompt.len();
+        let max_tokens = match ask.max_tokens {
+            Some(0) => {
+                return Err(ApiError::invalid(
+                    Some("max_tokens"),
+                    "max_tokens must be at least 1",
+                ))
+            }
+            Some(n) if n > room => {
+                return Err(ApiError::invalid(
+                    Some("max_tokens"),
+                    format!(
+                        "max_tokens {n} plus the prompt's {} tokens exceeds the model's context of {context} tokens: ask for at most {room}",
+                        prompt.len()
+                    ),
+                )
+                .with_code("context_length_exceeded"))
+            }
+            Some(n) => n,
+            None => DEFAULT_API_MAX_TOKENS.min(room),
+        };
+        Ok(Job {
+            prompt,
+            opts: GenerateOptions {
+                max_tokens,
+                sampling: ask.sampling,
+                stop_ids: self.tokenizer().stop_ids().to_vec(),
+            },
+            stops: ask.stops,
+            adapter,
+        })
+    }
+
     /// Starts a job: plans a route and opens a session (errors here become
     /// the HTTP status: 503 for a coverage gap), then generates in a task
     /// that reports on the returned channel. Dropping the receiver stops the
@@ -160,7 +233,16 @@ impl Gateway {
         let max_seq = self.inner.model.max_seq_len;
         let max_len = max_seq.min(job.prompt.len() + job.opts.max_tokens + 1) as u32;
         let (stepper, route) = match &self.inner.backend {
-            Backend::Local(model) => (Stepper::local(model.clone()), vec!["local".to_string()]),
+            Backend::Local(model) => {
+                let stepper = match job.adapter {
+                    Some(id) => {
+                        let parts = self.local_parts(id).await?;
+                        Stepper::local_session(model.clone(), model.new_session_with(parts))
+                    }
+                    None => Stepper::local(model.clone()),
+                };
+                (stepper, vec!["local".to_string()])
+            }
             Backend::Swarm(s) => {
                 let mut servers = s.servers();
                 if servers.is_empty() {
@@ -168,12 +250,16 @@ impl Gateway {
                 }
                 let n = self.inner.model.num_blocks as u32;
                 let route = plan(&s.net, &s.model_id, n, &servers, max_len)?;
-                let session = RemoteSession::open(
+                if job.adapter.is_some() {
+                    self.serve_store();
+                }
+                let session = RemoteSession::open_with(
                     &s.net,
                     &s.model_id,
                     route,
                     max_len,
                     self.inner.cfg.step_timeout,
+                    job.adapter,
                 )
                 .await?;
                 let names = session
@@ -234,7 +320,7 @@ impl Gateway {
             tok: &self.inner.tokenizer,
             text: TextStream::default(),
             stop: StopMatcher::new(job.stops.clone()),
-            stopped_by_string: false,
+            stopped_by: None,
             tx,
             guard,
             gone: false,
@@ -243,14 +329,14 @@ impl Gateway {
         let (out, stats) = generate(stepper, &job.prompt, &job.opts, limit, &mut sink).await?;
         let JobSink {
             mut stop,
-            stopped_by_string,
+            stopped_by,
             gone,
             ..
         } = sink;
         if gone {
             return Ok(None);
         }
-        if !stopped_by_string {
+        if stopped_by.is_none() {
             let rest = stop.flush();
             if !rest.is_empty() {
                 let _ = send_or_give_up(tx, JobEvent::Text(rest)).await;
@@ -259,11 +345,12 @@ impl Gateway {
         Ok(Some(Finish {
             prompt_tokens: job.prompt.len(),
             completion_tokens: out.len(),
-            reason: if stats.stopped || stopped_by_string {
+            reason: if stats.stopped || stopped_by.is_some() {
                 "stop"
             } else {
                 "length"
             },
+            stop_sequence: stopped_by,
         }))
     }
 }
@@ -272,30 +359,35 @@ impl Gateway {
 mod tests {
     use super::StopMatcher;
 
-    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
         let mut out = String::new();
         for p in pieces {
             let (e, hit) = m.push(p);
             out.push_str(&e);
-            if hit {
-                return (out, true);
+            if hit.is_some() {
+                return (out, hit);
             }
         }
         out.push_str(&m.flush());
-        (out, false)
+        (out, None)
+    }
+
+    fn hit(s: &str) -> Option<String> {
+        Some(s.to_string())
     }
 
     #[test]
     fn stop_strings_cut_across_pieces() {
-        assert_eq!(run(&["."], &["Paris", ". Yes"]), ("Paris".into(), true));
+        assert_eq!(run(&["."], &["Paris", ". Yes"]), ("Paris".into(), hit(".")));
         assert_eq!(
             run(&["END"], &["ab", "cE", "N", "Dxyz"]),
-            ("abc".into(), true)
+            ("abc".into(), hit("END"))
         );
-        assert_eq!(run(&["END"], &["ab", "cE", "x"]), ("abcEx".into(), false));
-        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
-        assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
-        assert_eq!(run(&["xy", "b"], &["axyb"]), ("a".into(), true));
+        assert_eq!(run(&["END"], &["ab", "cE", "x"]), ("abcEx".into(), None));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), None));
+        assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), None));
+        // The earliest stop in the text wins, whatever its place in the list.
+        assert_eq!(run(&["b", "xy"], &["axyb"]), ("a".into(), hit("xy")));
     }
 }

@@ -1,4 +1,4 @@
-//! The HTTP gateway: an OpenAI-compatible API, a live swarm dashboard and
+//! The HTTP gateway: OpenAI- and Anthropic-compatible APIs, a live swarm dashboard and
 //! Prometheus metrics, on axum.
 //!
 //! The gateway holds the head (token embedding, final norm, LM head) and
@@ -11,14 +11,18 @@
 //!
 //! Routes: `GET /` (dashboard), `GET /api/swarm` (the dashboard's JSON),
 //! `GET /metrics`, `GET /v1/models`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`.
+//! `POST /v1/completions` (OpenAI's), `POST /v1/messages` and
+//! `POST /v1/messages/count_tokens` (Anthropic's).
 
+mod anthropic;
 mod error;
 mod guard;
 pub mod http;
 mod job;
 mod launch;
+mod models;
 mod openai;
+mod sse;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -42,7 +46,8 @@ use crate::engine::{ChatTokenizer, Head, LocalModel, ModelConfig};
 use crate::net::discover::{discover, merge_servers, server_addrs};
 use crate::net::NetHandle;
 
-pub use error::ApiError;
+pub use anthropic::{check_messages_body, MAX_STOP_SEQUENCES};
+pub use error::{ApiError, Dialect};
 pub use job::{Finish, Job, JobEvent, CLIENT_STALL_TIMEOUT, EVENT_QUEUE};
 pub use launch::{
     model_name, open_model, serve_in_process, swarm_gateway, wait_covered, LaunchError,
@@ -76,6 +81,20 @@ pub struct GatewayConfig {
     /// Keys a request to `/v1` must bear (`Authorization: Bearer KEY`);
     /// none: the API is open.
     pub api_keys: Vec<String>,
+    /// Where LoRA adapters named as `MODEL:ADAPTER_ID` are found here; none:
+    /// only adapters the swarm's servers announce (a local model then
+    /// runs none).
+    pub adapters: Option<AdapterSource>,
+}
+
+/// The weight store a gateway finds adapters in, and the id of the base
+/// model they must be for.
+#[derive(Debug, Clone)]
+pub struct AdapterSource {
+    /// The store.
+    pub store: crate::store::ChunkStore,
+    /// The base model's id, as the swarm knows it.
+    pub base_id: String,
 }
 
 impl GatewayConfig {
@@ -87,7 +106,14 @@ impl GatewayConfig {
             step_timeout: DEFAULT_STEP_TIMEOUT,
             wire_dtype: nomoat_protocol::DType::F32,
             api_keys: Vec::new(),
+            adapters: None,
         }
+    }
+
+    /// Sets where adapters are found (the store, and the base's id).
+    pub fn with_adapters(mut self, store: crate::store::ChunkStore, base_id: String) -> Self {
+        self.adapters = Some(AdapterSource { store, base_id });
+        self
     }
 
     /// Sets the keys a request to `/v1` must bear; empty: the API is open.
@@ -201,7 +227,17 @@ struct Inner {
     next_session: AtomicU64,
     permits: Arc<Semaphore>,
     started: Instant,
+    /// A local model's adapter parts, by adapter id (at most
+    /// [`MAX_LOCAL_ADAPTERS`]).
+    local_adapters: Mutex<BTreeMap<nomoat_protocol::Hash, Vec<Arc<crate::engine::SpanAdapter>>>>,
+    /// Whether this gateway's store is served to the swarm (once an
+    /// adapter of its own is used there).
+    serving_store: std::sync::Once,
+    shutdown: CancellationToken,
 }
+
+/// Most adapters a gateway on a local model keeps loaded.
+pub const MAX_LOCAL_ADAPTERS: usize = 8;
 
 /// A running gateway's state; cheap to clone (the HTTP handlers' state).
 #[derive(Debug, Clone)]
@@ -229,6 +265,9 @@ impl Gateway {
                 sessions: Mutex::new(BTreeMap::new()),
                 next_session: AtomicU64::new(1),
                 started: Instant::now(),
+                local_adapters: Mutex::new(BTreeMap::new()),
+                serving_store: std::sync::Once::new(),
+                shutdown: shutdown.clone(),
             }),
         };
         if matches!(gw.inner.backend, Backend::Swarm(_)) {
@@ -304,10 +343,12 @@ impl Gateway {
             .route("/", get(dashboard))
             .route("/api/swarm", get(swarm_json))
             .route("/metrics", get(metrics))
-            .route("/v1/models", get(openai::models))
-            .route("/v1/models/{id}", get(openai::model))
+            .route("/v1/models", get(models::models))
+            .route("/v1/models/{id}", get(models::model))
             .route("/v1/chat/completions", post(openai::chat_completions))
             .route("/v1/completions", post(openai::completions))
+            .route("/v1/messages", post(anthropic::messages))
+            .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
             .fallback(not_found)
             .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.clone())
@@ -491,10 +532,11 @@ async fn metrics() -> Response {
         .into_response()
 }
 
-async fn not_found(uri: axum::http::Uri) -> ApiError {
+async fn not_found(uri: axum::http::Uri) -> Response {
     ApiError::not_found(format!(
-        "no route {uri}: the API is under /v1 (models, chat/completions, completions)"
+        "no route {uri}: the API is under /v1 (models, chat/completions, completions, messages)"
     ))
+    .respond(Dialect::of(uri.path()))
 }
 
 /// Serves the gateway on `listener` until `shutdown`.
@@ -582,7 +624,7 @@ async fn read_body_in_time(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
+    let dialect = Dialect::of(req.uri().path());
     let (parts, body) = req.into_parts();
     let read = axum::body::to_bytes(body, MAX_BODY_BYTES);
     let bytes = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
@@ -591,13 +633,13 @@ async fn read_body_in_time(
             return ApiError::too_large(format!(
                 "the request body is over {MAX_BODY_BYTES} bytes, or was cut off"
             ))
-            .into_response()
+            .respond(dialect)
         }
         Err(_) => {
             return ApiError::timeout(format!(
                 "the request body did not arrive within {BODY_READ_TIMEOUT:?}"
             ))
-            .into_response()
+            .respond(dialect)
         }
     };
     next.run(axum::extract::Request::from_parts(

@@ -1,20 +1,20 @@
 //! OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions` and
 //! `/v1/completions`, with and without streaming (server-sent events).
 
-use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{ApiError, Finish, Gateway, Job, JobEvent, DEFAULT_API_MAX_TOKENS};
-use crate::engine::{ChatMessage, GenerateOptions, SamplingParams, DEFAULT_REPETITION_WINDOW};
+use super::job::Ask;
+use super::sse::event_stream;
+use super::{ApiError, Finish, Gateway, Job, JobEvent};
+use crate::engine::{ChatMessage, SamplingParams, DEFAULT_REPETITION_WINDOW};
 
 /// Most stop strings per request (as OpenAI).
 pub const MAX_STOPS: usize = 4;
@@ -94,7 +94,7 @@ struct CompletionRequest {
     sampling: Sampling,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let msg = if e.is_syntax() || e.is_eof() {
             format!("the request body is not valid JSON ({e}); send a JSON object with Content-Type: application/json")
@@ -111,7 +111,7 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn new_id(prefix: &str) -> String {
+pub(super) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
@@ -250,24 +250,8 @@ pub fn check_body(chat: bool, body: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Checks the model name and sampling fields against the model and turns
-/// them into a job for `prompt`.
+/// Checks the sampling fields and turns them into a job for `prompt`.
 fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
-    let id = s.model.as_str();
-    let known = id == gw.model_name()
-        || matches!(&gw.inner.backend, super::Backend::Swarm(b) if b.model_id == id);
-    if !known {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "the model `{id}` does not exist here; this gateway serves `{}` (GET /v1/models lists it)",
-                gw.model_name()
-            ),
-            kind: "invalid_request_error",
-            param: Some("model"),
-            code: Some("model_not_found"),
-        });
-    }
     let Checked {
         temperature,
         top_p,
@@ -275,48 +259,10 @@ fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
         frequency_penalty,
         stops,
     } = check_sampling(s)?;
-    let context = gw.model_config().max_seq_len;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid(
-            Some("messages"),
-            "the prompt is empty: send some text",
-        ));
-    }
-    if prompt.len() >= context {
-        return Err(ApiError::invalid(
-            Some("messages"),
-            format!(
-                "the prompt is {} tokens, but the model's context is {context}: shorten it",
-                prompt.len()
-            ),
-        )
-        .with_code("context_length_exceeded"));
-    }
-    let room = context - prompt.len();
-    let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
-        Some(0) => {
-            return Err(ApiError::invalid(
-                Some("max_tokens"),
-                "max_tokens must be at least 1",
-            ))
-        }
-        Some(n) if n > room => {
-            return Err(ApiError::invalid(
-                Some("max_tokens"),
-                format!(
-                    "max_tokens {n} plus the prompt's {} tokens exceeds the model's context of {context} tokens: ask for at most {room}",
-                    prompt.len()
-                ),
-            )
-            .with_code("context_length_exceeded"))
-        }
-        Some(n) => n,
-        None => DEFAULT_API_MAX_TOKENS.min(room),
-    };
-    Ok(Job {
-        prompt,
-        opts: GenerateOptions {
-            max_tokens,
+    gw.job(
+        Ask {
+            model: &s.model,
+            max_tokens: s.max_completion_tokens.or(s.max_tokens),
             sampling: SamplingParams {
                 temperature,
                 top_k: 0,
@@ -327,10 +273,10 @@ fn job(gw: &Gateway, s: &Sampling, prompt: Vec<u32>) -> Result<Job, ApiError> {
                 frequency_penalty,
                 seed: s.seed.unwrap_or_else(rand::random),
             },
-            stop_ids: gw.tokenizer().stop_ids().to_vec(),
+            stops,
         },
-        stops,
-    })
+        prompt,
+    )
 }
 
 /// The final streamed chunk when usage was asked for: no choices, the usage.
@@ -346,42 +292,6 @@ fn usage(f: &Finish) -> serde_json::Value {
         "completion_tokens": f.completion_tokens,
         "total_tokens": f.prompt_tokens + f.completion_tokens,
     })
-}
-
-fn model_object(gw: &Gateway) -> serde_json::Value {
-    serde_json::json!({
-        "id": gw.model_name(),
-        "object": "model",
-        "created": 0,
-        "owned_by": "nomoat",
-    })
-}
-
-/// `GET /v1/models`.
-pub(super) async fn models(State(gw): State<Gateway>) -> Response {
-    Json(serde_json::json!({"object": "list", "data": [model_object(&gw)]})).into_response()
-}
-
-/// `GET /v1/models/{id}`.
-pub(super) async fn model(
-    State(gw): State<Gateway>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Response {
-    if id == gw.model_name() {
-        Json(model_object(&gw)).into_response()
-    } else {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "the model `{id}` does not exist here; this gateway serves `{}`",
-                gw.model_name()
-            ),
-            kind: "invalid_request_error",
-            param: Some("model"),
-            code: Some("model_not_found"),
-        }
-        .into_response()
-    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -502,23 +412,15 @@ async fn complete(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
 }
 
 /// Waits for a whole answer.
-async fn collect(mut rx: mpsc::Receiver<JobEvent>) -> Result<(String, Finish), ApiError> {
+pub(super) async fn collect(
+    mut rx: mpsc::Receiver<JobEvent>,
+) -> Result<(String, Finish), ApiError> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             JobEvent::Text(t) => text.push_str(&t),
             JobEvent::Done(f) => return Ok((text, f)),
-            JobEvent::Failed(e) => {
-                return Err(ApiError {
-                    status: StatusCode::BAD_GATEWAY,
-                    message: format!(
-                        "generation failed: {e}; retry, a new request plans a new route"
-                    ),
-                    kind: "server_error",
-                    param: None,
-                    code: Some("generation_failed"),
-                })
-            }
+            JobEvent::Failed(e) => return Err(ApiError::generation_failed(e)),
         }
     }
     Err(ApiError::internal("the generation ended without an answer"))
@@ -540,64 +442,26 @@ fn sse(
     include_usage: bool,
     render: impl Fn(Piece<'_>) -> serde_json::Value + Send + 'static,
 ) -> Response {
-    enum St {
-        First,
-        Body,
-        Done,
-    }
-    let stream = futures::stream::unfold(
-        (rx, St::First, first, Vec::<Event>::new(), render),
-        move |(mut rx, mut st, first, mut queue, render)| {
-            async move {
-                loop {
-                    if let Some(e) = queue.pop() {
-                        return Some((e, (rx, st, first, queue, render)));
-                    }
-                    match st {
-                        St::First => {
-                            st = St::Body;
-                            if !first.is_null() {
-                                queue.push(Event::default().data(first.to_string()));
-                            }
-                        }
-                        St::Done => return None,
-                        St::Body => match rx.recv().await {
-                            Some(JobEvent::Text(t)) => queue
-                                .push(Event::default().data(render(Piece::Text(&t)).to_string())),
-                            Some(JobEvent::Done(f)) => {
-                                st = St::Done;
-                                // Popped from the back: pushed in reverse.
-                                queue.push(Event::default().data("[DONE]"));
-                                if include_usage {
-                                    queue.push(
-                                        Event::default().data(render(Piece::Usage(&f)).to_string()),
-                                    );
-                                }
-                                queue.push(
-                                    Event::default().data(render(Piece::End(&f)).to_string()),
-                                );
-                            }
-                            Some(JobEvent::Failed(e)) => {
-                                st = St::Done;
-                                crate::metrics::global().requests_failed.inc();
-                                let err = ApiError {
-                                    status: StatusCode::BAD_GATEWAY,
-                                    message: format!("generation failed: {e}"),
-                                    kind: "server_error",
-                                    param: None,
-                                    code: Some("generation_failed"),
-                                };
-                                queue.push(Event::default().data(err.body().to_string()));
-                            }
-                            None => return None,
-                        },
-                    }
-                }
+    let data = |v: serde_json::Value| Event::default().data(v.to_string());
+    let first = if first.is_null() {
+        Vec::new()
+    } else {
+        vec![data(first)]
+    };
+    event_stream(rx, first, move |ev| match ev {
+        JobEvent::Text(t) => (vec![data(render(Piece::Text(&t)))], false),
+        JobEvent::Done(f) => {
+            let mut events = vec![data(render(Piece::End(&f)))];
+            if include_usage {
+                events.push(data(render(Piece::Usage(&f))));
             }
-        },
-    );
-    let stream = futures::StreamExt::map(stream, Ok::<_, Infallible>);
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+            events.push(Event::default().data("[DONE]"));
+            (events, true)
+        }
+        JobEvent::Failed(e) => {
+            crate::metrics::global().requests_failed.inc();
+            let err = ApiError::generation_failed(e);
+            (vec![data(err.body())], true)
+        }
+    })
 }

@@ -448,6 +448,16 @@ impl Actor {
                     .get_providers(kad::RecordKey::new(&model_id));
                 self.pending_providers.insert(id, (reply, Vec::new()));
             }
+            Command::Provide { key } => {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(kad::RecordKey::new(&key))
+                {
+                    warn!("cannot announce {key} in the DHT: {e}");
+                }
+            }
             Command::Bootstrap => {
                 if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
                     debug!("DHT bootstrap: {e}");

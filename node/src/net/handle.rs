@@ -256,8 +256,19 @@ impl NetHandle {
         self.view().reachability.unwrap_or(Reachability::Unknown)
     }
 
+    /// Announces in the DHT that this node provides `key` (servers
+    /// announce the model they serve themselves; this is for adapters).
+    pub async fn provide(&self, key: &str) {
+        let _ = self
+            .tx
+            .send(Command::Provide {
+                key: key.to_string(),
+            })
+            .await;
+    }
+
     /// Asks the DHT which peers provide `model_id` (servers announce a
-    /// provider record for the model they serve).
+    /// provider record for the model they serve) or an adapter id.
     pub async fn providers(&self, model_id: &str, timeout: Duration) -> Vec<PeerId> {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Providers {

@@ -207,6 +207,10 @@ enum Command {
         model_id: String,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    /// Becomes a DHT provider of a key (an adapter id held here).
+    Provide {
+        key: String,
+    },
     Shutdown,
 }
 

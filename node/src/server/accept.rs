@@ -101,6 +101,11 @@ pub fn server_info(net: &NetHandle, exec: &Executor, cfg: &ServerConfig) -> Serv
         addrs: Vec::new(),
         reachability: nomoat_protocol::Reachability::Unknown,
         timestamp_ms: 0,
+        adapters: cfg
+            .adapters
+            .as_ref()
+            .map(|a| a.held(span.start(), span.end()))
+            .unwrap_or_default(),
     }
 }
 

@@ -17,7 +17,9 @@ use libp2p::PeerId;
 use nomoat_protocol::{ErrorCode, SessionId, TensorFrame};
 use tokio::sync::oneshot;
 
-use crate::engine::{hidden_from_frame, hidden_to_frame, EngineError, Span, SpanCache};
+use crate::engine::{
+    hidden_from_frame, hidden_to_frame, EngineError, Span, SpanAdapter, SpanCache,
+};
 
 /// Default cap on concurrent sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 64;
@@ -114,7 +116,7 @@ pub struct ExecError {
 }
 
 impl ExecError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -173,6 +175,7 @@ enum Job {
         start: usize,
         end: usize,
         max_len: usize,
+        adapter: Option<Arc<SpanAdapter>>,
         reply: oneshot::Sender<Result<usize, ExecError>>,
     },
     Step {
@@ -203,6 +206,8 @@ struct Session {
     last_used: Instant,
     /// Whether a step has run.
     stepped: bool,
+    /// The LoRA adapter the session runs with.
+    adapter: Option<Arc<SpanAdapter>>,
 }
 
 /// A cloneable handle to the executor thread.
@@ -308,6 +313,7 @@ impl Executor {
         start: usize,
         end: usize,
         max_len: usize,
+        adapter: Option<Arc<SpanAdapter>>,
     ) -> Result<usize, ExecError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Open {
@@ -316,6 +322,7 @@ impl Executor {
             start,
             end,
             max_len,
+            adapter,
             reply,
         })?;
         rx.await
@@ -427,9 +434,10 @@ impl Worker {
                 start,
                 end,
                 max_len,
+                adapter,
                 reply,
             } => {
-                let _ = reply.send(self.open(id, peer, start, end, max_len));
+                let _ = reply.send(self.open(id, peer, start, end, max_len, adapter));
             }
             Job::Step {
                 id,
@@ -475,6 +483,7 @@ impl Worker {
         start: usize,
         end: usize,
         max_len: usize,
+        adapter: Option<Arc<SpanAdapter>>,
     ) -> Result<usize, ExecError> {
         if self.sessions.contains_key(&id) {
             return Err(ExecError::new(
@@ -506,6 +515,18 @@ impl Worker {
                 ErrorCode::Busy,
                 format!("server busy: this peer holds {mine} sessions, the most one peer may hold"),
             ));
+        }
+        if let Some(a) = &adapter {
+            if a.start() > start || a.end() < end {
+                return Err(ExecError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "the adapter is loaded for blocks {}..{}, the session asks {start}..{end}",
+                        a.start(),
+                        a.end()
+                    ),
+                ));
+            }
         }
         let cache = self.span.new_cache_range(start, end, max_len)?;
         let positions = cache.max_len();
@@ -543,6 +564,7 @@ impl Worker {
                 reserved: reserve,
                 last_used: Instant::now(),
                 stepped: false,
+                adapter,
             },
         );
         Ok(positions)
@@ -579,7 +601,9 @@ impl Worker {
             s.cache.rollback(start_pos)?;
         }
         let began = Instant::now();
-        let out = s.span.forward(&x, start_pos, &mut s.cache)?;
+        let out = s
+            .span
+            .forward_with(&x, start_pos, &mut s.cache, s.adapter.as_deref())?;
         s.last_seq = seq;
         // Only a step that ran keeps the session alive: malformed ones
         // refresh nothing.

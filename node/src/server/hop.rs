@@ -68,6 +68,25 @@ pub(super) async fn client_stream(
                 .await;
             return;
         }
+        let adapter = match (open.adapter, &cfg.adapters) {
+            (None, _) => None,
+            (Some(a), None) => {
+                let _ = out
+                    .send(fail(
+                        ErrorCode::NotFound,
+                        format!("adapter {a}: this server runs no adapters"),
+                    ))
+                    .await;
+                return;
+            }
+            (Some(a), Some(registry)) => match registry.get(a, start, end, Some(peer)).await {
+                Ok(adapter) => Some(adapter),
+                Err(e) => {
+                    let _ = out.send(fail(e.code, e.message)).await;
+                    return;
+                }
+            },
+        };
         let max_len = match exec
             .open(
                 id,
@@ -75,6 +94,7 @@ pub(super) async fn client_stream(
                 blocks.start as usize,
                 blocks.end as usize,
                 open.max_length as usize,
+                adapter,
             )
             .await
         {

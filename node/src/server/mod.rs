@@ -12,10 +12,14 @@
 //! * `hop`: one session's streams, steps and reroutes.
 //! * [`executor`]: the compute thread that owns the span and KV caches.
 //! * [`rebalance`]: moving to where the swarm is weakest.
+//! * [`memory`]: fitting span, KV and working memory into `--max-memory`.
+//! * [`adapters`]: the LoRA adapters held for the span, loaded on first use.
 
 mod accept;
+pub mod adapters;
 pub mod executor;
 mod hop;
+pub mod memory;
 pub mod rebalance;
 
 pub use accept::{
@@ -137,6 +141,9 @@ type Sessions = Arc<SessionTable>;
 pub struct ServerConfig {
     /// The model served.
     pub model_id: String,
+    /// The LoRA adapters sessions may run with; `None`: sessions naming
+    /// one are refused.
+    pub adapters: Option<adapters::Adapters>,
 }
 
 /// Spawns a task that writes queued messages to a stream's write half;

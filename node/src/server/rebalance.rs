@@ -189,6 +189,7 @@ mod tests {
             addrs: Vec::new(),
             reachability: Reachability::Unknown,
             timestamp_ms: 0,
+            adapters: Vec::new(),
         }
     }
 

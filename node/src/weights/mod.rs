@@ -2,16 +2,19 @@
 //!
 //! * [`import`](mod@import): a GGUF file or safetensors directory into the
 //!   [`store`](crate::store).
+//! * [`adapter`]: LoRA adapters (PEFT or GGUF) into the store, and out.
 //! * [`serve`]: answers `/nomoat/weights/1` from the store.
 //! * [`fetch`]: fetches a manifest and the chunks of a span from peers.
 //! * [`model`]: a model id's weights on this node, completed from peers,
 //!   and the model file opened from them.
 
+pub mod adapter;
 pub mod fetch;
 pub mod import;
 pub mod model;
 pub mod serve;
 
+pub use adapter::{import_adapter, open_adapter, AdapterError, AdapterImport};
 pub use import::{import, ImportError, ImportReport};
 pub use model::{open_for_generate, ModelError, StoreModel};
 

@@ -109,6 +109,7 @@ async fn try_open(net: &NetHandle, server: PeerId, model_id: &str, n: u32, out: 
             }],
             hop_index: 0,
             max_length: 64,
+            adapter: None,
         });
         write_message(&mut s, &open).await.ok()?;
         read_message(&mut s).await.ok()?
@@ -457,6 +458,7 @@ async fn fake_identity(
             addrs: net.listen_addrs().iter().map(|a| a.to_vec()).collect(),
             reachability: Reachability::Public,
             timestamp_ms: net::now_ms(),
+            adapters: Vec::new(),
         })
         .await;
         // A gossip heartbeat or two for the mesh to form and carry it.
