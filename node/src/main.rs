@@ -106,6 +106,9 @@ enum BenchCommand {
     /// then flooded with fresh identities: busy answers, the open
     /// sessions' step times and the server's memory.
     Overload(cli::bench::overload::BenchOverloadArgs),
+    /// Decode speed with a LoRA adapter against without, and the time a
+    /// running server takes to load a new one.
+    Adapter(cli::bench::adapter::BenchAdapterArgs),
     /// Route-planning time on simulated swarms of 100, 1,000 and 10,000 servers.
     Scheduler {
         /// BlockRange in the simulated model.
@@ -128,7 +131,9 @@ pub(crate) struct ModelArgs {
     #[arg(long, env = "NOMOAT_MODEL")]
     pub(crate) model: String,
     /// `fast` repacks quantized formats without a fast CPU kernel (Q4_1,
-    /// Q5_x) into Q8_0 at load time; `exact` keeps the file's formats.
+    /// Q5_x) into Q8_0 at load time; `compact` loads as `fast` and never
+    /// holds a second, repacked copy of a weight (what `serve --max-memory`
+    /// uses); `exact` keeps the file's formats.
     #[arg(long, default_value = "fast")]
     pub(crate) weights: WeightMode,
 }
@@ -212,6 +217,7 @@ fn main() -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", args.threads.max(1).to_string());
             runtime()?.block_on(cli::bench::failover::bench_failover(args))
         }
+        Command::Bench(BenchCommand::Adapter(args)) => cli::bench::adapter::bench_adapter(args),
         Command::Bench(BenchCommand::Overload(args)) => {
             runtime()?.block_on(cli::bench::overload::bench_overload(args))
         }

@@ -205,6 +205,8 @@ pub struct Node {
     pub api: Option<SocketAddr>,
     /// Moves made by rebalancing.
     pub moves: Arc<Moves>,
+    /// The LoRA adapters it holds.
+    pub adapters: crate::server::adapters::Adapters,
     shutdown: CancellationToken,
     server: std::sync::Mutex<Option<JoinHandle<Result<(), libp2p_stream::AlreadyRegistered>>>>,
     api_net: Option<NetHandle>,
@@ -260,7 +262,11 @@ impl Node {
     /// Starts a server node: joins the swarm, fetches the span's missing
     /// chunks from peers (serving its own store meanwhile), loads the span,
     /// and serves it (and the gateway, with `api`) until [`shutdown`](Self::shutdown).
-    pub async fn start(cfg: NodeConfig) -> Result<Self, NodeError> {
+    pub async fn start(mut cfg: NodeConfig) -> Result<Self, NodeError> {
+        if cfg.max_memory.is_some() && cfg.weights == WeightMode::Fast {
+            // Under a limit no weight may be held twice.
+            cfg.weights = WeightMode::Compact;
+        }
         let store_id = crate::weights::parse_model_id(&cfg.model);
         let file = match store_id {
             Some(_) => None,
@@ -415,6 +421,8 @@ impl Node {
                 b.kv >> 20
             );
             executor.kv_bytes = Some(b.kv);
+            // The reserve holds the working memory of sessions this long.
+            executor.max_context = Some(crate::server::memory::RESERVE_CONTEXT as usize);
         }
         let mut fetched = None;
         let file = Arc::new(match (&mut stored, file) {
@@ -528,7 +536,7 @@ impl Node {
             exec.clone(),
             ServerConfig {
                 model_id: model_id.clone(),
-                adapters: Some(adapters),
+                adapters: Some(adapters.clone()),
             },
             shutdown.clone(),
         ));
@@ -541,6 +549,7 @@ impl Node {
             fetched,
             api,
             moves,
+            adapters,
             shutdown: shutdown.clone(),
             server: std::sync::Mutex::new(Some(server)),
             api_net,

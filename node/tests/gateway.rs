@@ -29,12 +29,22 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Servers for `ranges`, the first one everyone's bootstrap.
 fn servers(ranges: &[&str]) -> Result<Vec<Proc>> {
+    servers_of(MODEL, ranges, |_| None)
+}
+
+/// Servers of `model` for `ranges`, the first one everyone's bootstrap;
+/// server `i` runs with `NOMOAT_HOME` at `home(i)` where that is some.
+fn servers_of(
+    model: &str,
+    ranges: &[&str],
+    home: impl Fn(usize) -> Option<std::path::PathBuf>,
+) -> Result<Vec<Proc>> {
     let mut procs: Vec<Proc> = Vec::new();
-    for r in ranges {
+    for (i, r) in ranges.iter().enumerate() {
         let boot = procs.first().map(Proc::addr);
         let mut args = vec![
             "--model",
-            MODEL,
+            model,
             "--blocks",
             r,
             "--heartbeat",
@@ -45,7 +55,17 @@ fn servers(ranges: &[&str]) -> Result<Vec<Proc>> {
         if let Some(b) = &boot {
             args.extend(["--bootstrap", b.as_str()]);
         }
-        procs.push(serve(&args)?);
+        let home = home(i);
+        let env: Vec<_> = home
+            .iter()
+            .map(|h| ("NOMOAT_HOME", h.as_os_str()))
+            .collect();
+        procs.push(Proc::spawn_env(
+            &nomoat_bin()?,
+            &args,
+            &env,
+            Duration::from_secs(120),
+        )?);
     }
     Ok(procs)
 }
@@ -194,21 +214,14 @@ fn official_openai_and_anthropic_clients_against_a_three_server_swarm() -> Resul
         "{seen}"
     );
     // The same answer as `nomoat generate` on one node.
-    let local = Command::new(nomoat_bin()?)
-        .args([
-            "generate",
-            "--model",
-            MODEL,
-            "--chat",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "48",
-            "--prompt",
-            "What is the capital of France?",
-        ])
-        .output()?;
-    let local = String::from_utf8(local.stdout)?;
+    let local = nomoat_tests::harness::greedy_text(
+        &nomoat_bin()?,
+        MODEL,
+        "What is the capital of France?",
+        48,
+        &[],
+        &[],
+    )?;
     assert_eq!(
         seen["answer"].as_str().unwrap_or_default(),
         local.trim_end()
@@ -1019,6 +1032,160 @@ fn a_streaming_client_that_stops_reading_gives_up_its_slot() -> Result<()> {
     assert!(
         served >= nomoat_node::gateway::CLIENT_STALL_TIMEOUT,
         "served after {served:?}: the slot was given up before the client stalled for the bound"
+    );
+    Ok(())
+}
+
+/// An open question, whose greedy answer a strong random adapter changes
+/// (a one-word fact survives it).
+const ADAPTER_PROMPT: &str = "Write two sentences about the sea.";
+
+#[test]
+fn a_lora_adapter_is_chosen_per_request_by_the_model_name() -> Result<()> {
+    use nomoat_tests::lora::TestLora;
+    use nomoat_tests::{TinyArch, TinySpec};
+    let _serial = serial();
+    let fetched = Command::new(nomoat_bin()?)
+        .args(["fetch", MODEL])
+        .output()?;
+    ensure!(
+        fetched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
+    let model_path = String::from_utf8(fetched.stdout)?.trim().to_string();
+    // A random rank-16 adapter of SmolLM2's shape, in the gateway's home only.
+    let dir = tempfile::tempdir()?;
+    let smollm2 = TinySpec {
+        hidden: 576,
+        heads: 9,
+        kv_heads: 3,
+        ffn: 1536,
+        blocks: 30,
+        vocab: 49152,
+        context: 8192,
+        ..TinySpec::new(TinyArch::Llama)
+    };
+    let peft =
+        TestLora::random_for(&smollm2, 16, 64.0, 21, &[])?.write_peft(&dir.path().join("peft"))?;
+    let home = dir.path().join("gateway-home");
+    let home_env = [("NOMOAT_HOME", home.as_os_str())];
+    let out = Command::new(nomoat_bin()?)
+        .args(["import-adapter", "--model", &model_path, "--json"])
+        .arg(&peft)
+        .envs(home_env)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let imported: Value = serde_json::from_slice(&out.stdout)?;
+    let id = imported["id"].as_str().context("adapter id")?.to_string();
+    assert_eq!(imported["rank"], 16);
+    // The local text with and without it.
+    let local = |extra: &[&str]| -> Result<String> {
+        let text = nomoat_tests::harness::greedy_text(
+            &nomoat_bin()?,
+            &model_path,
+            ADAPTER_PROMPT,
+            24,
+            extra,
+            &home_env,
+        )?;
+        Ok(text.trim_end().to_string())
+    };
+    let base_text = local(&[])?;
+    let adapted_text = local(&["--adapter", &id])?;
+    assert_ne!(base_text, adapted_text, "the adapter changes nothing");
+    // Three servers with homes of their own: none has the adapter.
+    let procs = servers_of(&model_path, &["0..10", "10..20", "20..30"], |i| {
+        Some(dir.path().join(format!("server-{i}")))
+    })?;
+    let boot = procs[0].addr();
+    let gw = NomoatProc::spawn_env(
+        &nomoat_bin()?,
+        &[
+            "gateway",
+            "--model",
+            &model_path,
+            "--api",
+            "127.0.0.1:0",
+            "--swarm",
+            &boot,
+        ],
+        &home_env,
+        Duration::from_secs(120),
+    )?;
+    let addr = gw.http_addr()?;
+    wait_covered(addr, 3)?;
+    let listed = get(addr, "/v1/models")?.json();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    let gw_name = ids.first().copied().unwrap_or_default().to_string();
+    let with_adapter = format!("{gw_name}:{id}");
+    assert!(ids.contains(&with_adapter.as_str()), "{listed}");
+    // One request with the adapter and one without, at once: each gives
+    // its own local text.
+    let body = |model: &str| {
+        json!({
+            "model": model,
+            "messages": [{"role": "user", "content": ADAPTER_PROMPT}],
+            "temperature": 0,
+            "max_tokens": 24,
+        })
+        .to_string()
+    };
+    let (a, b) = (body(&with_adapter), body(&gw_name));
+    let answers = rt()?.block_on(async {
+        futures::future::try_join(
+            http::request(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(a.as_bytes()),
+                HTTP_TIMEOUT,
+            ),
+            http::request(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(b.as_bytes()),
+                HTTP_TIMEOUT,
+            ),
+        )
+        .await
+    })?;
+    for (r, want) in [(&answers.0, &adapted_text), (&answers.1, &base_text)] {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["choices"][0]["message"]["content"],
+            json!(want),
+            "{}",
+            r.text()
+        );
+    }
+    // Anthropic's route takes the same name.
+    let r = post(
+        addr,
+        "/v1/messages",
+        &json!({"model": with_adapter, "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": ADAPTER_PROMPT}]})
+        .to_string(),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["content"][0]["text"], json!(adapted_text));
+    // An adapter nobody holds is not a model here.
+    let unknown = format!("{gw_name}:{}", "0".repeat(64));
+    let e = openai_error(&post(addr, "/v1/chat/completions", &body(&unknown))?, 404)?;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("import-adapter"),
+        "{e}"
     );
     Ok(())
 }

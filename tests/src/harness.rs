@@ -35,6 +35,33 @@ impl TestServer {
         exec_cfg: ExecutorConfig,
         bootstrap: Vec<Multiaddr>,
     ) -> Result<Self> {
+        Self::start_node(file, model_id, start, end, exec_cfg, bootstrap, None).await
+    }
+
+    /// [`start`](Self::start) with a weight store in `store` (where the
+    /// server keeps the adapters it fetches, and which it serves).
+    pub async fn start_with_store(
+        file: &ModelFile,
+        model_id: &str,
+        start: usize,
+        end: usize,
+        bootstrap: Vec<Multiaddr>,
+        store: &std::path::Path,
+    ) -> Result<Self> {
+        let exec_cfg = ExecutorConfig::default();
+        let store = Some(store.to_path_buf());
+        Self::start_node(file, model_id, start, end, exec_cfg, bootstrap, store).await
+    }
+
+    async fn start_node(
+        file: &ModelFile,
+        model_id: &str,
+        start: usize,
+        end: usize,
+        exec_cfg: ExecutorConfig,
+        bootstrap: Vec<Multiaddr>,
+        store: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
         let blocks = BlockRange::new(start as u32, end as u32)?;
         let cfg = NodeConfig {
             model_id: Some(model_id.to_string()),
@@ -43,7 +70,7 @@ impl TestServer {
                 heartbeat: Duration::from_millis(500),
                 ..NetConfig::default()
             },
-            store: None,
+            store,
             executor: exec_cfg,
             ..NodeConfig::new(file.path().to_string_lossy(), BlockChoice::Range(blocks))
         };
@@ -54,6 +81,11 @@ impl TestServer {
             addr: node.addr().context("server not listening")?.clone(),
             node,
         })
+    }
+
+    /// The server's adapters.
+    pub fn adapters(&self) -> &nomoat_node::server::adapters::Adapters {
+        &self.node.adapters
     }
 
     /// Stops the server and its network: its peers see the connection drop.
@@ -121,6 +153,31 @@ macro_rules! process_helpers {
     };
 }
 
+/// The greedy chat answer of `BIN generate` to `prompt`, at most
+/// `max_tokens` long, with `extra` flags (`--swarm`, `--adapter`) and
+/// `env`; fails with its stderr when it fails.
+pub fn greedy_text(
+    bin: &std::path::Path,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+    extra: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<String> {
+    let out = std::process::Command::new(bin)
+        .args(["generate", "--model", model, "--chat", "--temperature", "0"])
+        .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
+        .args(extra)
+        .envs(env.iter().copied())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// A `nomoat serve` process, killed when dropped.
 pub type Proc = nomoat_node::process::ServeProcess;
 
@@ -185,12 +242,31 @@ pub fn local_trace(
 ) -> Result<Vec<candle_core::Tensor>> {
     use nomoat_node::engine::{LocalModel, WeightMode};
     let model = LocalModel::load_whole(file, WeightMode::Fast)?;
-    let mut s = model.new_session();
-    let mut out = vec![model.forward_logits(&mut s, prompt)?];
+    session_trace(&model, model.new_session(), prompt, decode)
+}
+
+/// The logits of `prompt` and then of each `decode` token, one at a time,
+/// through `session` of `model` (e.g. one with an adapter).
+pub fn session_trace(
+    model: &nomoat_node::engine::LocalModel,
+    mut session: nomoat_node::engine::LocalSession,
+    prompt: &[u32],
+    decode: &[u32],
+) -> Result<Vec<candle_core::Tensor>> {
+    let mut out = vec![model.forward_logits(&mut session, prompt)?];
     for t in decode {
-        out.push(model.forward_logits(&mut s, &[*t])?);
+        out.push(model.forward_logits(&mut session, &[*t])?);
     }
     Ok(out)
+}
+
+/// The largest difference between two traces, step by step.
+pub fn worst_diff(a: &[candle_core::Tensor], b: &[candle_core::Tensor]) -> Result<f32> {
+    let mut w = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        w = w.max(crate::max_abs_diff(x, y)?);
+    }
+    Ok(w)
 }
 
 /// The same trace as [`local_trace`] through a remote session.

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{permute_for_interleaved_rope, TinyArch, TinyModel};
+use crate::{permute_for_interleaved_rope, TinyArch, TinyModel, TinySpec};
 
 /// Targets by GGUF name, with the PEFT module path of each.
 const TARGETS: [(&str, &str); 7] = [
@@ -50,8 +50,19 @@ impl TestLora {
         seed: u64,
         targets: &[&str],
     ) -> Result<Self> {
+        Self::random_for(&model.spec, rank, alpha, seed, targets)
+    }
+
+    /// [`random`](Self::random) for a model of sizes `s` (a real model's,
+    /// e.g. SmolLM2's, for tests that run it).
+    pub fn random_for(
+        s: &TinySpec,
+        rank: usize,
+        alpha: f32,
+        seed: u64,
+        targets: &[&str],
+    ) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let s = &model.spec;
         let hd = s.hidden / s.heads;
         let (q, kv) = (s.heads * hd, s.kv_heads * hd);
         let mut pairs = Vec::new();

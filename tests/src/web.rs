@@ -31,6 +31,16 @@ impl NomoatProc {
         Ok(Self(ServeProcess::spawn_command(bin, args, &[], timeout)?))
     }
 
+    /// [`spawn`](Self::spawn) with more environment variables.
+    pub fn spawn_env(
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+        timeout: Duration,
+    ) -> Result<Self> {
+        Ok(Self(ServeProcess::spawn_command(bin, args, env, timeout)?))
+    }
+
     /// The HTTP address of its API (from `"dashboard": "http://ADDR/"`).
     pub fn http_addr(&self) -> Result<SocketAddr> {
         let url = self.0.hello["dashboard"]

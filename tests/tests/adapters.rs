@@ -12,33 +12,17 @@
 
 use anyhow::Result;
 use candle_core::quantized::GgmlDType;
-use candle_core::Tensor;
-use nomoat_node::engine::{LocalModel, LocalSession, ModelFile, WeightMode};
+use nomoat_node::engine::{LocalModel, ModelFile, WeightMode};
 use nomoat_node::store::ChunkStore;
 use nomoat_node::weights::adapter::{open_adapter, read_adapter, AdapterError};
 use nomoat_node::weights::{import_adapter, model_file_id};
+use nomoat_tests::harness;
 use nomoat_tests::lora::TestLora;
 use nomoat_tests::{max_abs_diff, TinyArch, TinyModel, TinySpec};
 
 const PROMPT: [u32; 7] = [3, 17, 42, 5, 88, 1, 60];
 const DECODE: [u32; 4] = [9, 31, 77, 2];
 const TOLERANCE: f32 = 1e-3;
-
-fn trace(model: &LocalModel, mut session: LocalSession) -> Result<Vec<Tensor>> {
-    let mut out = vec![model.forward_logits(&mut session, &PROMPT)?];
-    for &t in &DECODE {
-        out.push(model.forward_logits(&mut session, &[t])?);
-    }
-    Ok(out)
-}
-
-fn worst(a: &[Tensor], b: &[Tensor]) -> Result<f32> {
-    let mut w = 0f32;
-    for (x, y) in a.iter().zip(b) {
-        w = w.max(max_abs_diff(x, y)?);
-    }
-    Ok(w)
-}
 
 #[test]
 fn an_adapter_gives_the_merged_models_logits_in_both_formats_and_any_split() -> Result<()> {
@@ -56,7 +40,7 @@ fn an_adapter_gives_the_merged_models_logits_in_both_formats_and_any_split() -> 
         let file = ModelFile::open(&base_path)?;
         let base_id = model_file_id(&base_path)?;
         let merged = LocalModel::load_whole(&ModelFile::open(&merged_path)?, WeightMode::Fast)?;
-        let want = trace(&merged, merged.new_session())?;
+        let want = harness::session_trace(&merged, merged.new_session(), &PROMPT, &DECODE)?;
         let arch_name = file.config().arch.name();
         let peft = lora.write_peft(&dir.path().join(format!("{arch:?}-peft")))?;
         let gguf = lora.write_gguf(&dir.path().join(format!("{arch:?}-lora.gguf")), arch_name)?;
@@ -74,8 +58,8 @@ fn an_adapter_gives_the_merged_models_logits_in_both_formats_and_any_split() -> 
             for cuts in [vec![6], vec![2, 6], vec![1, 4, 6]] {
                 let model = LocalModel::load(&file, &cuts, WeightMode::Fast)?;
                 let session = model.new_session_with(model.adapter_parts(&w)?);
-                let got = trace(&model, session)?;
-                let diff = worst(&got, &want)?;
+                let got = harness::session_trace(&model, session, &PROMPT, &DECODE)?;
+                let diff = harness::worst_diff(&got, &want)?;
                 assert!(
                     diff < TOLERANCE,
                     "{arch:?} {} split {cuts:?}: {diff}",
@@ -117,10 +101,15 @@ fn sessions_with_and_without_an_adapter_share_a_model_each_exact() -> Result<()>
     assert_eq!(w.meta.targets, ["attn_q", "attn_v", "ffn_down"]);
     let model = LocalModel::load(&file, &[3, 6], WeightMode::Fast)?;
     let parts = model.adapter_parts(&w)?;
-    let alone_plain = trace(&model, model.new_session())?;
-    let alone_adapted = trace(&model, model.new_session_with(parts.clone()))?;
+    let alone_plain = harness::session_trace(&model, model.new_session(), &PROMPT, &DECODE)?;
+    let alone_adapted = harness::session_trace(
+        &model,
+        model.new_session_with(parts.clone()),
+        &PROMPT,
+        &DECODE,
+    )?;
     assert!(
-        worst(&alone_plain, &alone_adapted)? > 0.1,
+        harness::worst_diff(&alone_plain, &alone_adapted)? > 0.1,
         "the adapter changes nothing"
     );
     // Interleaved steps of two sessions on the one model.
@@ -132,8 +121,8 @@ fn sessions_with_and_without_an_adapter_share_a_model_each_exact() -> Result<()>
         got_adapted.push(model.forward_logits(&mut adapted, &[t])?);
         got_plain.push(model.forward_logits(&mut plain, &[t])?);
     }
-    assert_eq!(worst(&got_plain, &alone_plain)?, 0.0);
-    assert_eq!(worst(&got_adapted, &alone_adapted)?, 0.0);
+    assert_eq!(harness::worst_diff(&got_plain, &alone_plain)?, 0.0);
+    assert_eq!(harness::worst_diff(&got_adapted, &alone_adapted)?, 0.0);
     Ok(())
 }
 

@@ -36,7 +36,7 @@ pub(crate) struct GatewayArgs {
     /// name without extension).
     #[arg(long)]
     name: Option<String>,
-    /// fast, exact or f32 (see `nomoat generate --help`).
+    /// fast, compact, exact or f32 (see `nomoat generate --help`).
     #[arg(long, default_value = "fast")]
     weights: WeightMode,
     /// Requests generating at once; more get 429.
@@ -143,6 +143,17 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
         );
     }
     let (gw, net) = if args.swarm.is_empty() {
+        // Adapters imported here for this model can run on it.
+        let cfg = match nomoat_node::store::ChunkStore::open(&nomoat_node::catalog::home()) {
+            Ok(store) => {
+                let base_id = match &model_id {
+                    Some(id) => id.clone(),
+                    None => nomoat_node::weights::model_file_id(file.path())?,
+                };
+                cfg.with_adapters(store, base_id)
+            }
+            Err(_) => cfg,
+        };
         let tokenizer = ChatTokenizer::from_model(&file)?;
         let weights = args.weights;
         let model = tokio::task::block_in_place(|| LocalModel::load_whole(&file, weights))?;

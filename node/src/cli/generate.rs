@@ -203,6 +203,16 @@ async fn open_swarm(
     let head = Arc::new(Head::load(file, weights)?);
     let mdns = net_cfg.mdns;
     let net = net::start(net_cfg).await?;
+    if adapter.is_some() {
+        // Servers that lack the adapter fetch their part from here.
+        let store = ChunkStore::open(&nomoat_node::catalog::home())?;
+        tokio::spawn(nomoat_node::weights::serve::serve_weights(
+            net.clone(),
+            store,
+            nomoat_node::weights::serve::Fault::None,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+    }
     let n = file.config().num_blocks as u32;
     let max_len = file
         .config()

@@ -123,7 +123,7 @@ pub(crate) struct ServeArgs {
     /// Seconds after which an idle session is dropped.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     idle_timeout: u64,
-    /// fast, exact or f32 (see `nomoat generate --help`).
+    /// fast, compact, exact or f32 (see `nomoat generate --help`).
     #[arg(long, default_value = "fast")]
     weights: WeightMode,
     /// Compute threads (default: every core). Several servers on one
@@ -180,6 +180,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             kv_bytes: args.kv_memory,
             idle_timeout: Duration::from_secs(args.idle_timeout),
             open_grace: DEFAULT_OPEN_GRACE.min(Duration::from_secs(args.idle_timeout.max(1))),
+            max_context: None,
         },
         weights: args.weights,
         rebalance,

@@ -24,6 +24,11 @@ pub enum WeightMode {
     /// repack the others (Q4_1, Q5_0, Q5_1, Q5_K, Q8_1) into Q8_0 at load time.
     #[default]
     Fast,
+    /// Load as `fast` does, and multiply on the stored blocks alone, so no
+    /// weight is ever held twice (candle otherwise keeps a repacked copy of
+    /// Q4_K and some other formats beside the original once used: see
+    /// `engine/compact.rs`). What `serve --max-memory` runs.
+    Compact,
     /// Keep every tensor in the format the file stores it in.
     Exact,
     /// Dequantize everything to f32 (4 bytes per weight; the slow baseline).
@@ -35,10 +40,11 @@ impl std::str::FromStr for WeightMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "fast" => Ok(Self::Fast),
+            "compact" => Ok(Self::Compact),
             "exact" => Ok(Self::Exact),
             "f32" => Ok(Self::F32),
             other => Err(format!(
-                "unknown weight mode `{other}`: use fast, exact or f32"
+                "unknown weight mode `{other}`: use fast, compact, exact or f32"
             )),
         }
     }

@@ -56,7 +56,8 @@ pub fn loaded_bytes(dtype: &str, shape: &[u64], mode: WeightMode) -> u64 {
         return float;
     };
     let row = shape.last().copied().unwrap_or(0);
-    let q = if mode == WeightMode::Fast && !has_fast_kernel(q) && row % 32 == 0 {
+    let fast = matches!(mode, WeightMode::Fast | WeightMode::Compact);
+    let q = if fast && !has_fast_kernel(q) && row % 32 == 0 {
         GgmlDType::Q8_0
     } else {
         q

@@ -11,6 +11,7 @@
 //!   ids and back; [`LocalModel`] chains a head and spans into a generator.
 
 pub mod adapter;
+mod compact;
 mod config;
 mod error;
 mod file;

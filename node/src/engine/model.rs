@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use nomoat_protocol::TensorFrame;
 
 use super::adapter::{BlockAdapter, LoraPair, SpanAdapter};
+use super::compact::CompactMatMul;
 use super::config::ModelConfig;
 use super::file::{ModelFile, RawWeight, WeightMode};
 use super::kv::SpanCache;
@@ -27,10 +28,28 @@ pub(super) fn has_fast_kernel(dtype: GgmlDType) -> bool {
     )
 }
 
+/// How a weight is multiplied.
+#[derive(Debug)]
+enum MatMul {
+    /// candle's own, which may keep a faster repacked copy.
+    Candle(QMatMul),
+    /// On the stored blocks alone ([`WeightMode::Compact`]).
+    Compact(CompactMatMul),
+}
+
+impl MatMul {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Candle(m) => m.forward(x),
+            Self::Compact(m) => m.forward(x),
+        }
+    }
+}
+
 /// A matrix multiply by a stored weight, plus an optional bias.
 #[derive(Debug)]
 struct Linear {
-    weight: QMatMul,
+    weight: MatMul,
     bias: Option<Tensor>,
     bytes: usize,
 }
@@ -43,14 +62,25 @@ fn prepare_qtensor(q: QTensor, mode: WeightMode) -> Result<QTensor> {
         let t = q.dequantize(&Device::Cpu)?;
         return Ok(QTensor::quantize(&t, GgmlDType::F32)?);
     }
-    if mode == WeightMode::Fast && !float && !has_fast_kernel(dtype) && row % 32 == 0 {
+    let fast = matches!(mode, WeightMode::Fast | WeightMode::Compact);
+    if fast && !float && !has_fast_kernel(dtype) && row % 32 == 0 {
         let t = q.dequantize(&Device::Cpu)?;
         return Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?);
     }
     Ok(q)
 }
 
-fn matmul_from_raw(raw: RawWeight, mode: WeightMode) -> Result<(QMatMul, usize)> {
+/// The product by a loaded quantized weight in `mode`.
+fn matmul_of(q: Arc<QTensor>, mode: WeightMode) -> Result<MatMul> {
+    if mode == WeightMode::Compact {
+        if let Some(m) = CompactMatMul::new(q.clone()) {
+            return Ok(MatMul::Compact(m));
+        }
+    }
+    Ok(MatMul::Candle(QMatMul::from_arc(q)?))
+}
+
+fn matmul_from_raw(raw: RawWeight, mode: WeightMode) -> Result<(MatMul, usize)> {
     match raw {
         RawWeight::Quant(q) => {
             let q = prepare_qtensor(q, mode)?;
@@ -58,11 +88,11 @@ fn matmul_from_raw(raw: RawWeight, mode: WeightMode) -> Result<(QMatMul, usize)>
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => q.shape().elem_count() * 4,
                 _ => q.storage_size_in_bytes(),
             };
-            Ok((QMatMul::from_qtensor(q)?, bytes))
+            Ok((matmul_of(Arc::new(q), mode)?, bytes))
         }
         RawWeight::Dense(t) => {
             let bytes = t.elem_count() * 4;
-            Ok((QMatMul::Tensor(t), bytes))
+            Ok((MatMul::Candle(QMatMul::Tensor(t)), bytes))
         }
     }
 }
@@ -546,7 +576,7 @@ impl Head {
                 _ => embedding.storage_size_in_bytes(),
             };
             Linear {
-                weight: QMatMul::from_arc(embedding.clone())?,
+                weight: matmul_of(embedding.clone(), mode)?,
                 bias: None,
                 bytes,
             }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::job::Ask;
-use super::openai::{collect, new_id, parse};
+use super::openai::{collect, parse};
 use super::sse::event_stream;
 use super::{ApiError, Dialect, Finish, Gateway, JobEvent};
 use crate::engine::{ChatMessage, SamplingParams, DEFAULT_REPETITION_WINDOW};
@@ -272,7 +272,8 @@ async fn answer(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
         prompt,
     )?;
     let rx = gw.start_job(job).await?;
-    let id = new_id("msg");
+    // Anthropic ids are `msg_` and an opaque tail; clients check the prefix.
+    let id = format!("msg_{:024x}", rand::random::<u128>() >> 32);
     let model = gw.model_name().to_string();
     if !req.stream {
         let (text, f) = collect(rx).await?;

@@ -124,6 +124,11 @@ pub async fn swarm_gateway(
 ) -> Result<(Gateway, NetHandle), LaunchError> {
     let tokenizer = ChatTokenizer::from_model(file)?;
     let head = Arc::new(Head::load(file, weights)?);
+    // Adapters imported here are offered to the swarm.
+    let cfg = match (&cfg.adapters, ChunkStore::open(&crate::catalog::home())) {
+        (None, Ok(store)) => cfg.with_adapters(store, model_id.clone()),
+        _ => cfg,
+    };
     let net = net::start(net_cfg).await?;
     net.subscribe(&model_id).await;
     let backend = Backend::Swarm(SwarmBackend::new(net.clone(), bootstrap, model_id, head));

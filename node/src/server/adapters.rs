@@ -48,6 +48,21 @@ struct Held {
 struct State {
     held: HashMap<Hash, Held>,
     failed: HashMap<Hash, (Instant, String)>,
+    stats: AdapterStats,
+}
+
+/// What a server's adapter loads did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdapterStats {
+    /// Adapters loaded.
+    pub loaded: u64,
+    /// Loads that failed.
+    pub failed: u64,
+    /// Chunks fetched from peers.
+    pub fetched_chunks: u64,
+    /// Chunks from peers that failed their hash check (and were fetched
+    /// again elsewhere).
+    pub rejected_chunks: u64,
 }
 
 /// The adapters of one server.
@@ -95,6 +110,11 @@ impl Adapters {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the loads so far did.
+    pub fn stats(&self) -> AdapterStats {
+        self.state().stats
     }
 
     /// The adapters held for blocks `[start, end)`, for announcements.
@@ -171,6 +191,7 @@ impl Adapters {
                             }
                         }
                     }
+                    st.stats.loaded += 1;
                     st.held.insert(
                         id,
                         Held {
@@ -185,6 +206,7 @@ impl Adapters {
             }
             Err(why) => {
                 let mut st = self.state();
+                st.stats.failed += 1;
                 if st.failed.len() >= MAX_FAILED {
                     st.failed
                         .retain(|_, (t, _)| t.elapsed() < FAILED_RETRY_AFTER);
@@ -235,7 +257,7 @@ impl Adapters {
             .is_empty()
         {
             let peers = self.providers(&id, asker).await;
-            fetch::fetch_chunks(
+            let r = fetch::fetch_chunks(
                 &inner.net,
                 &store,
                 &id,
@@ -246,6 +268,12 @@ impl Adapters {
             )
             .await
             .map_err(|e| e.to_string())?;
+            let mut st = self.state();
+            st.stats.fetched_chunks += r.fetched as u64;
+            st.stats.rejected_chunks += r.rejected as u64;
+            if r.rejected > 0 {
+                tracing::warn!(adapter = %id, "{} adapter chunk(s) failed their hash check", r.rejected);
+            }
         }
         let (model_id, config) = (inner.model_id.clone(), inner.config.clone());
         let adapter = tokio::task::spawn_blocking(move || {

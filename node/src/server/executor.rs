@@ -55,6 +55,9 @@ pub struct ExecutorConfig {
     pub idle_timeout: Duration,
     /// Sessions that ran no step this long after opening are dropped.
     pub open_grace: Duration,
+    /// Most positions one session may hold (its `max_length` is cut to
+    /// this); `None`: the model's context.
+    pub max_context: Option<usize>,
 }
 
 impl Default for ExecutorConfig {
@@ -65,6 +68,7 @@ impl Default for ExecutorConfig {
             kv_bytes: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             open_grace: DEFAULT_OPEN_GRACE,
+            max_context: None,
         }
     }
 }
@@ -528,6 +532,7 @@ impl Worker {
                 ));
             }
         }
+        let max_len = max_len.min(self.cfg.max_context.unwrap_or(usize::MAX));
         let cache = self.span.new_cache_range(start, end, max_len)?;
         let positions = cache.max_len();
         let reserve = positions as u64 * kv_bytes_per_position(self.span.config(), start, end);

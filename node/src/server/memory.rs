@@ -20,10 +20,9 @@ pub const BASE_RESERVE: u64 = 128 << 20;
 /// Fewest KV positions a limit must leave for the span: one session of
 /// this length can always open.
 pub const MIN_KV_POSITIONS: u64 = 1024;
-/// Context the working-memory reserve is sized for (longer sessions fit
-/// when the KV budget allows; their attention scores grow past the
-/// estimate by the excess).
-pub const RESERVE_CONTEXT: u64 = 8192;
+/// Context the working-memory reserve is sized for; a server with a
+/// memory limit cuts every session's length to it.
+pub const RESERVE_CONTEXT: u64 = 2048;
 
 /// How a server's memory limit is spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +94,8 @@ pub fn activation_bytes(cfg: &ModelConfig, context: u64) -> u64 {
         cfg.head_dim as u64,
     );
     let (h, f) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
-    let attention = 3 * nh * c * context * 4;
+    // Scores and their next form (scaled, masked, softmaxed) coexist.
+    let attention = 2 * nh * c * context * 4;
     let projections = 3 * c * (nh + 2 * nkv) * hd * 4;
     let mlp = 4 * c * f * 4;
     let frames = 6 * context * h * 4;

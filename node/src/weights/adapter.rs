@@ -464,6 +464,11 @@ pub fn import_adapter(
     base_id: &str,
 ) -> Result<AdapterImport, AdapterError> {
     let w = read_adapter(path, cfg, base_id)?;
+    store_adapter(store, w)
+}
+
+/// Stores an adapter (already checked) and gives its id.
+pub fn store_adapter(store: &ChunkStore, w: AdapterWeights) -> Result<AdapterImport, AdapterError> {
     let (manifest, new_chunks) = adapter_manifest(&w, store)?;
     let id = store.put_manifest(&manifest)?;
     Ok(AdapterImport {
@@ -472,6 +477,45 @@ pub fn import_adapter(
         meta: w.meta,
         new_chunks,
     })
+}
+
+/// A random adapter of `rank` on every target of every block of a base
+/// of `cfg` served as `base_id` (for benchmarks: real adapters come from
+/// `import-adapter`).
+pub fn random_adapter(
+    cfg: &ModelConfig,
+    base_id: &str,
+    rank: usize,
+    seed: u64,
+) -> Result<AdapterWeights, EngineError> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors = BTreeMap::new();
+    for block in 0..cfg.num_blocks {
+        for (t, (target, _)) in LORA_TARGETS.iter().enumerate() {
+            let (out, inp) = crate::engine::adapter::target_shape(cfg, t);
+            let mut draw = |rows: usize, cols: usize, scale: f32| {
+                let v: Vec<f32> = (0..rows * cols)
+                    .map(|_| scale * (rng.random::<f32>() * 2.0 - 1.0))
+                    .collect();
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+            };
+            tensors.insert(
+                lora_name(block, target, false),
+                draw(rank, inp, 1.0 / (inp as f32).sqrt())?,
+            );
+            tensors.insert(
+                lora_name(block, target, true),
+                draw(out, rank, 0.01 / (rank as f32).sqrt())?,
+            );
+        }
+    }
+    let w = AdapterWeights {
+        meta: meta(cfg, base_id, rank as u32, 2.0, &tensors, "random"),
+        tensors,
+    };
+    w.validate(cfg)?;
+    Ok(w)
 }
 
 /// An adapter's description from its manifest.

@@ -14,7 +14,7 @@ pub mod import;
 pub mod model;
 pub mod serve;
 
-pub use adapter::{import_adapter, open_adapter, AdapterError, AdapterImport};
+pub use adapter::{import_adapter, open_adapter, store_adapter, AdapterError, AdapterImport};
 pub use import::{import, ImportError, ImportReport};
 pub use model::{open_for_generate, ModelError, StoreModel};
 

@@ -29,7 +29,7 @@ pub(crate) struct BenchFailoverArgs {
     /// `term` (SIGTERM, the server says so).
     #[arg(long, value_delimiter = ',', default_value = "kill,term")]
     signals: Vec<String>,
-    /// fast, exact or f32.
+    /// fast, compact, exact or f32.
     #[arg(long, default_value = "fast")]
     weights: WeightMode,
     /// Compute threads of every participant.

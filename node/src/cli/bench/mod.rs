@@ -1,5 +1,6 @@
 //! `nomoat bench ...`: commands that print figures, side by side in one run.
 
+pub(crate) mod adapter;
 pub(crate) mod api;
 pub(crate) mod engine;
 pub(crate) mod failover;

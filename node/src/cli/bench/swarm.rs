@@ -26,7 +26,7 @@ pub(crate) struct BenchSwarmArgs {
     /// Tokens to decode per measurement.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
-    /// fast, exact or f32.
+    /// fast, compact, exact or f32.
     #[arg(long, default_value = "fast")]
     weights: WeightMode,
     /// Alternating rounds of local and swarm decoding per swarm size.
