@@ -433,7 +433,7 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
         (
             "messages",
             2,
-            r#"{"model":"smollm2-135m","max_tokens":64,"system":"Be brief.","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0.5,"top_p":0.9,"top_k":40,"stop_sequences":["\n\n"],"stream":true,"metadata":{"user_id":"u1"}}"#.into(),
+            r#"{"model":"smollm2-135m","max_tokens":64,"system":"Be brief.","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0.5,"top_p":0.9,"top_k":40,"stop_sequences":["\n\nUser:"],"stream":true,"metadata":{"user_id":"u1"}}"#.into(),
         ),
         (
             "messages-blocks",
