@@ -218,9 +218,18 @@ async fn a_half_sent_frame_closes_its_stream_once_the_session_idles() -> Result<
     Ok(())
 }
 
-/// A fake server: answers `Open`, then every `Step` with a copy four times
-/// the step's size and its own input passed off as the route's result.
-async fn impostor() -> Result<nomoat_node::net::NetHandle> {
+/// What a fake server does with each step.
+#[derive(Debug, Clone, Copy)]
+enum Lie {
+    /// Sends a copy four times the step's size and its own input passed
+    /// off as the route's result.
+    OddCopyAndResult,
+    /// Reports that hop `0` (the next one) is unreachable.
+    Blame(u32),
+}
+
+/// A fake server: answers `Open`, then every `Step` as `lie` says.
+async fn impostor(lie: Lie) -> Result<nomoat_node::net::NetHandle> {
     let net = client_net().await?;
     let mut incoming = net.control().accept(StreamProtocol::new(INFER_PROTOCOL))?;
     tokio::spawn(async move {
@@ -234,6 +243,18 @@ async fn impostor() -> Result<nomoat_node::net::NetHandle> {
                             hop_index: o.hop_index,
                             max_length: o.max_length,
                         }],
+                        InferMessage::Step(s) if matches!(lie, Lie::Blame(_)) => {
+                            let Lie::Blame(next) = lie else {
+                                unreachable!()
+                            };
+                            vec![InferMessage::Error(nomoat_protocol::ErrorFrame::new(
+                                nomoat_protocol::ErrorCode::Internal,
+                                format!("hop {next} is unreachable: the push stream to it closed"),
+                                Some(s.session_id),
+                                s.seq,
+                                next,
+                            ))]
+                        }
                         InferMessage::Step(s) => {
                             let big: Vec<usize> =
                                 [s.hidden.shape()[0] * 4, s.hidden.shape()[1]].into();
@@ -273,27 +294,7 @@ async fn a_result_from_a_hop_that_is_not_last_is_refused_and_odd_copies_are_not_
 {
     let dir = tempfile::tempdir()?;
     let file = tiny(dir.path())?;
-    let tail = TestServer::start(&file, MODEL, 2, 6, ExecutorConfig::default(), vec![]).await?;
-    let fake = impostor().await?;
-    let fake_addrs = fake.wait_listening(1, Duration::from_secs(5)).await;
-    let client = client_net().await?;
-    client.dial(tail.addr.clone()).await?;
-    let fake_addr = fake_addrs
-        .into_iter()
-        .next()
-        .expect("a listen address")
-        .with(libp2p::multiaddr::Protocol::P2p(fake.peer_id()));
-    client.dial(fake_addr).await?;
-    let route = vec![
-        Hop {
-            peer_id: fake.peer_id().to_bytes(),
-            blocks: BlockRange { start: 0, end: 2 },
-        },
-        Hop {
-            peer_id: tail.net.peer_id().to_bytes(),
-            blocks: BlockRange { start: 2, end: 6 },
-        },
-    ];
+    let (fake, tail, client, route) = fake_then_honest(&file, Lie::OddCopyAndResult).await?;
     let mut session =
         RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(5)).await?;
     let head = Head::load(&file, WeightMode::Fast)?;
@@ -314,6 +315,70 @@ async fn a_result_from_a_hop_that_is_not_last_is_refused_and_odd_copies_are_not_
     // The oversized copy was not kept as hop 1's input.
     assert!(session.history()[1].is_empty(), "an odd copy was kept");
     tail.kill().await;
+    Ok(())
+}
+
+/// A route of a fake hop 0 before an honest hop 1.
+async fn fake_then_honest(
+    file: &ModelFile,
+    lie: Lie,
+) -> Result<(
+    nomoat_node::net::NetHandle,
+    TestServer,
+    nomoat_node::net::NetHandle,
+    Vec<Hop>,
+)> {
+    let tail = TestServer::start(file, MODEL, 2, 6, ExecutorConfig::default(), vec![]).await?;
+    let fake = impostor(lie).await?;
+    let fake_addrs = fake.wait_listening(1, Duration::from_secs(5)).await;
+    let client = client_net().await?;
+    client.dial(tail.addr.clone()).await?;
+    let fake_addr = fake_addrs
+        .into_iter()
+        .next()
+        .expect("a listen address")
+        .with(libp2p::multiaddr::Protocol::P2p(fake.peer_id()));
+    client.dial(fake_addr).await?;
+    let route = vec![
+        Hop {
+            peer_id: fake.peer_id().to_bytes(),
+            blocks: BlockRange { start: 0, end: 2 },
+        },
+        Hop {
+            peer_id: tail.net.peer_id().to_bytes(),
+            blocks: BlockRange { start: 2, end: 6 },
+        },
+    ];
+    Ok((fake, tail, client, route))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_that_blames_a_reachable_successor_is_blamed_itself() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let head = Head::load(&file, WeightMode::Fast)?;
+    // Blaming its successor (which this client reaches), then a hop it
+    // cannot even know of.
+    for named in [1u32, 5] {
+        let (fake, tail, client, route) = fake_then_honest(&file, Lie::Blame(named)).await?;
+        let mut session =
+            RemoteSession::open(&client, MODEL, route, 64, Duration::from_secs(5)).await?;
+        let frame = nomoat_node::engine::hidden_to_frame(
+            &head.embed(&PROMPT)?,
+            nomoat_protocol::DType::F32,
+        )?;
+        let err = session
+            .step(0, frame)
+            .await
+            .expect_err("the fake hop fails every step");
+        assert_eq!(err.failed_hop(), Some((0, fake.peer_id())), "{err}");
+        assert!(
+            !client.is_backed_off(&tail.net.peer_id()),
+            "the honest hop was backed off on the fake's word: {err}"
+        );
+        assert!(client.is_backed_off(&fake.peer_id()), "{err}");
+        tail.kill().await;
+    }
     Ok(())
 }
 

@@ -521,21 +521,46 @@ impl RemoteSession {
                     self.record_copy(hop, s, hidden);
                 }
                 Some(InferMessage::Error(e)) if e.seq == seq || e.seq == 0 => {
-                    // The frame names the hop to blame (a hop reports its
-                    // unreachable successor); fall back to the reporter.
-                    let blamed = (e.hop_index as usize).min(self.hops.len() - 1);
-                    let blamed = if blamed >= hop { blamed } else { hop };
+                    let blamed = self.blame(hop, e.hop_index as usize).await;
                     let (peer, blocks) = (self.hops[blamed].peer, self.hops[blamed].blocks);
+                    let message = if blamed == hop && e.hop_index as usize != hop {
+                        format!(
+                            "{} (hop {hop} blamed hop {}, which this client still reaches: the claim falls on hop {hop})",
+                            e.message, e.hop_index
+                        )
+                    } else {
+                        e.message
+                    };
                     return Err(ClientError::Hop {
                         hop: blamed,
                         peer,
                         blocks,
                         code: e.code,
-                        message: e.message,
+                        message,
                     });
                 }
                 Some(_) => {} // late answers of earlier steps
             }
+        }
+    }
+
+    /// Whom an error from hop `reporter` that names hop `named` blames. A
+    /// hop knows no hop but itself and its successor, whose push stream it
+    /// holds, so it may blame only that one, and only when this client can
+    /// confirm it: the successor does not answer an info query within
+    /// [`BLAME_PROBE_TIMEOUT`]. Any other claim falls on the reporter, so a
+    /// lying hop cannot get an honest one backed off and replaced. (An
+    /// honest reporter that cannot reach a successor this client reaches
+    /// is replaced too: either way the link between them is broken.)
+    async fn blame(&self, reporter: usize, named: usize) -> usize {
+        if named != reporter + 1 || named >= self.hops.len() {
+            return reporter;
+        }
+        let peer = self.hops[named].peer;
+        let probe = crate::net::discover::query_servers(&self.net, peer, &self.model_id);
+        match tokio::time::timeout(BLAME_PROBE_TIMEOUT, probe).await {
+            Ok(Ok(_)) => reporter,
+            _ => named,
         }
     }
 
@@ -656,6 +681,10 @@ impl RemoteSession {
 /// How long a step's result waits for the earlier hops' copies that have
 /// not come yet.
 pub(crate) const COPY_GRACE: Duration = Duration::from_millis(200);
+
+/// How long the successor a hop calls unreachable has to answer this
+/// client before the claim is taken as confirmed.
+pub(crate) const BLAME_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Times a stream a server dropped unanswered is opened, in all.
 pub(crate) const UNANSWERED_STREAM_ATTEMPTS: u32 = 3;
