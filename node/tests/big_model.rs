@@ -5,9 +5,9 @@
 //! resident memory (VmHWM) stays within its limit.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use nomoat_tests::harness::Proc;
 
 nomoat_tests::process_helpers!();
@@ -104,22 +104,7 @@ fn three_servers_each_well_below_the_models_size_serve_it_together() -> Result<(
         "blocks {next}..28 are held by nobody: {covered:?}"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = Command::new(nomoat_bin()?)
-            .args(["status", "--swarm", &boot, "--json"])
-            .output()?;
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let n = status["servers"].as_array().map_or(0, Vec::len);
-        let gaps = status["models"][0]["gaps"].as_array().map_or(1, Vec::len);
-        if n == 3 && gaps == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the swarm never covered every block: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    nomoat_tests::harness::wait_swarm_covered(&nomoat_bin()?, &boot, 3, Duration::from_secs(60))?;
     let swarm = generate(&["--swarm", &boot])?;
     assert_eq!(swarm, local, "the swarm's text differs from the local text");
 

@@ -53,22 +53,7 @@ fn three_servers_with(extra: &[&str]) -> Result<Vec<Proc>> {
     let boot = s3.addr();
     let s2 = smollm2_server_with("10..20", Some(&boot), extra)?;
     let s1 = smollm2_server_with("0..10", Some(&boot), extra)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = Command::new(nomoat_bin()?)
-            .args(["status", "--swarm", &boot, "--json"])
-            .output()?;
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let servers = status["servers"].as_array().map_or(0, Vec::len);
-        let gaps = status["models"][0]["gaps"].as_array().map_or(1, Vec::len);
-        if servers == 3 && gaps == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the swarm never covered every block: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    nomoat_tests::harness::wait_swarm_covered(&nomoat_bin()?, &boot, 3, Duration::from_secs(30))?;
     Ok(vec![s1, s2, s3])
 }
 

@@ -178,6 +178,32 @@ pub fn greedy_text(
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// Waits (up to `timeout`) until `BIN status --swarm BOOT` shows `servers`
+/// servers and no block uncovered; gives that status.
+pub fn wait_swarm_covered(
+    bin: &std::path::Path,
+    boot: &str,
+    servers: usize,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let out = std::process::Command::new(bin)
+            .args(["status", "--swarm", boot, "--json"])
+            .output()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let n = status["servers"].as_array().map_or(0, Vec::len);
+        let gaps = status["models"][0]["gaps"].as_array().map_or(1, Vec::len);
+        if n == servers && gaps == 0 {
+            return Ok(status);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the swarm never covered every block: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A `nomoat serve` process, killed when dropped.
 pub type Proc = nomoat_node::process::ServeProcess;
 
