@@ -82,6 +82,8 @@ pub struct NodeConfig {
     pub fetch: FetchConfig,
     /// Test-only misbehaviour of the weight server.
     pub fault: Fault,
+    /// Test-only lies about the span's outputs.
+    pub compute_fault: Option<crate::server::fault::ComputeFault>,
     /// How many weight requests the node serves at once.
     pub weight_limits: WeightLimits,
     /// Sessions, KV budget and idle timeout.
@@ -112,6 +114,7 @@ impl NodeConfig {
             store: Some(crate::catalog::home()),
             fetch: FetchConfig::default(),
             fault: Fault::default(),
+            compute_fault: None,
             weight_limits: WeightLimits::default(),
             executor: ExecutorConfig::default(),
             weights: WeightMode::Fast,
@@ -537,6 +540,7 @@ impl Node {
             ServerConfig {
                 model_id: model_id.clone(),
                 adapters: Some(adapters.clone()),
+                fault: cfg.compute_fault.clone(),
             },
             shutdown.clone(),
         ));

@@ -176,39 +176,116 @@ pub fn decode_info_request(bytes: &[u8]) -> Result<String, MessageError> {
     bounded_text(r.model_id, "model_id")
 }
 
+/// The prefix of what a server signs to vouch for its `ServerInfo`.
+pub const SERVER_INFO_SIGNING_PREFIX: &[u8] = b"nomoat-server-info:";
+/// Largest public key a signed entry may carry.
+pub const MAX_PUBLIC_KEY_BYTES: usize = 1024;
+/// Largest signature a signed entry may carry.
+pub const MAX_SIGNATURE_BYTES: usize = 1024;
+
+/// A `ServerInfo` with the signature of the server it describes (which
+/// this crate does not check: it knows no key types; the node does).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignedInfo {
+    /// The decoded, validated announcement.
+    pub info: ServerInfo,
+    /// Its encoding, as signed.
+    pub info_bytes: Vec<u8>,
+    /// The signer's public key (libp2p protobuf encoding).
+    pub public_key: Vec<u8>,
+    /// The signature over [`SignedInfo::signed_payload`].
+    pub signature: Vec<u8>,
+}
+
+impl SignedInfo {
+    /// What is signed for `info_bytes`: [`SERVER_INFO_SIGNING_PREFIX`]
+    /// followed by them.
+    pub fn signed_payload(info_bytes: &[u8]) -> Vec<u8> {
+        [SERVER_INFO_SIGNING_PREFIX, info_bytes].concat()
+    }
+
+    fn to_pb(&self) -> pb::SignedServerInfo {
+        pb::SignedServerInfo {
+            info: self.info_bytes.clone(),
+            public_key: self.public_key.clone(),
+            signature: self.signature.clone(),
+        }
+    }
+
+    fn from_pb(p: pb::SignedServerInfo) -> Result<Self, MessageError> {
+        if p.public_key.len() > MAX_PUBLIC_KEY_BYTES {
+            return Err(field_error(
+                "public_key",
+                format!("{} bytes", p.public_key.len()),
+            ));
+        }
+        if p.signature.len() > MAX_SIGNATURE_BYTES {
+            return Err(field_error(
+                "signature",
+                format!("{} bytes", p.signature.len()),
+            ));
+        }
+        Ok(Self {
+            info: ServerInfo::decode(&p.info)?,
+            info_bytes: p.info,
+            public_key: p.public_key,
+            signature: p.signature,
+        })
+    }
+
+    /// Encodes it (the gossipsub payload).
+    pub fn encode(&self) -> Vec<u8> {
+        self.to_pb().encode_to_vec()
+    }
+
+    /// Decodes it and validates the announcement inside.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MessageError> {
+        ensure_at_most(
+            bytes.len(),
+            MAX_CONTROL_BYTES + MAX_PUBLIC_KEY_BYTES + MAX_SIGNATURE_BYTES,
+        )?;
+        Self::from_pb(decode_pb(bytes)?)
+    }
+}
+
 /// Encodes an information answer.
-pub fn encode_info_response(servers: &[ServerInfo]) -> Vec<u8> {
+pub fn encode_info_response(servers: &[SignedInfo]) -> Vec<u8> {
     pb::InfoResponse {
-        servers: servers.iter().map(ServerInfo::to_pb).collect(),
+        signed: servers.iter().map(SignedInfo::to_pb).collect(),
     }
     .encode_to_vec()
 }
 
-/// Decodes an information answer; invalid entries are an error.
-pub fn decode_info_response(bytes: &[u8]) -> Result<Vec<ServerInfo>, MessageError> {
+/// Decodes an information answer; invalid entries are an error. The
+/// signatures are the caller's to check.
+pub fn decode_info_response(bytes: &[u8]) -> Result<Vec<SignedInfo>, MessageError> {
     ensure_at_most(bytes.len(), MAX_INFO_BYTES)?;
     let mut servers = 0;
     for_each_field(bytes, |n, payload| {
-        if n == field::INFO_RESPONSE_SERVERS {
+        if n == field::INFO_RESPONSE_SIGNED {
             servers += 1;
             if servers > MAX_INFO_SERVERS {
                 return Err(field_error(
-                    "servers",
+                    "signed",
                     format!("more than {MAX_INFO_SERVERS} entries"),
                 ));
             }
-            precheck_server_info(payload.unwrap_or_default())?;
+            let entry = payload.unwrap_or_default();
+            ensure_at_most(
+                entry.len(),
+                MAX_CONTROL_BYTES + MAX_PUBLIC_KEY_BYTES + MAX_SIGNATURE_BYTES,
+            )?;
+            for_each_field(entry, |n, info| {
+                if n == field::SIGNED_SERVER_INFO_INFO {
+                    precheck_server_info(info.unwrap_or_default())?;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     })?;
     let r = decode_pb::<pb::InfoResponse>(bytes)?;
-    if r.servers.len() > MAX_INFO_SERVERS {
-        return Err(field_error(
-            "servers",
-            format!("{} entries", r.servers.len()),
-        ));
-    }
-    r.servers.into_iter().map(ServerInfo::from_pb).collect()
+    r.signed.into_iter().map(SignedInfo::from_pb).collect()
 }
 
 /// Limits a `ServerInfo` before decoding: size and number of addresses.

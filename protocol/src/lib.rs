@@ -244,10 +244,13 @@
 //! Any peer may ask another which servers it knows. The asker opens a stream and sends
 //! one `InfoRequest` ([`encode_info_request`]) naming a model id, or empty for every
 //! model. The answerer sends one `InfoResponse` ([`encode_info_response`]): every live
-//! [`ServerInfo`] it knows for that model, at most [`MAX_INFO_SERVERS`] in at most
-//! [`MAX_INFO_BYTES`], its own included when it is a server. Then the stream
-//! closes. Both messages are framed as above, and [`decode_info_response`] rejects
-//! the whole answer if any entry is invalid.
+//! [`SignedInfo`] it knows for that model, at most [`MAX_INFO_SERVERS`] in at most
+//! [`MAX_INFO_BYTES`], its own included when it is a server, each with the signature
+//! its server made, so the answerer can relay announcements but not forge or alter
+//! them. Then the stream closes. Both messages are framed as above, and
+//! [`decode_info_response`] rejects the whole answer if any entry is invalid; the
+//! receiver checks each signature and drops the entries whose signer is not the
+//! server they describe.
 //!
 //! # Weight sharing, `/nomoat/weights/1`
 //!
@@ -354,11 +357,12 @@
 //!
 //! # Server heartbeats
 //!
-//! A server publishes its [`ServerInfo`] ([`ServerInfo::encode`]) at a regular
-//! interval on the gossipsub topic `nomoat/v1/servers/<model id>`. Gossipsub signs
-//! each message with the publisher's peer key; a receiver drops a heartbeat whose
-//! `peer_id` is not the message's signed source, and forgets a server whose
-//! heartbeats stop. Self-reported numbers (throughput, load, free KV positions) are
+//! A server publishes its [`ServerInfo`] signed with its peer key ([`SignedInfo`],
+//! over [`SERVER_INFO_SIGNING_PREFIX`] and the encoded info) at a regular interval
+//! on the gossipsub topic `nomoat/v1/servers/<model id>`. Gossipsub signs each
+//! message with the publisher's peer key as well; a receiver drops a heartbeat whose
+//! `peer_id` is not both the message's signed source and the signer of the info, and
+//! forgets a server whose heartbeats stop. Self-reported numbers (throughput, load, free KV positions) are
 //! hints: routing trusts its own measurements over them.
 //!
 //! [`ServerInfo::decode`] accepts a heartbeat only if it is at most
@@ -477,6 +481,8 @@
 //! | [`MAX_INFO_SERVERS`]       | 1,024           | the entries of one information answer              |
 //! | [`MAX_ADDRS`]              | 32              | the addresses of one `ServerInfo`                  |
 //! | [`MAX_ANNOUNCED_ADAPTERS`] | 32              | the adapters of one `ServerInfo`                   |
+//! | [`MAX_PUBLIC_KEY_BYTES`]   | 1,024           | the public key of one signed `ServerInfo`          |
+//! | [`MAX_SIGNATURE_BYTES`]    | 1,024           | the signature of one signed `ServerInfo`           |
 //! | [`MAX_TEXT_BYTES`]         | 4,096           | a model id, error message, version or address      |
 //! | [`SESSION_ID_LEN`]         | 16              | a session id, exactly                              |
 //! | [`MAX_MANIFEST_BYTES`]     | 32 MiB          | a manifest's canonical bytes                       |
@@ -545,8 +551,9 @@ pub use infer::{
 };
 pub use info::{
     decode_info_request, decode_info_response, encode_info_request, encode_info_response,
-    Reachability, ServerInfo, INFO_PROTOCOL, MAX_ADDRS, MAX_ANNOUNCED_ADAPTERS, MAX_INFO_BYTES,
-    MAX_INFO_SERVERS,
+    Reachability, ServerInfo, SignedInfo, INFO_PROTOCOL, MAX_ADDRS, MAX_ANNOUNCED_ADAPTERS,
+    MAX_INFO_BYTES, MAX_INFO_SERVERS, MAX_PUBLIC_KEY_BYTES, MAX_SIGNATURE_BYTES,
+    SERVER_INFO_SIGNING_PREFIX,
 };
 pub use manifest::{
     ChunkRef, Manifest, ModelFormat, TensorEntry, TensorRole, CHUNK_SIZE, MANIFEST_VERSION,
@@ -598,6 +605,8 @@ mod tests {
             "MAX_INFO_SERVERS" => MAX_INFO_SERVERS,
             "MAX_ADDRS" => MAX_ADDRS,
             "MAX_ANNOUNCED_ADAPTERS" => MAX_ANNOUNCED_ADAPTERS,
+            "MAX_PUBLIC_KEY_BYTES" => MAX_PUBLIC_KEY_BYTES,
+            "MAX_SIGNATURE_BYTES" => MAX_SIGNATURE_BYTES,
             "MAX_TEXT_BYTES" => MAX_TEXT_BYTES,
             "SESSION_ID_LEN" => SESSION_ID_LEN,
             "MAX_MANIFEST_BYTES" => MAX_MANIFEST_BYTES,

@@ -72,8 +72,10 @@ pub(crate) mod field {
         SERVER_INFO_ADDRS: ServerInfo.addrs = 9,
         /// The adapters of a `ServerInfo`.
         SERVER_INFO_ADAPTERS: ServerInfo.adapters = 14,
-        /// The entries of an `InfoResponse`.
-        INFO_RESPONSE_SERVERS: InfoResponse.servers = 1,
+        /// The signed entries of an `InfoResponse`.
+        INFO_RESPONSE_SIGNED: InfoResponse.signed = 2,
+        /// `SignedServerInfo.info`.
+        SIGNED_SERVER_INFO_INFO: SignedServerInfo.info = 1,
         /// `Manifest.chunk_size` (the tests write it by hand).
         #[cfg(test)]
         MANIFEST_CHUNK_SIZE: Manifest.chunk_size = 3,

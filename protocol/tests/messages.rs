@@ -8,9 +8,9 @@
 use nomoat_protocol::{
     check_message_len, decode_info_request, decode_info_response, encode_info_request,
     encode_info_response, BlockRange, DType, ErrorCode, ErrorFrame, Hop, InferMessage,
-    MessageError, OpenSession, Reachability, Reroute, ServerInfo, SessionId, Step, TensorError,
-    TensorFrame, MAX_ADDRS, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS, MAX_TEXT_BYTES,
-    SESSION_ID_LEN,
+    MessageError, OpenSession, Reachability, Reroute, ServerInfo, SessionId, SignedInfo, Step,
+    TensorError, TensorFrame, MAX_ADDRS, MAX_INFO_SERVERS, MAX_MESSAGE_BYTES, MAX_ROUTE_HOPS,
+    MAX_TEXT_BYTES, SESSION_ID_LEN,
 };
 use proptest::prelude::*;
 
@@ -359,6 +359,20 @@ fn golden_server_info() -> (ServerInfo, Vec<u8>) {
     (info, bytes)
 }
 
+/// Entries as signed ones (with stand-in keys and signatures: this crate
+/// does not check them).
+fn signed_all(servers: Vec<ServerInfo>) -> Vec<SignedInfo> {
+    servers
+        .into_iter()
+        .map(|info| SignedInfo {
+            info_bytes: info.encode(),
+            info,
+            public_key: vec![7; 36],
+            signature: vec![9; 64],
+        })
+        .collect()
+}
+
 #[test]
 fn golden_server_info_and_info_exchange() {
     let (info, bytes) = golden_server_info();
@@ -372,11 +386,32 @@ fn golden_server_info_and_info_exchange() {
     assert_eq!(encode_info_request(""), [] as [u8; 0]);
     assert_eq!(decode_info_request(&[]).unwrap(), "");
 
-    // InfoResponse { servers: [info] }: field 1, LEN, 47 bytes.
-    let response = encode_info_response(std::slice::from_ref(&info));
-    assert_eq!(response, concat(&[&[0x0a, 0x2f], &bytes]));
-    assert_eq!(decode_info_response(&response).unwrap(), [info]);
+    // InfoResponse { signed: [SignedServerInfo { info, public_key: [1, 2],
+    // signature: [3] }] }: field 2, LEN 56, then the three fields.
+    let signed = SignedInfo {
+        info: info.clone(),
+        info_bytes: bytes.clone(),
+        public_key: vec![1, 2],
+        signature: vec![3],
+    };
+    let response = encode_info_response(std::slice::from_ref(&signed));
+    assert_eq!(
+        response,
+        concat(&[
+            &[0x12, 0x38, 0x0a, 0x2f],
+            &bytes,
+            &[0x12, 0x02, 1, 2, 0x1a, 0x01, 3]
+        ])
+    );
+    assert_eq!(
+        decode_info_response(&response).unwrap(),
+        std::slice::from_ref(&signed)
+    );
+    assert_eq!(SignedInfo::decode(&signed.encode()).unwrap(), signed);
     assert_eq!(decode_info_response(&[]).unwrap(), []);
+    // The unsigned entries of old answers (field 1) are ignored.
+    let old = concat(&[&[0x0a, 0x2f], &bytes]);
+    assert_eq!(decode_info_response(&old).unwrap(), []);
 }
 
 // ---------------------------------------------------------------------------
@@ -807,7 +842,9 @@ fn server_info_rules() {
         let bytes = pb.build();
         assert_field_in(ServerInfo::decode(&bytes), name, what);
         // The same entry inside an info response fails the whole response.
-        let response = Pb::new().bytes(1, &bytes).build();
+        let response = Pb::new()
+            .bytes(2, &Pb::new().bytes(1, &bytes).build())
+            .build();
         assert_field_in(decode_info_response(&response), name, what);
     }
 
@@ -827,13 +864,18 @@ fn server_info_rules() {
 
 #[test]
 fn info_response_and_request_limits() {
-    let entry = pb_server_info().build();
-    let many = |n: usize| (0..n).fold(Pb::new(), |m, _| m.bytes(1, &entry)).build();
+    let entry = Pb::new().bytes(1, &pb_server_info().build()).build();
+    let many = |n: usize| (0..n).fold(Pb::new(), |m, _| m.bytes(2, &entry)).build();
     assert_eq!(
         decode_info_response(&many(MAX_INFO_SERVERS)).unwrap().len(),
         MAX_INFO_SERVERS
     );
-    assert_field(decode_info_response(&many(MAX_INFO_SERVERS + 1)), "servers");
+    assert_field(decode_info_response(&many(MAX_INFO_SERVERS + 1)), "signed");
+    let long_key = Pb::new()
+        .bytes(1, &pb_server_info().build())
+        .bytes(2, &[0; nomoat_protocol::MAX_PUBLIC_KEY_BYTES + 1])
+        .build();
+    assert_field(SignedInfo::decode(&long_key), "public_key");
 
     let long = Pb::new().bytes(1, &[b'x'; MAX_TEXT_BYTES + 1]).build();
     assert_field(decode_info_request(&long), "model_id");
@@ -1030,6 +1072,7 @@ fn decode_all(bytes: &[u8]) {
     let _ = ServerInfo::decode(bytes);
     let _ = decode_info_request(bytes);
     let _ = decode_info_response(bytes);
+    let _ = SignedInfo::decode(bytes);
 }
 
 proptest! {
@@ -1061,7 +1104,8 @@ proptest! {
         servers in prop::collection::vec(server_info(), 0..6),
     ) {
         prop_assert_eq!(decode_info_request(&encode_info_request(&model_id)).unwrap(), model_id);
-        prop_assert_eq!(decode_info_response(&encode_info_response(&servers)).unwrap(), servers);
+        let signed = signed_all(servers);
+        prop_assert_eq!(decode_info_response(&encode_info_response(&signed)).unwrap(), signed);
     }
 
     #[test]
@@ -1082,7 +1126,7 @@ proptest! {
         for bytes in [
             msg.encode(),
             servers[0].encode(),
-            encode_info_response(&servers),
+            encode_info_response(&signed_all(servers.clone())),
         ] {
             let mut flipped = bytes.clone();
             flipped[index.index(bytes.len())] ^= flip;

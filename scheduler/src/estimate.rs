@@ -106,6 +106,36 @@ impl ServerEstimate {
     }
 }
 
+/// Each server's blocks per second as routing believes it: a measured speed
+/// as measured; an announced one no faster than the fastest measured server
+/// (or, when none is measured, than the median announcement), so a claim
+/// wins no traffic a measurement has not earned; the median of these for
+/// the rest.
+pub fn claimed_speeds(servers: &[ServerEstimate]) -> Vec<f64> {
+    let measured = servers
+        .iter()
+        .filter(|s| s.observed_secs_per_block.is_some())
+        .filter_map(ServerEstimate::known_blocks_per_s)
+        .reduce(f64::max);
+    let announced: Vec<Option<f64>> = servers
+        .iter()
+        .map(|s| match s.observed_secs_per_block {
+            Some(_) => None,
+            None => s.known_blocks_per_s(),
+        })
+        .collect();
+    let cap = measured.unwrap_or_else(|| median_or(announced.iter().flatten().copied(), f64::MAX));
+    let speeds: Vec<Option<f64>> = servers
+        .iter()
+        .zip(&announced)
+        .map(|(s, a)| match a {
+            Some(a) => Some(a.min(cap)),
+            None => s.known_blocks_per_s(),
+        })
+        .collect();
+    fill_with_median(&speeds, UNKNOWN_BLOCKS_PER_S)
+}
+
 /// The routing candidates for `servers`, in the same order, for a session of
 /// `max_length` positions.
 ///
@@ -113,8 +143,9 @@ impl ServerEstimate {
 ///   [`UNKNOWN_RTT`]; scaled by `1 + ROUTE_JITTER * u` with `u` from `jitter`
 ///   (called once per server, in order; give it uniform values in `[0, 1)`,
 ///   or `|| 0.0` for none);
-/// - blocks per second: [`ServerEstimate::known_blocks_per_s`], else the median
-///   of the known ones, else [`UNKNOWN_BLOCKS_PER_S`];
+/// - blocks per second: [`claimed_speeds`] (measured, or announced and
+///   capped), else the median of the known ones, else
+///   [`UNKNOWN_BLOCKS_PER_S`];
 /// - load: the announced one plus [`OWN_SESSION_LOAD`] per own session;
 /// - KV room: at least `max_length` positions free.
 pub fn candidates(
@@ -124,8 +155,7 @@ pub fn candidates(
 ) -> Vec<Candidate> {
     let rtts: Vec<Option<f64>> = servers.iter().map(|s| s.rtt_s).collect();
     let rtts = fill_with_median(&rtts, UNKNOWN_RTT.as_secs_f64());
-    let speeds: Vec<Option<f64>> = servers.iter().map(|s| s.known_blocks_per_s()).collect();
-    let speeds = fill_with_median(&speeds, UNKNOWN_BLOCKS_PER_S);
+    let speeds = claimed_speeds(servers);
     servers
         .iter()
         .zip(rtts.into_iter().zip(speeds))
@@ -189,6 +219,24 @@ mod tests {
         let alone = candidates(&[ServerEstimate::new(span(0, 8))], 64, || 0.0);
         assert_eq!(alone[0].rtt_s, UNKNOWN_RTT.as_secs_f64());
         assert_eq!(alone[0].blocks_per_s, UNKNOWN_BLOCKS_PER_S);
+    }
+
+    #[test]
+    fn a_claim_is_worth_no_more_than_the_fastest_measurement() {
+        let mut measured = ServerEstimate::new(span(0, 8));
+        measured.observed_secs_per_block = Some(0.01); // 100 blocks/s
+        let mut liar = ServerEstimate::new(span(0, 8));
+        liar.announced_throughput = 1e6; // 8e6 blocks/s claimed
+        let mut modest = ServerEstimate::new(span(0, 8));
+        modest.announced_throughput = 5.0; // 40 blocks/s claimed
+        assert_eq!(
+            claimed_speeds(&[measured.clone(), liar.clone(), modest.clone()]),
+            [100.0, 100.0, 40.0]
+        );
+        // Nothing measured: no claim beats the median claim.
+        let mut honest = modest.clone();
+        honest.announced_throughput = 6.0;
+        assert_eq!(claimed_speeds(&[liar, modest, honest]), [48.0, 40.0, 48.0]);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! latency) and placement ([`choose_span`], [`should_move`]: the window that most
 //! raises the weakest block, moving only for a clear gain) are here, with what
 //! routing assumes of servers it has not measured ([`candidates`], [`median`]),
+//! what spot checks taught a node of each peer ([`Reputation`]),
 //! whole plans over a model or a sub-range of it, gaps included
 //! ([`plan_servers`], [`plan_servers_within`]), and the chunk queue of a
 //! many-peer weights fetch ([`ChunkQueue`]). The span arithmetic they build on:
@@ -50,16 +51,18 @@ mod coverage;
 mod estimate;
 mod placement;
 mod plan;
+mod reputation;
 mod route;
 
 pub use backoff::{Backoff, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
 pub use chunks::{ChunkQueue, Penalty, Requeued, Take};
 pub use coverage::{all_splits, chain, coverage_gaps, even_splits};
 pub use estimate::{
-    candidates, fill_with_median, median, median_or, ServerEstimate, OWN_SESSION_LOAD,
-    ROUTE_JITTER, UNKNOWN_BLOCKS_PER_S, UNKNOWN_RTT,
+    candidates, claimed_speeds, fill_with_median, median, median_or, ServerEstimate,
+    OWN_SESSION_LOAD, ROUTE_JITTER, UNKNOWN_BLOCKS_PER_S, UNKNOWN_RTT,
 };
 pub use nomoat_protocol::{BlockRange, RangeError};
 pub use placement::{block_throughput, choose_span, should_move, Placed, DEFAULT_MOVE_MARGIN};
 pub use plan::{chain_route, join_ranges, plan_servers, plan_servers_within, route_or_gaps};
+pub use reputation::{Record, Reputation, DEFAULT_CHECK_FLOOR, DEFAULT_PROBATION, MAX_RECORDS};
 pub use route::{plan_route, route_cost, Candidate, Route, RouteHop, NO_KV_PENALTY_S};

@@ -73,6 +73,13 @@ pub fn info_message(data: &[u8]) {
     if let Ok(info) = ServerInfo::decode(data) {
         stable(info, ServerInfo::encode, |b| ServerInfo::decode(b).ok());
     }
+    if let Ok(signed) = nomoat_protocol::SignedInfo::decode(data) {
+        // Whatever the bytes, checking the signature answers, never panics.
+        let _ = nomoat_node::net::signed::verify_info(&signed);
+        stable(signed, nomoat_protocol::SignedInfo::encode, |b| {
+            nomoat_protocol::SignedInfo::decode(b).ok()
+        });
+    }
 }
 
 /// `/nomoat/weights/1` requests and answers.
@@ -307,14 +314,28 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
     put("info_message", "request", &encode_info_request("c0ffee"))?;
     put("info_message", "request-all", &encode_info_request(""))?;
     put("info_message", "announcement", &info.encode())?;
-    let many: Vec<ServerInfo> = (0..nomoat_protocol::MAX_INFO_SERVERS as u32)
-        .map(|i| ServerInfo {
-            peer_id: libp2p::PeerId::random().to_bytes(),
-            blocks: BlockRange {
-                start: i % 30,
-                end: i % 30 + 1,
-            },
-            ..info.clone()
+    let sign = |info: ServerInfo| {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let info = ServerInfo {
+            peer_id: key.public().to_peer_id().to_bytes(),
+            ..info
+        };
+        nomoat_node::net::signed::sign_info(&key, info)
+    };
+    put(
+        "info_message",
+        "signed-announcement",
+        &sign(info.clone()).encode(),
+    )?;
+    let many: Vec<nomoat_protocol::SignedInfo> = (0..nomoat_protocol::MAX_INFO_SERVERS as u32)
+        .map(|i| {
+            sign(ServerInfo {
+                blocks: BlockRange {
+                    start: i % 30,
+                    end: i % 30 + 1,
+                },
+                ..info.clone()
+            })
         })
         .collect();
     put("info_message", "answer-full", &encode_info_response(&many))?;

@@ -53,6 +53,29 @@ impl TestServer {
         Self::start_node(file, model_id, start, end, exec_cfg, bootstrap, store).await
     }
 
+    /// [`start`](Self::start) for a server that lies about its outputs
+    /// as `fault` says (see `nomoat_node::server::fault`).
+    pub async fn start_lying(
+        file: &ModelFile,
+        model_id: &str,
+        start: usize,
+        end: usize,
+        fault: &str,
+        bootstrap: Vec<Multiaddr>,
+    ) -> Result<Self> {
+        let fault = fault.parse().map_err(anyhow::Error::msg)?;
+        Self::start_full(
+            file,
+            model_id,
+            (start, end),
+            ExecutorConfig::default(),
+            bootstrap,
+            None,
+            Some(fault),
+        )
+        .await
+    }
+
     async fn start_node(
         file: &ModelFile,
         model_id: &str,
@@ -61,6 +84,27 @@ impl TestServer {
         exec_cfg: ExecutorConfig,
         bootstrap: Vec<Multiaddr>,
         store: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
+        Self::start_full(
+            file,
+            model_id,
+            (start, end),
+            exec_cfg,
+            bootstrap,
+            store,
+            None,
+        )
+        .await
+    }
+
+    async fn start_full(
+        file: &ModelFile,
+        model_id: &str,
+        (start, end): (usize, usize),
+        exec_cfg: ExecutorConfig,
+        bootstrap: Vec<Multiaddr>,
+        store: Option<std::path::PathBuf>,
+        compute_fault: Option<nomoat_node::server::fault::ComputeFault>,
     ) -> Result<Self> {
         let blocks = BlockRange::new(start as u32, end as u32)?;
         let cfg = NodeConfig {
@@ -72,6 +116,7 @@ impl TestServer {
             },
             store,
             executor: exec_cfg,
+            compute_fault,
             ..NodeConfig::new(file.path().to_string_lossy(), BlockChoice::Range(blocks))
         };
         let node = Node::start(cfg).await?;

@@ -53,6 +53,11 @@ pub(crate) struct GatewayArgs {
     /// bf16 or q8 (see `nomoat generate --help`).
     #[arg(long, default_value = "f32", value_parser = crate::parse_wire_dtype)]
     wire_dtype: nomoat_protocol::DType,
+    /// Spot checks of the swarm's work (see `nomoat generate --help`). In
+    /// async mode a streamed answer caught on a lie ends with an error
+    /// (its text cannot be taken back); strict sends only checked text.
+    #[arg(long, default_value_t = nomoat_node::client::verify::VerifyMode::Async)]
+    verify: nomoat_node::client::verify::VerifyMode,
     #[command(flatten)]
     keys: ApiKeyArgs,
     #[command(flatten)]
@@ -123,6 +128,7 @@ pub(crate) async fn run_gateway(args: GatewayArgs) -> Result<()> {
         c.with_max_concurrent(args.max_concurrent)
             .with_step_timeout(Duration::from_secs_f64(args.step_timeout.max(0.1)))
             .with_wire_dtype(args.wire_dtype)
+            .with_verify(args.verify)
             .with_api_keys(keys.clone())
     };
     let cfg = cfg(GatewayConfig::new(name.clone()));

@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use libp2p::{Multiaddr, PeerId};
-use nomoat_node::client::{RemoteSession, Stepper};
+use nomoat_node::client::verify::{VerifyMode, VerifyOptions};
+use nomoat_node::client::{RemoteSession, StepError, Stepper, TokenSink};
 use nomoat_node::engine::{
     ChatMessage, ChatTokenizer, GenerateOptions, GenerationStats, Head, LocalModel, ModelFile,
     SamplingParams, TextStream, WeightMode, DEFAULT_MAX_TOKENS, DEFAULT_SEED, DEFAULT_TOP_P,
@@ -76,6 +77,13 @@ pub(crate) struct GenerateArgs {
     /// generation.
     #[arg(long)]
     adapter: Option<String>,
+    /// Spot checks of the swarm's work: off; async (tokens print as they
+    /// come, a share of each server's work is re-run on others, and a
+    /// caught lie rewinds the text to its first wrong token); or strict
+    /// (every server's work is re-run, and a token prints only once
+    /// checked).
+    #[arg(long, default_value_t = VerifyMode::Async)]
+    verify: VerifyMode,
     #[command(flatten)]
     access: crate::cli::access::AccessArgs,
 }
@@ -163,6 +171,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
             net_cfg,
             args.wire_dtype,
             adapter,
+            args.verify,
         ))?
     };
     let stats = rt.block_on(run(stepper, &tokenizer, &file, &prompt, &opts))?;
@@ -199,6 +208,7 @@ async fn open_swarm(
     net_cfg: NetConfig,
     wire: nomoat_protocol::DType,
     adapter: Option<Hash>,
+    verify: VerifyMode,
 ) -> Result<Swarm> {
     let head = Arc::new(Head::load(file, weights)?);
     let mdns = net_cfg.mdns;
@@ -227,7 +237,7 @@ async fn open_swarm(
             );
         }
     }
-    let session = match RemoteSession::discover_and_open(
+    let mut session = match RemoteSession::discover_and_open(
         &net,
         bootstrap,
         model_id,
@@ -245,6 +255,7 @@ async fn open_swarm(
         }
     };
     eprintln!("route: {}", describe_route(&session.route()));
+    session.set_verify(VerifyOptions::new(verify));
     let stepper = match Stepper::swarm(head, session).with_wire_dtype(wire) {
         Ok(s) => s,
         Err(e) => {
@@ -267,14 +278,23 @@ async fn run(
         Swarm::Local(s) => (s, None),
         Swarm::Remote(s, net) => (s, Some(net)),
     };
-    let mut stream = TextStream::default();
     let limit = file.config().max_seq_len;
-    let mut write = |id| {
-        let mut stdout = std::io::stdout().lock();
-        Ok(stream.write_to(tokenizer, id, &mut stdout)?)
+    let mut write = Terminal {
+        tokenizer,
+        stream: TextStream::default(),
+        ids: Vec::new(),
     };
     let result = nomoat_node::client::generate(&mut stepper, prompt, opts, limit, &mut write).await;
     println!();
+    if let Some(session) = stepper.remote() {
+        let c = session.check_summary();
+        if session.verify_options().is_some() {
+            eprintln!(
+                "checks: {} of {} hops checked, {} positions re-run; every hop checked up to position {}",
+                c.checked_hops, c.hops, c.shadow_positions, c.verified
+            );
+        }
+    }
     if let Some(session) = stepper.remote() {
         for f in session.failovers() {
             eprintln!(
@@ -308,6 +328,36 @@ async fn run(
         net.shutdown().await;
     }
     Ok(result?.1)
+}
+
+/// Prints tokens as text to stdout; a rewind prints a notice and goes on
+/// from the last right token.
+struct Terminal<'a> {
+    tokenizer: &'a ChatTokenizer,
+    stream: TextStream,
+    ids: Vec<u32>,
+}
+
+impl TokenSink for Terminal<'_> {
+    async fn token(&mut self, id: u32) -> Result<bool, StepError> {
+        self.ids.push(id);
+        let mut stdout = std::io::stdout().lock();
+        Ok(self.stream.write_to(self.tokenizer, id, &mut stdout)?)
+    }
+
+    async fn rewind(&mut self, keep: usize, liar: PeerId) -> Result<(), StepError> {
+        self.ids.truncate(keep);
+        self.stream = TextStream::default();
+        for &id in &self.ids {
+            self.stream
+                .write_to(self.tokenizer, id, &mut std::io::sink())?;
+        }
+        let text = self.tokenizer.decode(&self.ids, true).unwrap_or_default();
+        println!(
+            "\n[nomoat: {liar} was caught lying; the text after its token {keep} above was wrong. The text up to there, and on:]\n{text}"
+        );
+        Ok(())
+    }
 }
 
 /// `path: hop I PEER direct|relayed via ADDR, ...`: how this node reached

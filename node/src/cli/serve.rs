@@ -145,6 +145,10 @@ pub(crate) struct ServeArgs {
     /// The keys of the --api gateway.
     #[command(flatten)]
     keys: crate::cli::gateway::ApiKeyArgs,
+    /// Test-only: lie about the span's outputs (perturb[:SCALE] or skip,
+    /// then ,after=N ,rate=P ,client=PEER), for spot checks to catch.
+    #[arg(long, hide = true)]
+    fault_compute: Option<nomoat_node::server::fault::ComputeFault>,
 }
 
 /// `nomoat serve`: starts the node, prints its JSON line and serves until
@@ -167,6 +171,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         relays: args.net.relay.clone(),
         fetch: args.fetch.config(),
         fault: args.fetch.fault(),
+        compute_fault: args.fault_compute.clone(),
         weight_limits: nomoat_node::weights::serve::WeightLimits {
             streams: args.weight_streams.max(1),
             streams_per_peer: args.weight_streams_per_peer.max(1),

@@ -86,11 +86,12 @@ impl RemoteSession {
     /// view know them, without the peers to avoid.
     pub(super) async fn live_servers(&self, avoid: &[PeerId]) -> Vec<ServerInfo> {
         let mut all = self.net.servers(&self.model_id);
-        for h in &self.hops {
-            if avoid.contains(&h.peer) {
-                continue;
-            }
-            if let Ok(list) = query_servers(&self.net, h.peer, &self.model_id).await {
+        // The hops that stay first, then any other peer this node is
+        // connected to (a bootstrap peer, when the failed hop was alone).
+        let connected = self.net.connected_peers().into_iter().map(|(p, _)| p);
+        let ask: Vec<PeerId> = self.hops.iter().map(|h| h.peer).chain(connected).collect();
+        for peer in ask.iter().filter(|p| !avoid.contains(p)).take(4) {
+            if let Ok(list) = query_servers(&self.net, *peer, &self.model_id).await {
                 all.extend(list);
                 break;
             }
@@ -118,6 +119,7 @@ impl RemoteSession {
             .expect("a replaceable error names its hop");
         let (mut i, mut j) = (failed, failed);
         let mut avoid: Vec<PeerId> = vec![self.hops[failed].peer];
+        avoid.extend(self.avoid.iter().copied());
         self.net.peer_failed(self.hops[failed].peer);
         let mut last_err = None;
         for _attempt in 0..=2 * self.hops.len() {
@@ -227,6 +229,7 @@ impl RemoteSession {
                         blocks,
                         writer,
                         conn,
+                        joined: pos,
                     }
                 })
                 .collect();

@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use nomoat_protocol::{DType, TensorError};
 
+use super::verify::{Detected, VerifyMode};
 use super::{ClientError, RemoteSession};
 use crate::engine::{
     hidden_from_frame, hidden_to_frame, EngineError, GenerateOptions, GenerationStats, Head,
-    LocalModel, LocalSession, TokenLoop,
+    LocalModel, LocalSession, Sampler, TokenLoop,
 };
 
 /// Why a generation step failed.
@@ -37,6 +38,32 @@ pub enum StepError {
     /// An earlier step failed while it held the local KV cache.
     #[error("the session's KV cache was lost in an earlier failed step; send the request again")]
     CacheLost,
+    /// A spot check caught a server lying after tokens it led to were
+    /// handed out, and the sink cannot take them back.
+    #[error(
+        "a server was caught lying ({peer}): the text after token {keep} was wrong and has \
+         already been sent; send the request again (with verification strict, only \
+         checked text is sent)"
+    )]
+    Retracted {
+        /// Tokens that were right.
+        keep: usize,
+        /// The liar.
+        peer: libp2p::PeerId,
+    },
+    /// Strict verification could not check every hop's work.
+    #[error(
+        "{unchecked} tokens could not be checked, so strict verification holds them back: {reason}"
+    )]
+    Unverified {
+        /// Tokens held back.
+        unchecked: usize,
+        /// Why the checks could not run.
+        reason: String,
+    },
+    /// A spot check caught lies again and again.
+    #[error("spot checks caught lies {0} times in one generation; giving up")]
+    TooManyLies(usize),
 }
 
 impl From<ClientError> for StepError {
@@ -174,6 +201,36 @@ impl Stepper {
         Ok(logits)
     }
 
+    /// The swarm session's checking mode (`Off` for a local stepper).
+    pub fn verify_mode(&self) -> VerifyMode {
+        self.remote()
+            .and_then(RemoteSession::verify_options)
+            .map_or(VerifyMode::Off, |o| o.mode)
+    }
+
+    /// Why a check could not run, if one could not.
+    fn check_trouble(&self) -> String {
+        self.remote()
+            .and_then(RemoteSession::check_trouble)
+            .unwrap_or_else(|| "the checks did not finish in time".into())
+    }
+
+    /// Sends every checked hop's positions not yet checked to its shadow.
+    fn flush_checks(&mut self) {
+        if let Stepper::Swarm { session, .. } = self {
+            session.feed_checks(true);
+        }
+    }
+
+    /// The verdicts of the swarm session's checks (see
+    /// [`RemoteSession::take_verdicts`]); a lie found rewinds the session.
+    async fn verdicts(&mut self, wait: bool) -> Result<Option<Detected>, StepError> {
+        match self {
+            Stepper::Swarm { session, .. } => Ok(session.take_verdicts(wait).await?),
+            Stepper::Local { .. } => Ok(None),
+        }
+    }
+
     /// Ends the session (on every hop, for a swarm session).
     pub async fn close(self) {
         if let Stepper::Swarm { session, .. } = self {
@@ -188,6 +245,18 @@ impl Stepper {
 pub trait TokenSink: Send {
     /// Takes the next token; `Ok(false)` stops the generation after it.
     fn token(&mut self, id: u32) -> impl Future<Output = Result<bool, StepError>> + Send;
+
+    /// Takes back every token after the first `keep`: a spot check found
+    /// them built on a lie, and the generation goes on from there. A sink
+    /// that cannot take text back fails with [`StepError::Retracted`],
+    /// which is what this default does.
+    fn rewind(
+        &mut self,
+        keep: usize,
+        liar: libp2p::PeerId,
+    ) -> impl Future<Output = Result<(), StepError>> + Send {
+        std::future::ready(Err(StepError::Retracted { keep, peer: liar }))
+    }
 }
 
 impl<F> TokenSink for F
@@ -198,6 +267,9 @@ where
         std::future::ready(self(id))
     }
 }
+
+/// Times one generation may go back after a caught lie.
+pub const MAX_REWINDS: usize = 8;
 
 /// Generates after `prompt` within a context of `limit` positions, handing
 /// each new token to `sink` as it is sampled; the sink returns `false` to
@@ -212,10 +284,22 @@ pub async fn generate(
     limit: usize,
     sink: &mut impl TokenSink,
 ) -> Result<(Vec<u32>, GenerationStats), StepError> {
+    let mode = stepper.verify_mode();
+    let strict = mode == VerifyMode::Strict;
     let mut tokens = TokenLoop::new(prompt, opts, limit)?;
+    // Each generated token, and the sampler as it was before it (kept
+    // only when checks may send the generation back).
+    let mut generated: Vec<u32> = Vec::new();
+    let mut samplers: Vec<Sampler> = Vec::new();
+    let mut emitted = 0;
+    let mut sink_done = false;
+    let mut rewinds = 0;
     let mut logits = stepper.step(0, prompt.to_vec()).await?;
     let mut pos = prompt.len() as u32;
     loop {
+        if mode != VerifyMode::Off {
+            samplers.push(tokens.sampler().clone());
+        }
         let mut sampled = None;
         let next = match tokens.next(&logits, &mut |id| {
             sampled = Some(id);
@@ -224,14 +308,94 @@ pub async fn generate(
             Ok(next) => next,
             Err(never) => match never {},
         };
-        if let Some(id) = sampled {
-            if !sink.token(id).await? {
-                break;
+        generated.extend(sampled);
+        if !strict && !sink_done {
+            sink_done = !release(sink, &generated, &mut emitted, generated.len()).await?;
+        }
+        let finishing = next.is_none() || sink_done;
+        let detected = match next {
+            Some(next) if !finishing => {
+                logits = stepper.step(pos, vec![next]).await?;
+                pos += 1;
+                stepper.verdicts(false).await?
+            }
+            _ => {
+                stepper.flush_checks();
+                stepper.verdicts(true).await?
+            }
+        };
+        if let Some(d) = detected {
+            rewinds += 1;
+            if rewinds > MAX_REWINDS {
+                return Err(StepError::TooManyLies(rewinds));
+            }
+            // Positions up to `d.pos` hold right inputs; the token that was
+            // fed at `d.pos` (if generated) stays, the rest is sampled again.
+            let p = d.pos as usize;
+            let keep = (p + 1).saturating_sub(prompt.len()).min(generated.len());
+            tracing::warn!(
+                "going back to position {p}: {keep} of {} generated tokens stand",
+                generated.len()
+            );
+            tokens.rewind(keep, samplers[keep].clone());
+            samplers.truncate(keep);
+            generated.truncate(keep);
+            if emitted > keep {
+                sink.rewind(keep, d.peer).await?;
+                emitted = keep;
+            }
+            sink_done = false;
+            logits = if keep == 0 {
+                pos = prompt.len() as u32;
+                stepper.step(p as u32, prompt[p..].to_vec()).await?
+            } else {
+                pos = p as u32 + 1;
+                stepper.step(p as u32, vec![generated[keep - 1]]).await?
+            };
+            continue;
+        }
+        if strict && !sink_done {
+            let ready = verified_tokens(stepper, prompt.len());
+            sink_done = !release(sink, &generated, &mut emitted, ready).await?;
+            if finishing && !sink_done && emitted < generated.len() {
+                return Err(StepError::Unverified {
+                    unchecked: generated.len() - emitted,
+                    reason: stepper.check_trouble(),
+                });
             }
         }
-        let Some(next) = next else { break };
-        logits = stepper.step(pos, vec![next]).await?;
-        pos += 1;
+        if finishing {
+            break;
+        }
     }
-    Ok(tokens.finish())
+    let (mut out, stats) = tokens.finish();
+    out.truncate(emitted);
+    Ok((out, stats))
+}
+
+/// Hands `generated[*emitted..ready]` to the sink; `false` once it stops.
+async fn release(
+    sink: &mut impl TokenSink,
+    generated: &[u32],
+    emitted: &mut usize,
+    ready: usize,
+) -> Result<bool, StepError> {
+    while *emitted < ready.min(generated.len()) {
+        let id = generated[*emitted];
+        *emitted += 1;
+        if !sink.token(id).await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Generated tokens every hop's checked outputs vouch for: token `k`
+/// came from the logits of position `prompt + k - 1`.
+fn verified_tokens(stepper: &Stepper, prompt: usize) -> usize {
+    let Some(session) = stepper.remote() else {
+        return usize::MAX;
+    };
+    let verified = session.check_summary().verified as usize;
+    (verified + 1).saturating_sub(prompt)
 }

@@ -14,6 +14,7 @@ pub mod generate;
 mod history;
 pub mod plan;
 mod session;
+pub mod verify;
 
 pub use generate::{generate, StepError, Stepper, TokenSink};
 pub use plan::{plan, plan_range, simple_route};
@@ -150,6 +151,9 @@ struct HopConn {
     writer: WriteHalf<Stream>,
     /// Tags the events read from this stream.
     conn: u64,
+    /// The first position this hop computed (a replacement's earlier
+    /// outputs came from the hop it replaced).
+    joined: u32,
 }
 
 /// A step in flight or recently done, for placing hops' copies in history.
@@ -188,6 +192,12 @@ pub struct RemoteSession {
     /// Inputs of every hop, contiguous positions from 0: `(start_pos,
     /// frame)`; what failover replays.
     history: Vec<Vec<(u32, TensorFrame)>>,
+    /// The last hop's outputs, as `history` keeps the others'.
+    outputs: Vec<(u32, TensorFrame)>,
+    /// Spot checks, when on.
+    checks: Option<verify::Checks>,
+    /// Peers failover must never pick (a shadow avoids the hop it checks).
+    avoid: Vec<PeerId>,
     live: std::collections::BTreeMap<u64, LiveStep>,
     failovers: Vec<FailoverReport>,
     /// Counts this session against each hop's load until dropped.

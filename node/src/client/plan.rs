@@ -53,7 +53,9 @@ fn to_hops(
 /// node's own measurements over announced throughput, load (plus this
 /// client's own sessions there), and a penalty on servers without KV room
 /// for `max_length` positions; legs scaled by a random factor up to
-/// [`nomoat_scheduler::ROUTE_JITTER`].
+/// [`nomoat_scheduler::ROUTE_JITTER`]. Banned servers are never used,
+/// and servers not measured yet only on [`PROBE_SHARE`] of the routes
+/// when measured ones would do.
 ///
 /// # Errors
 ///
@@ -65,9 +67,42 @@ pub fn plan(
     servers: &[ServerInfo],
     max_length: u32,
 ) -> Result<Vec<Hop>, ClientError> {
-    let est = estimates(net, servers);
-    let planned = plan_servers(num_blocks, &est, max_length, rand::random::<f64>);
-    to_hops(model_id, servers, planned)
+    probing(net, servers, |servers| {
+        let est = estimates(net, servers);
+        let planned = plan_servers(num_blocks, &est, max_length, rand::random::<f64>);
+        to_hops(model_id, servers, planned)
+    })
+}
+
+/// The share of sessions that may use servers this node has not measured
+/// yet when measured ones cover the blocks: a new server (or one that
+/// claims to be fast) is tried on this share until its speed is known.
+pub const PROBE_SHARE: f64 = 0.1;
+
+/// Plans over `servers` less the banned ones; on all but [`PROBE_SHARE`]
+/// of the calls, over the measured ones alone first when they suffice.
+fn probing(
+    net: &NetHandle,
+    servers: &[ServerInfo],
+    plan: impl Fn(&[ServerInfo]) -> Result<Vec<Hop>, ClientError>,
+) -> Result<Vec<Hop>, ClientError> {
+    let peer = |s: &ServerInfo| PeerId::from_bytes(&s.peer_id).ok();
+    let usable: Vec<ServerInfo> = servers
+        .iter()
+        .filter(|s| peer(s).is_some_and(|p| !net.is_banned(&p)))
+        .cloned()
+        .collect();
+    let measured: Vec<ServerInfo> = usable
+        .iter()
+        .filter(|s| peer(s).is_some_and(|p| net.observed_secs_per_block(&p).is_some()))
+        .cloned()
+        .collect();
+    if measured.len() < usable.len() && rand::random::<f64>() >= PROBE_SHARE {
+        if let Ok(route) = plan(&measured) {
+            return Ok(route);
+        }
+    }
+    plan(&usable)
 }
 
 /// The cheapest chain of `servers` covering blocks `start..end` (each may
@@ -85,14 +120,16 @@ pub fn plan_range(
     servers: &[ServerInfo],
     max_length: u32,
 ) -> Result<Vec<Hop>, ClientError> {
-    let est = estimates(net, servers);
-    let planned = plan_servers_within(
-        BlockRange { start, end },
-        &est,
-        max_length,
-        rand::random::<f64>,
-    );
-    to_hops(model_id, servers, planned)
+    probing(net, servers, |servers| {
+        let est = estimates(net, servers);
+        let planned = plan_servers_within(
+            BlockRange { start, end },
+            &est,
+            max_length,
+            rand::random::<f64>,
+        );
+        to_hops(model_id, servers, planned)
+    })
 }
 
 /// A chain of `servers` covering blocks `0..num_blocks`, ignoring costs:

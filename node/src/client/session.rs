@@ -238,6 +238,7 @@ impl RemoteSession {
                 blocks: *blocks,
                 writer: w,
                 conn: i as u64,
+                joined: 0,
             })
             .collect();
         for h in &hops {
@@ -250,6 +251,9 @@ impl RemoteSession {
             adapter,
             net: net.clone(),
             history: vec![Vec::new(); hops.len()],
+            outputs: Vec::new(),
+            checks: None,
+            avoid: Vec::new(),
             next_conn: hops.len() as u64,
             hops,
             events_tx: tx,
@@ -306,6 +310,7 @@ impl RemoteSession {
         for h in &mut self.history {
             truncate_history(h, start_pos);
         }
+        truncate_history(&mut self.outputs, start_pos);
         self.history[0].push((start_pos, hidden.clone()));
         let mut failovers = 0;
         loop {
@@ -319,6 +324,10 @@ impl RemoteSession {
                     for h in &self.hops {
                         self.net.peer_succeeded(&h.peer);
                     }
+                    if history_end(&self.outputs) == start_pos {
+                        self.outputs.push((start_pos, out.clone()));
+                    }
+                    self.feed_checks(false);
                     return Ok(out);
                 }
                 Err(e) if e.replaceable() && failovers < MAX_FAILOVERS_PER_STEP => {

@@ -310,6 +310,24 @@ impl TokenLoop {
         Ok(Some(next))
     }
 
+    /// The sampler as it is now: what [`rewind`](Self::rewind) restores.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// Forgets every generated token after the first `keep`, and goes on
+    /// with `sampler` (as it was before token `keep` was sampled), so a
+    /// generation taken back to an earlier position samples as it would
+    /// have there.
+    pub fn rewind(&mut self, keep: usize, sampler: Sampler) {
+        let dropped = self.out.len().saturating_sub(keep);
+        self.out.truncate(keep);
+        self.history.truncate(self.history.len() - dropped);
+        self.fed = self.stats.prompt_tokens + keep;
+        self.stats.stopped = false;
+        self.sampler = sampler;
+    }
+
     /// The generated tokens and the figures.
     pub fn finish(mut self) -> (Vec<u32>, GenerationStats) {
         self.stats.generated_tokens = self.out.len();

@@ -60,7 +60,7 @@ impl SamplingParams {
 }
 
 /// A seeded sampler.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,

@@ -253,7 +253,7 @@ impl Gateway {
                 if job.adapter.is_some() {
                     self.serve_store();
                 }
-                let session = RemoteSession::open_with(
+                let mut session = RemoteSession::open_with(
                     &s.net,
                     &s.model_id,
                     route,
@@ -262,6 +262,9 @@ impl Gateway {
                     job.adapter,
                 )
                 .await?;
+                session.set_verify(crate::client::verify::VerifyOptions::new(
+                    self.inner.cfg.verify,
+                ));
                 let names = session
                     .route()
                     .iter()

@@ -85,6 +85,8 @@ pub struct GatewayConfig {
     /// only adapters the swarm's servers announce (a local model then
     /// runs none).
     pub adapters: Option<AdapterSource>,
+    /// How swarm sessions are spot-checked (async by default).
+    pub verify: crate::client::verify::VerifyMode,
 }
 
 /// The weight store a gateway finds adapters in, and the id of the base
@@ -107,7 +109,14 @@ impl GatewayConfig {
             wire_dtype: nomoat_protocol::DType::F32,
             api_keys: Vec::new(),
             adapters: None,
+            verify: crate::client::verify::VerifyMode::default(),
         }
+    }
+
+    /// Sets how swarm sessions are spot-checked.
+    pub fn with_verify(mut self, mode: crate::client::verify::VerifyMode) -> Self {
+        self.verify = mode;
+        self
     }
 
     /// Sets where adapters are found (the store, and the base's id).

@@ -14,7 +14,7 @@ use libp2p::{
     autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, yamux, Multiaddr, PeerId,
     StreamProtocol, Swarm,
 };
-use nomoat_protocol::{Reachability, ServerInfo};
+use nomoat_protocol::Reachability;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -141,7 +141,7 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
         .clone()
         .unwrap_or_else(Keypair::generate_ed25519);
     let peer_id = key.public().to_peer_id();
-    let mut swarm = build_swarm(&cfg, key)?;
+    let mut swarm = build_swarm(&cfg, key.clone())?;
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())
@@ -174,6 +174,7 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
         relay_server: cfg.relay_server,
         expiry: handle.expiry,
         max_servers: cfg.max_known_servers.max(1),
+        key,
     };
     tokio::spawn(actor.run());
     let mut joined = false;
@@ -209,6 +210,8 @@ struct Actor {
     expiry: Duration,
     /// Most announcements held.
     max_servers: usize,
+    /// The node's identity, which signs its announcements.
+    key: Keypair,
 }
 
 impl Actor {
@@ -291,6 +294,10 @@ impl Actor {
         let mut v = self.view();
         v.servers.retain(|_, (_, at)| at.elapsed() <= expiry);
         let View {
+            servers, signed, ..
+        } = &mut *v;
+        signed.retain(|p, _| servers.contains_key(p));
+        let View {
             servers,
             connected,
             observed,
@@ -309,7 +316,8 @@ impl Actor {
     /// Stores a valid announcement from `source`; returns whether it is new
     /// (a replayed or older one is not). At the table's bound the oldest
     /// entry makes room.
-    fn store_announcement(&mut self, source: PeerId, info: ServerInfo) -> bool {
+    fn store_announcement(&mut self, source: PeerId, signed: nomoat_protocol::SignedInfo) -> bool {
+        let info = signed.info.clone();
         let max = self.max_servers;
         let mut v = self.view();
         if let Some((old, _)) = v.servers.get(&source) {
@@ -324,9 +332,11 @@ impl Actor {
                 .map(|(p, _)| *p);
             if let Some(p) = oldest {
                 v.servers.remove(&p);
+                v.signed.remove(&p);
             }
         }
         v.servers.insert(source, (info, Instant::now()));
+        v.signed.insert(source, signed);
         true
     }
 
@@ -348,12 +358,10 @@ impl Actor {
             info.clone()
         };
         let t = topic(&info.model_id);
-        if let Err(e) = self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(t, info.encode())
-        {
+        let signed = super::signed::sign_info(&self.key, info);
+        let payload = signed.encode();
+        self.view().own_signed = Some(signed);
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(t, payload) {
             debug!("heartbeat not published: {e}");
         }
     }
@@ -426,7 +434,12 @@ impl Actor {
             }
             Command::Announce { info } => {
                 let key = kad::RecordKey::new(&info.model_id);
-                let previous = self.view().own.replace(info.clone());
+                let signed = super::signed::sign_info(&self.key, info.clone());
+                let previous = {
+                    let mut v = self.view();
+                    v.own_signed = Some(signed);
+                    v.own.replace(info.clone())
+                };
                 if previous.map(|o| o.model_id) != Some(info.model_id.clone()) {
                     if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
                         warn!("cannot announce the model in the DHT: {e}");
@@ -580,11 +593,13 @@ impl Actor {
                 // Strict validation checked the signature: `source` signed it.
                 // Nothing is forwarded before it is checked here.
                 use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
-                let verdict = match (message.source, ServerInfo::decode(&message.data)) {
+                let decoded = nomoat_protocol::SignedInfo::decode(&message.data)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| super::signed::verify_info(&s).map(|signer| (signer, s)));
+                let verdict = match (message.source, decoded) {
                     (None, _) => Reject,
-                    (Some(source), Ok(info))
-                        if PeerId::from_bytes(&info.peer_id).ok() == Some(source) =>
-                    {
+                    (Some(source), Ok((signer, signed))) if signer == source => {
+                        let info = &signed.info;
                         if info.timestamp_ms > now_ms().saturating_add(MAX_CLOCK_AHEAD_MS) {
                             debug!(%source, "announcement from the future ignored");
                             Ignore
@@ -594,7 +609,7 @@ impl Actor {
                                 .iter()
                                 .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
                                 .collect();
-                            if self.store_announcement(source, info) {
+                            if self.store_announcement(source, signed) {
                                 self.remember(source, addrs);
                                 Accept
                             } else {

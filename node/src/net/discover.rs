@@ -84,7 +84,23 @@ pub async fn query_servers(
             .await
             .map_err(wire)?
             .ok_or(DiscoverError::Closed { peer })?;
-        decode_info_response(&body).map_err(|source| DiscoverError::Malformed { peer, source })
+        let entries = decode_info_response(&body)
+            .map_err(|source| DiscoverError::Malformed { peer, source })?;
+        // Only what each server signed itself: the answerer may relay
+        // announcements, not make them.
+        let total = entries.len();
+        let servers: Vec<ServerInfo> = entries
+            .into_iter()
+            .filter(|s| super::signed::verify_info(s).is_ok())
+            .map(|s| s.info)
+            .collect();
+        if servers.len() < total {
+            tracing::warn!(
+                "{peer} answered {} announcements that their servers did not sign; dropped",
+                total - servers.len()
+            );
+        }
+        Ok(servers)
     };
     tokio::time::timeout(INFO_TIMEOUT, fut)
         .await

@@ -133,6 +133,26 @@ impl NetHandle {
         out
     }
 
+    /// The live servers of `model_id` (every model when empty), as their
+    /// servers signed them: what an info answer relays.
+    pub fn signed_servers(&self, model_id: &str) -> Vec<nomoat_protocol::SignedInfo> {
+        let v = self.view();
+        let mut out: Vec<nomoat_protocol::SignedInfo> = v
+            .servers
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() <= self.expiry)
+            .filter_map(|(p, _)| v.signed.get(p).cloned())
+            .chain(v.own_signed.clone())
+            .filter(|s| model_id.is_empty() || s.info.model_id == model_id)
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.info.peer_id, b.info.timestamp_ms).cmp(&(&b.info.peer_id, a.info.timestamp_ms))
+        });
+        out.dedup_by(|a, b| a.info.peer_id == b.info.peer_id);
+        out.sort_by_key(|s| std::cmp::Reverse(s.info.timestamp_ms));
+        out
+    }
+
     /// What the node holds now: announcements (expired ones until the next
     /// heartbeat's sweep) and peers in its address book. Both are bounded
     /// ([`NetConfig::max_known_servers`](super::NetConfig), [`MAX_BOOK_PEERS`]).
@@ -209,9 +229,46 @@ impl NetHandle {
         }
     }
 
-    /// Whether routes must avoid `peer` now.
+    /// Whether routes must avoid `peer` now: backed off after failures,
+    /// or banned for a proven lie.
     pub fn is_backed_off(&self, peer: &PeerId) -> bool {
-        self.view().backoff.is_backed_off(peer, clock())
+        let v = self.view();
+        v.backoff.is_backed_off(peer, clock()) || v.reputation.is_banned(peer)
+    }
+
+    /// The share of `peer`'s work this node's spot checks re-run (see
+    /// [`nomoat_scheduler::Reputation`]).
+    pub fn check_rate(&self, peer: &PeerId) -> f64 {
+        self.view().reputation.check_rate(peer)
+    }
+
+    /// What this node's checks have found of `peer`.
+    pub fn reputation(&self, peer: &PeerId) -> nomoat_scheduler::Record {
+        self.view().reputation.record(peer)
+    }
+
+    /// A spot check of `peer`'s work agreed with a recomputation.
+    pub fn check_passed(&self, peer: &PeerId) {
+        self.view().reputation.passed(peer);
+    }
+
+    /// `peer` disagreed with a recomputation and no third party could say
+    /// who was right: its record is lost and it is checked in full again.
+    pub fn check_struck(&self, peer: &PeerId) {
+        self.view().reputation.strike(peer);
+    }
+
+    /// `peer` was proven to lie: routes never use it again.
+    pub fn ban(&self, peer: PeerId) {
+        tracing::warn!(
+            "{peer} is banned: its output disagreed with two independent recomputations"
+        );
+        self.view().reputation.ban(&peer);
+    }
+
+    /// Whether `peer` was proven to lie.
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        self.view().reputation.is_banned(peer)
     }
 
     /// Sessions this node has open through `peer`.

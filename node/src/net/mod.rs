@@ -19,6 +19,7 @@ mod actor;
 pub mod addrs;
 pub mod discover;
 mod handle;
+pub mod signed;
 pub mod wire;
 
 pub use actor::{now_ms, start};
@@ -157,6 +158,8 @@ pub enum NetError {
 #[derive(Debug, Default)]
 struct View {
     servers: HashMap<PeerId, (ServerInfo, Instant)>,
+    /// The signed form of each entry of `servers`, as relayed.
+    signed: HashMap<PeerId, nomoat_protocol::SignedInfo>,
     rtts: HashMap<PeerId, Duration>,
     /// Seconds per block this node measured on each server's single-token
     /// steps (EMA): compute plus queueing, without the network leg.
@@ -169,11 +172,15 @@ struct View {
     own_sessions: HashMap<PeerId, usize>,
     /// Peers that failed this node's sessions, kept off routes for a while.
     backoff: nomoat_scheduler::Backoff<PeerId>,
+    /// What this node's spot checks taught it of each peer.
+    reputation: nomoat_scheduler::Reputation<PeerId>,
     /// Addresses learnt for peers (announcements, discovery), newest last.
     book: HashMap<PeerId, Vec<Multiaddr>>,
     /// Every connection's remote address, oldest first (bounded).
     seen: Vec<(PeerId, Multiaddr)>,
     own: Option<ServerInfo>,
+    /// `own`, signed as last published.
+    own_signed: Option<nomoat_protocol::SignedInfo>,
     reachability: Option<Reachability>,
 }
 

@@ -149,11 +149,8 @@ pub async fn serve_info(net: NetHandle, shutdown: CancellationToken) {
                 return;
             };
             // At most one answer's worth, the freshest first.
-            let mut servers = net.servers(&model);
-            if servers.len() > nomoat_protocol::MAX_INFO_SERVERS {
-                servers.sort_by_key(|s| std::cmp::Reverse(s.timestamp_ms));
-                servers.truncate(nomoat_protocol::MAX_INFO_SERVERS);
-            }
+            let mut servers = net.signed_servers(&model);
+            servers.truncate(nomoat_protocol::MAX_INFO_SERVERS);
             let body = encode_info_response(&servers);
             let answer = async {
                 if write_frame(&mut stream, &body).await.is_ok() {

@@ -118,7 +118,10 @@ pub(super) async fn client_stream(
                 attached: false,
                 epoch: 0,
                 last_active: std::time::Instant::now(),
+                steps: 0,
             })),
+            opener: peer,
+            fault: cfg.fault.clone().map(Arc::new),
         };
         sessions.insert(id, ctx.clone());
         let _ = out
@@ -450,13 +453,21 @@ pub(super) async fn run_step(
             return false;
         }
     }
+    let input = ctx.fault.as_ref().map(|_| step.hidden.clone());
     let result = exec.step(id, seq, start_pos as usize, step.hidden).await;
-    let (push, hop_index) = {
+    let (push, hop_index, steps) = {
         let mut st = ctx.state();
         if result.is_ok() {
             st.last_active = std::time::Instant::now();
+            st.steps += 1;
         }
-        (st.push.clone(), st.hop_index)
+        (st.push.clone(), st.hop_index, st.steps)
+    };
+    let result = match (result, &ctx.fault, input) {
+        (Ok(out), Some(f), Some(input)) if f.lies(steps - 1, &ctx.opener) => {
+            Ok(f.apply(&input, out))
+        }
+        (r, _, _) => r,
     };
     match result {
         Ok(out) => {

@@ -18,6 +18,7 @@
 mod accept;
 pub mod adapters;
 pub mod executor;
+pub mod fault;
 mod hop;
 pub mod memory;
 pub mod rebalance;
@@ -68,12 +69,18 @@ struct HopState {
     /// When the session last ran a step (or opened): its streams close
     /// once it has been idle for the executor's idle timeout.
     last_active: std::time::Instant,
+    /// Steps run so far (what a test-only fault counts).
+    steps: u64,
 }
 
 #[derive(Debug, Clone)]
 struct SessionCtx {
     client: mpsc::Sender<InferMessage>,
     state: Arc<Mutex<HopState>>,
+    /// The peer that opened the session.
+    opener: libp2p::PeerId,
+    /// The test-only lie this server tells, if any.
+    fault: Option<Arc<fault::ComputeFault>>,
 }
 
 impl SessionCtx {
@@ -144,6 +151,8 @@ pub struct ServerConfig {
     /// The LoRA adapters sessions may run with; `None`: sessions naming
     /// one are refused.
     pub adapters: Option<adapters::Adapters>,
+    /// Test-only: how this server lies about its outputs.
+    pub fault: Option<fault::ComputeFault>,
 }
 
 /// Spawns a task that writes queued messages to a stream's write half;
