@@ -106,6 +106,10 @@ enum BenchCommand {
     /// then flooded with fresh identities: busy answers, the open
     /// sessions' step times and the server's memory.
     Overload(cli::bench::overload::BenchOverloadArgs),
+    /// Spot checks against lying servers: how often and how soon a liar
+    /// is caught, whether the text ends right, false positives and cost on
+    /// honest servers, and the routes a boasting server draws.
+    Verify(cli::bench::verify::BenchVerifyArgs),
     /// Decode speed with a LoRA adapter against without, and the time a
     /// running server takes to load a new one.
     Adapter(cli::bench::adapter::BenchAdapterArgs),
@@ -218,6 +222,9 @@ fn main() -> Result<()> {
             runtime()?.block_on(cli::bench::failover::bench_failover(args))
         }
         Command::Bench(BenchCommand::Adapter(args)) => cli::bench::adapter::bench_adapter(args),
+        Command::Bench(BenchCommand::Verify(args)) => {
+            runtime()?.block_on(cli::bench::verify::bench_verify(args))
+        }
         Command::Bench(BenchCommand::Overload(args)) => {
             runtime()?.block_on(cli::bench::overload::bench_overload(args))
         }

@@ -74,6 +74,8 @@ pub struct VerifyOptions {
     pub window: u32,
     /// See [`DEFAULT_TOLERANCE`].
     pub tolerance: f32,
+    /// Checks every hop at this rate instead of its peer's (benchmarks).
+    pub fixed_rate: Option<f64>,
 }
 
 impl Default for VerifyOptions {
@@ -93,6 +95,7 @@ impl VerifyOptions {
                 DEFAULT_WINDOW
             },
             tolerance: DEFAULT_TOLERANCE,
+            fixed_rate: None,
         }
     }
 }
@@ -238,6 +241,8 @@ pub(crate) struct Checks {
     pub(crate) shadow_positions: u64,
     /// Why the last check that could not run could not.
     trouble: Option<String>,
+    agreed_rows: u64,
+    disagreements: u64,
     /// Both sides of every unsettled dispute: no shadow of this session
     /// runs on them again.
     disputed: Vec<PeerId>,
@@ -255,6 +260,8 @@ impl Checks {
             outstanding: 0,
             shadow_positions: 0,
             trouble: None,
+            agreed_rows: 0,
+            disagreements: 0,
             disputed: Vec::new(),
         }
     }
@@ -272,6 +279,10 @@ pub struct CheckSummary {
     pub verified: u32,
     /// Positions the shadows ran, all hops together.
     pub shadow_positions: u64,
+    /// Hop outputs (rows) a recomputation agreed with.
+    pub agreed_rows: u64,
+    /// Checks that found a disagreement (proven or not).
+    pub disagreements: u64,
 }
 
 impl RemoteSession {
@@ -313,6 +324,8 @@ impl RemoteSession {
             hops: keys.len(),
             verified: if checked == keys.len() { verified } else { 0 },
             shadow_positions: c.shadow_positions,
+            agreed_rows: c.agreed_rows,
+            disagreements: c.disagreements,
         }
     }
 
@@ -328,8 +341,11 @@ impl RemoteSession {
         for (i, h) in self.hops.iter().enumerate() {
             let key = (h.peer, h.blocks);
             if !c.shadows.contains_key(&key) {
-                let check = c.opts.mode == VerifyMode::Strict
-                    || self.net.check_rate(&h.peer) > rand::random::<f64>();
+                let rate = c
+                    .opts
+                    .fixed_rate
+                    .unwrap_or_else(|| self.net.check_rate(&h.peer));
+                let check = c.opts.mode == VerifyMode::Strict || rate > rand::random::<f64>();
                 let shadow = check.then(|| Shadow {
                     jobs: spawn_shadow(self, key, &c, c.verdicts_tx.clone()),
                     fed: 0,
@@ -437,10 +453,12 @@ impl RemoteSession {
             Verdict::Agree { key, end } => {
                 self.net.check_passed(&key.0);
                 let e = c.verified.entry(key).or_default();
+                c.agreed_rows += u64::from(end.saturating_sub(*e));
                 *e = (*e).max(end);
                 None
             }
             Verdict::Lie { key, pos, error } => {
+                c.disagreements += 1;
                 tracing::warn!(
                     "spot check: {} (blocks {}) lied at position {pos} (error {error:.3}); banned",
                     key.0,
@@ -455,6 +473,7 @@ impl RemoteSession {
                 })
             }
             Verdict::VerifierLied { key, peers } => {
+                c.disagreements += 1;
                 self.net.check_passed(&key.0);
                 match peers.as_slice() {
                     [one] => self.net.ban(*one),
@@ -466,6 +485,7 @@ impl RemoteSession {
                 None
             }
             Verdict::Unresolved { key, pos, peers } => {
+                c.disagreements += 1;
                 tracing::warn!(
                     "spot check: {} (blocks {}) and a recomputation on {peers:?} disagree from position {pos}, and no third chain could settle it",
                     key.0,

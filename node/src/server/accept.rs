@@ -91,7 +91,10 @@ pub fn server_info(net: &NetHandle, exec: &Executor, cfg: &ServerConfig) -> Serv
         },
         num_blocks: span.config().num_blocks as u32,
         hidden_size: span.config().hidden_size as u32,
-        throughput: st.throughput,
+        throughput: cfg
+            .fault
+            .as_ref()
+            .map_or(st.throughput, |f| f.announced(st.throughput)),
         free_kv_tokens: st.free_kv_tokens.min(u32::MAX as usize) as u32,
         load: st.load(),
         active_sessions: st.sessions as u32,

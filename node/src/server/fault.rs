@@ -9,7 +9,9 @@
 //! - `skip`: return the input unchanged, as if the blocks were skipped;
 //! - `after=N`: be honest for the first `N` steps of every session;
 //! - `rate=P`: lie on a share `P` of the steps after that (default 1);
-//! - `client=PEER`: lie only in sessions opened by this peer.
+//! - `client=PEER`: lie only in sessions opened by this peer;
+//! - `boast=X`: announce X times the measured throughput (at least X
+//!   tokens per second), to draw sessions.
 //!
 //! e.g. `perturb:0.2,after=50` or `skip,rate=0.05`.
 
@@ -36,6 +38,8 @@ pub struct ComputeFault {
     pub rate: f64,
     /// Lie only to this client.
     pub client: Option<PeerId>,
+    /// Announced throughput, times the measured one.
+    pub boast: f32,
 }
 
 impl std::str::FromStr for ComputeFault {
@@ -64,6 +68,7 @@ impl std::str::FromStr for ComputeFault {
             after: 0,
             rate: 1.0,
             client: None,
+            boast: 1.0,
         };
         for part in parts {
             match part.split_once('=') {
@@ -76,6 +81,13 @@ impl std::str::FromStr for ComputeFault {
                         .ok()
                         .filter(|p: &f64| (0.0..=1.0).contains(p))
                         .ok_or_else(|| format!("bad rate `{p}`: a share in 0..=1"))?
+                }
+                Some(("boast", x)) => {
+                    fault.boast = x
+                        .parse()
+                        .ok()
+                        .filter(|x: &f32| x.is_finite() && *x >= 1.0)
+                        .ok_or_else(|| format!("bad boast `{x}`: a factor of at least 1"))?
                 }
                 Some(("client", peer)) => {
                     fault.client = Some(peer.parse().map_err(|e| format!("bad peer id: {e}"))?)
@@ -95,6 +107,15 @@ impl ComputeFault {
             return false;
         }
         self.rate >= 1.0 || rand::random::<f64>() < self.rate
+    }
+
+    /// The throughput to announce for a measured `throughput`.
+    pub fn announced(&self, throughput: f32) -> f32 {
+        if self.boast > 1.0 {
+            throughput.max(1.0) * self.boast
+        } else {
+            throughput
+        }
     }
 
     /// The lie told instead of `output`, a step's honest output for `input`.
@@ -128,6 +149,9 @@ mod tests {
         assert_eq!((f.after, f.rate, f.client), (50, 0.05, None));
         let f: ComputeFault = "skip".parse().unwrap();
         assert_eq!((f.kind, f.after, f.rate), (LieKind::Skip, 0, 1.0));
+        assert_eq!(f.announced(3.0), 3.0);
+        let f: ComputeFault = "skip,boast=1000".parse().unwrap();
+        assert_eq!((f.announced(3.0), f.announced(0.0)), (3000.0, 1000.0));
         assert_eq!(
             "perturb".parse::<ComputeFault>().unwrap().kind,
             LieKind::Perturb(0.5)

@@ -7,6 +7,7 @@ pub(crate) mod failover;
 pub(crate) mod overload;
 pub(crate) mod scheduler;
 pub(crate) mod swarm;
+pub(crate) mod verify;
 #[cfg(target_os = "linux")]
 pub(crate) mod wan;
 pub(crate) mod weights;
@@ -71,6 +72,19 @@ pub(crate) fn bench_server(
     threads: &str,
     bootstrap: Option<&str>,
 ) -> Result<nomoat_node::process::ServeProcess> {
+    bench_server_with(bin, model, blocks, weights, threads, bootstrap, &[])
+}
+
+/// [`bench_server`] with `extra` flags.
+pub(crate) fn bench_server_with(
+    bin: &std::path::Path,
+    model: &str,
+    blocks: BlockRange,
+    weights: &str,
+    threads: &str,
+    bootstrap: Option<&str>,
+    extra: &[&str],
+) -> Result<nomoat_node::process::ServeProcess> {
     let blocks = blocks.to_string();
     let mut a = vec![
         "--model",
@@ -87,6 +101,7 @@ pub(crate) fn bench_server(
     if let Some(b) = bootstrap {
         a.extend(["--bootstrap", b]);
     }
+    a.extend(extra);
     Ok(nomoat_node::process::ServeProcess::spawn(
         bin,
         &a,
