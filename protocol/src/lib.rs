@@ -94,7 +94,8 @@
 //!   last hop's result is its copy; it sends no other. A replay step that stops at
 //!   `last_hop` is answered with a `Copy` from that hop, the last or not.) The client
 //!   thus holds every span's input, which it replays to a replacement when a hop
-//!   fails, and recomputes elsewhere to spot-check a hop.
+//!   fails, and re-runs on other servers to spot-check a hop (nomoat-node's
+//!   `client::verify`).
 //! - Every hop sends its output in the dtype of the step's input (see below).
 //!
 //! A step therefore crosses `k + 1` network legs on its critical path, not `2k`.

@@ -286,3 +286,82 @@ async fn a_dispute_nobody_can_settle_bans_nobody() -> Result<()> {
     liar.kill().await;
     Ok(())
 }
+
+/// The tolerance on honest outputs of the real SmolLM2: a hop's steps (a
+/// 40-token prompt, then single tokens) replayed on a second load of the
+/// span, as a shadow replays them, give the same rows in every wire dtype,
+/// for two spans of the model; a perturbation of a tenth of a row's RMS is
+/// far outside the tolerance. (The same rows computed as one batch instead
+/// differ by a few percent of a row's largest value: why shadows replay
+/// steps as the hop got them.)
+#[test]
+fn honest_real_model_outputs_stay_inside_the_tolerance() -> Result<()> {
+    use nomoat_node::client::verify::{row_error, DEFAULT_TOLERANCE};
+    use nomoat_node::engine::{hidden_from_frame, hidden_to_frame, Span};
+    use nomoat_protocol::DType;
+    let path = nomoat_node::catalog::resolve("smollm2-135m", false)?;
+    let file = ModelFile::open(&path)?;
+    let head = Head::load(&file, WeightMode::Fast)?;
+    let width = head.config().hidden_size;
+    let tokens: Vec<u32> = (0..48).map(|i| (100 + 97 * i) % 49_000).collect();
+    let prompt = 40;
+    // A span's outputs for `x` in the hop's steps, in `dtype`.
+    let run = |span: &Span, x: &candle_core::Tensor, dtype: DType| -> Result<Vec<f32>> {
+        let axis = x.rank() - 2;
+        let mut cache = span.new_cache();
+        let mut out = hidden_to_frame(
+            &span.forward(&x.narrow(axis, 0, prompt)?, 0, &mut cache)?,
+            dtype,
+        )?
+        .to_f32();
+        for i in prompt..tokens.len() {
+            let row = span.forward(&x.narrow(axis, i, 1)?, i, &mut cache)?;
+            out.extend(hidden_to_frame(&row, dtype)?.to_f32());
+        }
+        Ok(out)
+    };
+    let (mut worst, mut batched_worst, mut rows) = (0f32, 0f32, 0);
+    for (start, end) in [(0, 10), (10, 24)] {
+        let hop = Span::load(&file, start, end, WeightMode::Fast)?;
+        let shadow = Span::load(&file, start, end, WeightMode::Fast)?;
+        let x = if start == 0 {
+            head.embed(&tokens)?
+        } else {
+            let before = Span::load(&file, 0, start, WeightMode::Fast)?;
+            before.forward(&head.embed(&tokens)?, 0, &mut before.new_cache())?
+        };
+        for dtype in [DType::F32, DType::F16, DType::Q8Block] {
+            let x = hidden_from_frame(&hidden_to_frame(&x, dtype)?, width)?;
+            let claimed = run(&hop, &x, dtype)?;
+            let truth = run(&shadow, &x, dtype)?;
+            let batched =
+                hidden_to_frame(&shadow.forward(&x, 0, &mut shadow.new_cache())?, dtype)?.to_f32();
+            for (i, (c, t)) in claimed.chunks(width).zip(truth.chunks(width)).enumerate() {
+                worst = worst.max(row_error(c, t));
+                batched_worst =
+                    batched_worst.max(row_error(c, &batched[i * width..(i + 1) * width]));
+                rows += 1;
+            }
+            let last = &truth[truth.len() - width..];
+            let rms = (last.iter().map(|v| v * v).sum::<f32>() / width as f32).sqrt();
+            let lie: Vec<f32> = last
+                .iter()
+                .enumerate()
+                .map(|(k, v)| v + if k % 2 == 0 { 0.1 } else { -0.1 } * rms)
+                .collect();
+            assert!(
+                row_error(&lie, last) > 2.0 * DEFAULT_TOLERANCE,
+                "blocks {start}..{end} {dtype:?}: a lie of 0.1 RMS scores {}",
+                row_error(&lie, last)
+            );
+        }
+    }
+    eprintln!(
+        "{rows} honest rows replayed: worst error {worst:.5}; as one batch instead: {batched_worst:.4} (tolerance {DEFAULT_TOLERANCE})"
+    );
+    assert!(
+        worst <= DEFAULT_TOLERANCE / 5.0,
+        "an honest replayed row scored {worst}, near the tolerance {DEFAULT_TOLERANCE}"
+    );
+    Ok(())
+}

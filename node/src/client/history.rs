@@ -36,6 +36,25 @@ pub(super) fn history_end(h: &[(u32, TensorFrame)]) -> u32 {
     })
 }
 
+/// The chunks of a history that hold rows `from..to`, each cut to them,
+/// as the steps that first carried them: replaying these steps computes
+/// exactly what the hop computed (a batch of rows and single rows take
+/// different kernels, which differ in rounding).
+pub(crate) fn chunks(h: &[(u32, TensorFrame)], from: u32, to: u32) -> Vec<(u32, TensorFrame)> {
+    let mut out = Vec::new();
+    for (start, frame) in h {
+        let n = frame.shape().first().copied().unwrap_or(0) as u32;
+        let (a, b) = (from.max(*start), to.min(start + n));
+        if a >= b {
+            continue;
+        }
+        if let Some(part) = frame.narrow_rows((a - start) as usize, (b - a) as usize) {
+            out.push((a, part));
+        }
+    }
+    out
+}
+
 /// Rows `from..to` of a history as one frame, its chunks' bytes joined
 /// (rows of the blockwise wire dtypes are whole blocks, so this is exact);
 /// `None` when the history does not hold them all.
@@ -94,5 +113,10 @@ mod tests {
         let mut cut = h.clone();
         truncate_history(&mut cut, 5);
         assert_eq!(history_end(&cut), 5);
+        let c = chunks(&h, 1, 5);
+        let starts: Vec<u32> = c.iter().map(|(s, _)| *s).collect();
+        assert_eq!(starts, [1, 3, 4]);
+        assert_eq!(c[0].1.to_f32(), [1., 1., 2., 2.]);
+        assert_eq!(c[2].1.shape(), [1, 2]);
     }
 }

@@ -4,8 +4,11 @@
 //! For a hop chosen for checking (at its peer's check rate, see
 //! [`nomoat_scheduler::Reputation`]), a *shadow* session opens on a chain
 //! of other servers covering the hop's blocks. Every [`VerifyOptions::window`]
-//! positions the hop's new inputs go to the shadow as one prefill-sized step,
-//! and the shadow's outputs are compared with the hop's row by row
+//! positions the hop's new inputs go to the shadow, cut into the steps the
+//! hop got them in (a prompt as one step, then single tokens: a batch and a
+//! single row take different kernels, whose rounding differs by up to a few
+//! percent of a row's largest value, while the same steps give the same
+//! bits), and the shadow's outputs are compared with the hop's row by row
 //! ([`row_error`]). Every position of a checked hop is re-run, so a lie
 //! cannot hide by being rare or by starting late; which hops are checked is
 //! drawn per session, so a server cannot tell a checked session from
@@ -25,7 +28,7 @@ use libp2p::PeerId;
 use nomoat_protocol::{BlockRange, TensorFrame};
 use tokio::sync::mpsc;
 
-use super::history::{history_end, rows, truncate_history};
+use super::history::{chunks, history_end, rows, truncate_history};
 use super::RemoteSession;
 use crate::net::NetHandle;
 
@@ -57,13 +60,11 @@ impl std::fmt::Display for VerifyMode {
 /// Positions a checked hop runs between two shadow steps.
 pub const DEFAULT_WINDOW: u32 = 16;
 /// The largest error [`row_error`] allows an honest row: honest servers
-/// differ by float rounding and by the wire dtype's (q8: at most 1/254 of a
-/// block's largest value each way).
-pub const DEFAULT_TOLERANCE: f32 = 0.05;
+/// replaying the same steps differ at most by float rounding and the wire
+/// dtype's (q8: 1/254 of a block's largest value each way).
+pub const DEFAULT_TOLERANCE: f32 = 0.02;
 /// How long the end of a generation waits for its checks.
 pub const CHECK_WAIT: Duration = Duration::from_secs(60);
-/// Rows per step when a tie-break chain is fed a whole prefix.
-const TIE_BREAK_CHUNK: u32 = 256;
 
 /// The client's checking policy.
 #[derive(Debug, Clone, Copy)]
@@ -213,7 +214,8 @@ pub struct Detected {
 #[derive(Debug)]
 struct Job {
     start: u32,
-    input: TensorFrame,
+    /// The hop's inputs from `start`, cut into the steps it got them in.
+    steps: Vec<(u32, TensorFrame)>,
     claimed: TensorFrame,
     compare_from: u32,
 }
@@ -364,15 +366,13 @@ impl RemoteSession {
             if end <= shadow.fed || (!all && end - shadow.fed < c.opts.window) {
                 continue;
             }
-            let (Some(input), Some(claimed)) = (
-                rows(&self.history[i], shadow.fed, end),
-                rows(outputs, shadow.fed, end),
-            ) else {
+            let steps = chunks(&self.history[i], shadow.fed, end);
+            let Some(claimed) = rows(outputs, shadow.fed, end) else {
                 continue;
             };
             let job = Job {
                 start: shadow.fed,
-                input,
+                steps,
                 claimed,
                 compare_from: h.joined,
             };
@@ -585,7 +585,7 @@ impl ShadowCtx {
         let mut session: Option<RemoteSession> = None;
         while let Some(job) = jobs.recv().await {
             truncate_history(&mut inputs, job.start);
-            inputs.push((job.start, job.input.clone()));
+            inputs.extend(job.steps.iter().cloned());
             let verdict = match self.step(&mut session, &job).await {
                 Err(reason) => Verdict::Inconclusive { key, reason },
                 Ok(truth) => {
@@ -666,7 +666,8 @@ impl ShadowCtx {
         Ok(s)
     }
 
-    /// Runs a job on the shadow (opened at the first job).
+    /// Runs a job on the shadow (opened at the first job): the hop's steps
+    /// replayed as they came, their outputs joined.
     async fn step(
         &self,
         session: &mut Option<RemoteSession>,
@@ -676,9 +677,7 @@ impl ShadowCtx {
             *session = Some(self.open_chain(&self.avoid).await?);
         }
         let s = session.as_mut().expect("opened");
-        s.step(job.start, job.input.clone())
-            .await
-            .map_err(|e| format!("the shadow failed: {e}"))
+        replay(s, &job.steps).await
     }
 
     /// The hop and the shadow disagree at `row` of `job`: a third chain,
@@ -705,27 +704,12 @@ impl ShadowCtx {
             return unresolved;
         };
         let end = job.start + rows_of(&job.claimed);
-        let mut outs: Vec<(u32, TensorFrame)> = Vec::new();
-        let mut at = 0;
-        while at < end {
-            let to = (at + TIE_BREAK_CHUNK).min(end);
-            let Some(chunk) = rows(inputs, at, to) else {
-                third.close().await;
-                return unresolved;
-            };
-            match third.step(at, chunk).await {
-                Ok(o) => outs.push((at, o)),
-                Err(_) => {
-                    third.close().await;
-                    return unresolved;
-                }
-            }
-            at = to;
-        }
+        let replayed = replay(&mut third, &chunks(inputs, 0, end)).await;
         third.close().await;
+        let Ok(all) = replayed else { return unresolved };
         let (r, n) = ((pos - job.start) as usize, (end - pos) as usize);
         let (Some(third_rows), Some(claimed), Some(shadow)) = (
-            rows(&outs, pos, end),
+            all.narrow_rows(pos as usize, n),
             job.claimed.narrow_rows(r, n),
             truth.narrow_rows(r, n),
         ) else {
@@ -742,6 +726,26 @@ impl ShadowCtx {
             _ => unresolved,
         }
     }
+}
+
+/// Steps `session` through `steps` and joins the outputs' rows.
+async fn replay(
+    session: &mut RemoteSession,
+    steps: &[(u32, TensorFrame)],
+) -> Result<TensorFrame, String> {
+    let mut outs = Vec::with_capacity(steps.len());
+    for (start, frame) in steps {
+        let out = session
+            .step(*start, frame.clone())
+            .await
+            .map_err(|e| format!("the shadow failed: {e}"))?;
+        outs.push((*start, out));
+    }
+    let (from, to) = match (steps.first(), steps.last()) {
+        (Some((a, _)), Some((b, f))) => (*a, b + rows_of(f)),
+        _ => return Err("nothing to run".into()),
+    };
+    rows(&outs, from, to).ok_or_else(|| "the shadow's outputs do not join".to_string())
 }
 
 fn rows_of(f: &TensorFrame) -> u32 {

@@ -339,6 +339,11 @@ async fn answer(gw: Gateway, body: &[u8]) -> Result<Response, ApiError> {
             let err = ApiError::generation_failed(e);
             (vec![event("error", err.anthropic_body())], true)
         }
+        JobEvent::Retract { liar, .. } => {
+            crate::metrics::global().requests_failed.inc();
+            let err = ApiError::generation_failed(super::openai::retracted(&liar));
+            (vec![event("error", err.anthropic_body())], true)
+        }
     }))
 }
 

@@ -49,6 +49,15 @@ pub enum JobEvent {
     Done(Finish),
     /// The job failed after it started.
     Failed(String),
+    /// A spot check caught a server lying: the text after the first `keep`
+    /// bytes sent was wrong, and the right text follows. A client that has
+    /// shown it (a stream) cannot take it back and ends the answer.
+    Retract {
+        /// Bytes of the text sent so far that stand.
+        keep: usize,
+        /// The liar.
+        liar: String,
+    },
 }
 
 /// How long a job waits for its client to take the next event: a client
@@ -75,15 +84,20 @@ struct JobSink<'a> {
     guard: &'a SessionGuard,
     /// The client went away or stopped reading.
     gone: bool,
+    /// The tokens handed in, and the bytes of text sent for them.
+    ids: Vec<u32>,
+    sent: usize,
 }
 
 impl TokenSink for JobSink<'_> {
     async fn token(&mut self, id: u32) -> Result<bool, StepError> {
         self.guard.token();
+        self.ids.push(id);
         let Some(p) = self.text.push(self.tok, id)? else {
             return Ok(true);
         };
         let (emit, hit) = self.stop.push(&p);
+        self.sent += emit.len();
         if !emit.is_empty() && !send_or_give_up(self.tx, JobEvent::Text(emit)).await {
             debug!("the client went away or stopped reading; stopping");
             self.gone = true;
@@ -94,6 +108,29 @@ impl TokenSink for JobSink<'_> {
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// Rebuilds the text state of the first `keep` tokens and tells the
+    /// client how much of what it got stands.
+    async fn rewind(&mut self, keep: usize, liar: libp2p::PeerId) -> Result<(), StepError> {
+        self.ids.truncate(keep);
+        self.text = TextStream::default();
+        self.stop = StopMatcher::new(std::mem::take(&mut self.stop.stops));
+        self.stopped_by = None;
+        self.sent = 0;
+        for &id in &self.ids {
+            if let Some(p) = self.text.push(self.tok, id)? {
+                self.sent += self.stop.push(&p).0.len();
+            }
+        }
+        let retract = JobEvent::Retract {
+            keep: self.sent,
+            liar: liar.to_string(),
+        };
+        if !send_or_give_up(self.tx, retract).await {
+            self.gone = true;
+        }
+        Ok(())
     }
 }
 
@@ -327,6 +364,8 @@ impl Gateway {
             tx,
             guard,
             gone: false,
+            ids: Vec::new(),
+            sent: 0,
         };
         let limit = self.inner.model.max_seq_len;
         let (out, stats) = generate(stepper, &job.prompt, &job.opts, limit, &mut sink).await?;

@@ -419,6 +419,8 @@ pub(super) async fn collect(
     while let Some(ev) = rx.recv().await {
         match ev {
             JobEvent::Text(t) => text.push_str(&t),
+            // A caught lie: the answer is not out yet, so it is mended.
+            JobEvent::Retract { keep, .. } => text.truncate(keep),
             JobEvent::Done(f) => return Ok((text, f)),
             JobEvent::Failed(e) => return Err(ApiError::generation_failed(e)),
         }
@@ -463,5 +465,18 @@ fn sse(
             let err = ApiError::generation_failed(e);
             (vec![data(err.body())], true)
         }
+        JobEvent::Retract { liar, .. } => {
+            crate::metrics::global().requests_failed.inc();
+            let err = ApiError::generation_failed(retracted(&liar));
+            (vec![data(err.body())], true)
+        }
     })
+}
+
+/// Why a streamed answer ends when a lie is caught after its text went out.
+pub(super) fn retracted(liar: &str) -> String {
+    format!(
+        "a server of the swarm ({liar}) was caught lying after part of this answer was sent; \
+         the text sent may be wrong: send the request again"
+    )
 }

@@ -63,7 +63,7 @@ struct Swarm {
     boot: Vec<Multiaddr>,
 }
 
-const SPANS: [(u32, u32); 4] = [(0, 12), (8, 24), (14, 30), (0, 30)];
+const SPANS: [(u32, u32); 4] = [(0, 16), (8, 24), (14, 30), (0, 30)];
 
 fn spans(n: u32) -> Vec<BlockRange> {
     // The 30-block layout, scaled to the model's blocks.
