@@ -98,3 +98,55 @@ async fn the_announcement_table_is_capped_and_forgets_the_gone() -> Result<()> {
     hub.shutdown().await;
     Ok(())
 }
+
+/// An info answer relays only what servers signed: a peer that answers
+/// with a server's own announcement re-stamped newer (with other blocks),
+/// or with an announcement it signed for another server, or an unsigned
+/// old-style entry, gets none of them believed; the announcement it
+/// relays untouched is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_answers_relay_only_what_servers_signed() -> Result<()> {
+    use futures::StreamExt;
+    use libp2p::StreamProtocol;
+    use nomoat_node::net::signed::sign_info;
+    use nomoat_node::net::wire::{read_frame_max, write_frame};
+    use nomoat_protocol::{encode_info_response, MAX_CONTROL_BYTES};
+    // An honest server's announcement, as it signs it.
+    // A fake bootstrap peer that answers info queries itself.
+    let fake = node(Vec::new(), 8).await?;
+    let honest_key = libp2p::identity::Keypair::generate_ed25519();
+    let mut honest = info(&fake, 0);
+    honest.peer_id = honest_key.public().to_peer_id().to_bytes();
+    let signed = sign_info(&honest_key, honest.clone());
+    let fake_key = libp2p::identity::Keypair::generate_ed25519();
+    let mut restamped = signed.clone();
+    restamped.info.timestamp_ms = u64::MAX;
+    restamped.info.blocks = BlockRange { start: 0, end: 1 };
+    restamped.info_bytes = restamped.info.encode();
+    let forged = sign_info(
+        &fake_key,
+        ServerInfo {
+            blocks: BlockRange { start: 5, end: 9 },
+            ..honest.clone()
+        },
+    );
+    let answer = encode_info_response(&[restamped, forged, signed.clone()]);
+    let mut incoming = fake
+        .control()
+        .accept(StreamProtocol::new(nomoat_protocol::INFO_PROTOCOL))?;
+    tokio::spawn(async move {
+        while let Some((_, mut s)) = incoming.next().await {
+            let _ = read_frame_max(&mut s, MAX_CONTROL_BYTES).await;
+            let _ = write_frame(&mut s, &answer).await;
+            let _ = futures::AsyncWriteExt::close(&mut s).await;
+        }
+    });
+    let client = node(Vec::new(), 8).await?;
+    client.dial(fake.listen_addrs()[0].clone()).await?;
+    let got = nomoat_node::net::discover::query_servers(&client, fake.peer_id(), MODEL).await?;
+    assert_eq!(got, [honest], "only the untouched signed entry is believed");
+    for n in [fake, client] {
+        n.shutdown().await;
+    }
+    Ok(())
+}
