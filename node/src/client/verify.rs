@@ -533,9 +533,19 @@ impl RemoteSession {
                 "its output disagreed with a recomputation".into()
             },
         };
-        let report = self.failover(&cause, d.pos).await?;
-        self.failovers.push(report);
-        Ok(())
+        match self.failover(&cause, d.pos).await {
+            Ok(report) => {
+                self.failovers.push(report);
+                Ok(())
+            }
+            // Unproven, and nobody else can take over: the hop stays, and
+            // the positions in dispute are computed again on it.
+            Err(e) if !d.proven => {
+                tracing::warn!("no other server can take over the disputed hop ({e}); it stays");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

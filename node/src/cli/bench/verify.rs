@@ -347,14 +347,24 @@ pub(crate) async fn bench_verify(args: BenchVerifyArgs) -> Result<()> {
         let mut rates: Vec<Option<f64>> = vec![None];
         rates.extend(args.rates.iter().map(|r| Some(*r)));
         for rate in rates {
-            let (mut caught, mut right, mut at) = (0usize, 0usize, Vec::new());
+            let (mut caught, mut right, mut at, mut failed) = (0usize, 0usize, Vec::new(), 0usize);
             for _ in 0..args.trials {
                 let (net, _) = client(&swarm.boot, &model_id, 5).await?;
                 let v = VerifyOptions {
                     fixed_rate: rate,
                     ..VerifyOptions::new(VerifyMode::Async)
                 };
-                let r = run_once(&net, &model_id, &head, route(), &prompt, args.tokens, v).await?;
+                let r = match run_once(&net, &model_id, &head, route(), &prompt, args.tokens, v)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("a trial failed: {e:#}");
+                        failed += 1;
+                        net.shutdown().await;
+                        continue;
+                    }
+                };
                 if net.is_banned(&pl) {
                     caught += 1;
                     // Tokens handed out when the first rewind came.
@@ -368,7 +378,7 @@ pub(crate) async fn bench_verify(args: BenchVerifyArgs) -> Result<()> {
                 format!("check rate {r}")
             });
             println!(
-                "  {lie:<28} {what:<24} caught in {caught} of {} trials (median {:.0} tokens in); final text equal to the whole model's in {right} of {}",
+                "  {lie:<28} {what:<24} caught in {caught} of {} trials (median {:.0} tokens in); final text equal to the whole model's in {right} of {}; {failed} failed",
                 args.trials,
                 med(&at),
                 args.trials,
