@@ -208,6 +208,7 @@ async fn strict_mode_sends_only_checked_tokens_and_honest_servers_pass() -> Resu
     // sink is a closure, which cannot take tokens back. (A new client: the
     // first may have caught the liar as a shadow already.)
     let net = client_net().await?;
+    net.subscribe(MODEL).await;
     discover_n(&net, &[honest[0].addr.clone()], MODEL, 4).await?;
     assert!(!net.is_banned(&liar.net.peer_id()));
     let head = Arc::new(Head::load(&file, WeightMode::Fast)?);

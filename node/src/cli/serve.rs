@@ -145,7 +145,7 @@ pub(crate) struct ServeArgs {
     /// The keys of the --api gateway.
     #[command(flatten)]
     keys: crate::cli::gateway::ApiKeyArgs,
-    /// Test-only: lie about the span's outputs (perturb[:SCALE] or skip,
+    /// Test-only: lie about the span's outputs (perturb, perturb:SCALE or skip,
     /// then ,after=N ,rate=P ,client=PEER), for spot checks to catch.
     #[arg(long, hide = true)]
     fault_compute: Option<nomoat_node::server::fault::ComputeFault>,

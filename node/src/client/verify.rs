@@ -642,10 +642,14 @@ impl ShadowCtx {
     async fn open_chain(&self, avoid: &[PeerId]) -> Result<RemoteSession, String> {
         let mut servers = self.net.servers(&self.model_id);
         // The session's hops first, then any peer this node is connected
-        // to (a bootstrap peer), that the shadow must not run on.
+        // to (a bootstrap peer); peers the chain must avoid last: answers
+        // hold only what servers signed, so even they cannot plant one.
         let connected = self.net.connected_peers().into_iter().map(|(p, _)| p);
-        let ask: Vec<PeerId> = self.ask.iter().copied().chain(connected).collect();
-        for peer in ask.iter().filter(|p| !avoid.contains(p)).take(4) {
+        let mut ask: Vec<PeerId> = self.ask.iter().copied().chain(connected).collect();
+        let mut seen = std::collections::HashSet::new();
+        ask.retain(|p| seen.insert(*p));
+        ask.sort_by_key(|p| avoid.contains(p));
+        for peer in ask.iter().take(4) {
             let asked = crate::net::discover::query_servers(&self.net, *peer, &self.model_id);
             if let Ok(list) = asked.await {
                 servers.extend(list);

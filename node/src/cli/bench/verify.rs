@@ -37,7 +37,7 @@ pub(crate) struct BenchVerifyArgs {
     #[arg(long, default_value_t = 100)]
     tokens: usize,
     /// The lies to try, separated by `;` (see the serve flag
-    /// --fault-compute: perturb[:SCALE] or skip, then ,after=N ,rate=P).
+    /// --fault-compute: perturb, perturb:SCALE or skip, then ,after=N ,rate=P).
     #[arg(
         long,
         default_value = "perturb:0.5;perturb:0.5,rate=0.05;perturb:0.5,after=50;skip"
