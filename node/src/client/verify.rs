@@ -213,6 +213,9 @@ pub struct Detected {
 /// from `compare_from` on.
 #[derive(Debug)]
 struct Job {
+    /// Names the job's verdict: one that comes after its job was given up
+    /// (a rewind) is ignored.
+    ticket: u64,
     start: u32,
     /// The hop's inputs from `start`, cut into the steps it got them in.
     steps: Vec<(u32, TensorFrame)>,
@@ -235,10 +238,11 @@ pub(crate) struct Checks {
     shadows: HashMap<HopKey, Option<Shadow>>,
     /// Per checked hop, positions verified so far.
     verified: HashMap<HopKey, u32>,
-    verdicts_tx: mpsc::Sender<Verdict>,
-    verdicts: mpsc::Receiver<Verdict>,
-    /// Jobs sent whose verdict has not come.
-    outstanding: usize,
+    verdicts_tx: mpsc::Sender<(u64, Verdict)>,
+    verdicts: mpsc::Receiver<(u64, Verdict)>,
+    /// Tickets of the jobs sent whose verdict has not come.
+    pending: std::collections::HashSet<u64>,
+    next_ticket: u64,
     /// Shadow positions run, and hop positions served, for the cost.
     pub(crate) shadow_positions: u64,
     /// Why the last check that could not run could not.
@@ -259,7 +263,8 @@ impl Checks {
             verified: HashMap::new(),
             verdicts_tx,
             verdicts,
-            outstanding: 0,
+            pending: Default::default(),
+            next_ticket: 0,
             shadow_positions: 0,
             trouble: None,
             agreed_rows: 0,
@@ -370,7 +375,10 @@ impl RemoteSession {
             let Some(claimed) = rows(outputs, shadow.fed, end) else {
                 continue;
             };
+            c.next_ticket += 1;
+            let ticket = c.next_ticket;
             let job = Job {
+                ticket,
                 start: shadow.fed,
                 steps,
                 claimed,
@@ -379,7 +387,7 @@ impl RemoteSession {
             if shadow.jobs.try_send(job).is_ok() {
                 c.shadow_positions += u64::from(end - shadow.fed);
                 shadow.fed = end;
-                c.outstanding += 1;
+                c.pending.insert(ticket);
             }
         }
         self.checks = Some(c);
@@ -404,14 +412,14 @@ impl RemoteSession {
         };
         let deadline = tokio::time::Instant::now() + CHECK_WAIT;
         let mut found = None;
-        while c.outstanding > 0 && found.is_none() {
+        while !c.pending.is_empty() && found.is_none() {
             let v = if wait {
                 match tokio::time::timeout_at(deadline, c.verdicts.recv()).await {
                     Ok(Some(v)) => v,
                     _ => {
                         tracing::warn!(
                             "{} spot checks did not finish within {CHECK_WAIT:?}",
-                            c.outstanding
+                            c.pending.len()
                         );
                         break;
                     }
@@ -422,20 +430,25 @@ impl RemoteSession {
                     Err(_) => break,
                 }
             };
-            c.outstanding -= 1;
+            let (ticket, v) = v;
+            if !c.pending.remove(&ticket) {
+                continue; // a job given up at a rewind
+            }
             found = self.record_verdict(&mut c, v);
         }
         let detected = match found {
             Some(d) => {
-                // The shadows of the other hops fed positions past the
-                // rewind: they are fed again from it.
-                for s in c.shadows.values_mut().flatten() {
-                    s.fed = s.fed.min(d.pos);
-                }
+                // The jobs in flight are given up: every shadow is fed
+                // again from what it had verified (at most the rewind).
                 for v in c.verified.values_mut() {
                     *v = (*v).min(d.pos);
                 }
-                c.outstanding = 0;
+                for (key, s) in c.shadows.iter_mut() {
+                    if let Some(s) = s {
+                        s.fed = c.verified.get(key).copied().unwrap_or(0);
+                    }
+                }
+                c.pending.clear();
                 while c.verdicts.try_recv().is_ok() {}
                 Some(d)
             }
@@ -554,7 +567,7 @@ fn spawn_shadow(
     session: &RemoteSession,
     key: HopKey,
     checks: &Checks,
-    verdicts: mpsc::Sender<Verdict>,
+    verdicts: mpsc::Sender<(u64, Verdict)>,
 ) -> mpsc::Sender<Job> {
     let mut avoid = vec![key.0];
     avoid.extend(checks.disputed.iter().copied());
@@ -589,7 +602,7 @@ struct ShadowCtx {
 }
 
 impl ShadowCtx {
-    async fn run(self, mut jobs: mpsc::Receiver<Job>, verdicts: mpsc::Sender<Verdict>) {
+    async fn run(self, mut jobs: mpsc::Receiver<Job>, verdicts: mpsc::Sender<(u64, Verdict)>) {
         let key = self.key;
         let mut inputs: Vec<(u32, TensorFrame)> = Vec::new();
         let mut session: Option<RemoteSession> = None;
@@ -616,20 +629,17 @@ impl ShadowCtx {
                 }
             };
             let done = !matches!(verdict, Verdict::Agree { .. });
-            if verdicts.send(verdict).await.is_err() || done {
+            if verdicts.send((job.ticket, verdict)).await.is_err() || done {
                 break;
             }
         }
         // Every job sent gets a verdict, so the session's count of those
         // it waits for stays true.
         jobs.close();
-        while jobs.try_recv().is_ok() {
+        while let Ok(job) = jobs.try_recv() {
             let reason = "the shadow had ended".to_string();
-            if verdicts
-                .send(Verdict::Inconclusive { key, reason })
-                .await
-                .is_err()
-            {
+            let v = Verdict::Inconclusive { key, reason };
+            if verdicts.send((job.ticket, v)).await.is_err() {
                 break;
             }
         }
