@@ -21,6 +21,11 @@ use nomoat_tests::harness::{client_net, discover_n, TestServer};
 use nomoat_tests::{TinyArch, TinyModel, TinySpec};
 
 const MODEL: &str = "tiny-verify-model";
+
+/// The tests of this file run one at a time: each starts several servers
+/// and checks their work on others, and on a small machine several at
+/// once starve each other's shadows past their timeouts.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PROMPT: [u32; 7] = [3, 17, 42, 5, 88, 1, 60];
 const TOKENS: usize = 40;
 
@@ -120,6 +125,7 @@ async fn run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_liar_on_the_route_is_caught_banned_and_replaced() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir()?;
     let file = tiny(dir.path())?;
     let want = local_tokens(&file)?;
@@ -178,6 +184,7 @@ async fn a_liar_on_the_route_is_caught_banned_and_replaced() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_sends_only_checked_tokens_and_honest_servers_pass() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir()?;
     let file = tiny(dir.path())?;
     let want = local_tokens(&file)?;
@@ -259,6 +266,7 @@ async fn strict_mode_sends_only_checked_tokens_and_honest_servers_pass() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispute_nobody_can_settle_bans_nobody() -> Result<()> {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir()?;
     let file = tiny(dir.path())?;
     let want = local_tokens(&file)?;
@@ -297,6 +305,7 @@ async fn a_dispute_nobody_can_settle_bans_nobody() -> Result<()> {
 /// steps as the hop got them.)
 #[test]
 fn honest_real_model_outputs_stay_inside_the_tolerance() -> Result<()> {
+    let _serial = SERIAL.blocking_lock();
     use nomoat_node::client::verify::{row_error, DEFAULT_TOLERANCE};
     use nomoat_node::engine::{hidden_from_frame, hidden_to_frame, Span};
     use nomoat_protocol::DType;
