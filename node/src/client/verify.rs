@@ -243,7 +243,7 @@ pub(crate) struct Checks {
     /// Tickets of the jobs sent whose verdict has not come.
     pending: std::collections::HashSet<u64>,
     next_ticket: u64,
-    /// Shadow positions run, and hop positions served, for the cost.
+    /// Positions sent to shadows, all hops together (the checks' cost).
     pub(crate) shadow_positions: u64,
     /// Why the last check that could not run could not.
     trouble: Option<String>,

@@ -120,7 +120,6 @@ struct Run {
     secs: f64,
     summary: nomoat_node::client::verify::CheckSummary,
     main_positions: u64,
-    route: Vec<(PeerId, BlockRange)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -163,7 +162,6 @@ async fn run_once(
         secs,
         summary,
         main_positions,
-        route: route_now,
     })
 }
 
@@ -371,7 +369,6 @@ pub(crate) async fn bench_verify(args: BenchVerifyArgs) -> Result<()> {
                     at.extend(r.sink.rewinds.first().map(|(_, handed)| *handed as f64));
                 }
                 right += usize::from(r.tokens == want && r.sink.tokens == want);
-                let _ = r.route;
                 net.shutdown().await;
             }
             let what = rate.map_or("new client (probation)".to_string(), |r| {
