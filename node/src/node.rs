@@ -534,6 +534,11 @@ impl Node {
                 .map_err(|e| NodeError::Adapter(e.message))?;
             eprintln!("adapter {id} loaded for blocks {}..{}", a.start(), a.end());
         }
+        tokio::spawn(crate::client::watch_evidence(
+            net.clone(),
+            model_id.clone(),
+            shutdown.clone(),
+        ));
         let server = tokio::spawn(run_server(
             net.clone(),
             exec.clone(),

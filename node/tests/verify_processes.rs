@@ -1,8 +1,11 @@
 //! Real `nomoat serve` processes with the real SmolLM2: three honest
 //! servers of overlapping spans and a lying replica of the middle one. A
 //! generation routed through the liar ends with the local text, the liar
-//! is banned and off the route; a second client, which never met the
-//! liar, checks it from its first session too.
+//! is banned and off the route; a second client (a `nomoat gateway`
+//! process), which never routes through the liar, learns of the ban from
+//! the evidence the first one gossips, re-checked on its own chains; a
+//! third client, which joins after, checks the liar from its first session
+//! too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +78,20 @@ async fn a_lying_server_process_is_caught_and_the_text_stays_the_local_one() -> 
         &["--fault-compute", "perturb:0.3,after=8"],
     )?;
     let liar_id: PeerId = liar.peer_id().parse()?;
+    let gateway = nomoat_tests::web::NomoatProc::spawn(
+        &nomoat_bin()?,
+        &[
+            "gateway",
+            "--model",
+            "smollm2-135m",
+            "--api",
+            "127.0.0.1:0",
+            "--swarm",
+            &boot,
+        ],
+        Duration::from_secs(120),
+    )?;
+    let api = gateway.http_addr()?;
     let boot: Vec<Multiaddr> = vec![boot.parse()?];
     let head = Arc::new(Head::load(&file, WeightMode::Fast)?);
     let max_len = (prompt.len() + opts.max_tokens + 2) as u32;
@@ -110,9 +127,54 @@ async fn a_lying_server_process_is_caught_and_the_text_stays_the_local_one() -> 
         assert!(remote.route().iter().all(|(p, _)| *p != liar_id));
         stepper.close().await;
         net.shutdown().await;
+        if round == 0 {
+            gateway_learns_of_the_ban(api, liar_id, [&a, &b, &c]).await?;
+        }
     }
-    drop((a, b, c, liar));
+    drop((a, b, c, liar, gateway));
     Ok(())
+}
+
+/// Waits until the gateway's swarm view shows the liar banned (from the
+/// evidence alone: the gateway ran no session) and no honest server.
+async fn gateway_learns_of_the_ban(
+    api: std::net::SocketAddr,
+    liar: PeerId,
+    honest: [&Proc; 3],
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let view = nomoat_node::gateway::http::request(
+            api,
+            "GET",
+            "/api/swarm",
+            None,
+            Duration::from_secs(30),
+        )
+        .await?
+        .json();
+        let peers = view["peers"].as_array().cloned().unwrap_or_default();
+        let banned = |p: &str| {
+            peers
+                .iter()
+                .any(|v| v["peer_id"] == p && v["banned"] == true)
+        };
+        if banned(&liar.to_string()) {
+            for h in honest {
+                anyhow::ensure!(!banned(&h.peer_id()), "the gateway banned an honest server");
+            }
+            anyhow::ensure!(
+                view["sessions"].as_array().is_some_and(Vec::is_empty),
+                "the gateway ran sessions: {view}"
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not ban the liar from the evidence within 120 s: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Collects tokens; takes back those after a rewind.

@@ -237,6 +237,9 @@ pub enum InferMessage {
     },
     /// Client -> a hop that stays: the session's route changed.
     Reroute(Reroute),
+    /// Hop -> client, just before a `Result` or `Copy`: the hop's signed
+    /// receipt of that output.
+    Receipt(crate::Receipt),
 }
 
 /// Validates a route and the receiver's index in it.
@@ -374,6 +377,7 @@ impl InferMessage {
                 route: route(r.route, r.hop_index)?,
                 hop_index: r.hop_index,
             }),
+            Kind::Receipt(r) => InferMessage::Receipt(crate::Receipt::from_pb(r)?),
         })
     }
 
@@ -440,6 +444,7 @@ impl InferMessage {
                 route: route_to_pb(&r.route),
                 hop_index: r.hop_index,
             }),
+            InferMessage::Receipt(r) => Kind::Receipt(r.to_pb()),
         };
         pb::InferFrame { kind: Some(kind) }
     }
@@ -498,6 +503,7 @@ impl InferMessage {
             InferMessage::Error(_) => "Error",
             InferMessage::Close { .. } => "Close",
             InferMessage::Reroute(_) => "Reroute",
+            InferMessage::Receipt(_) => "Receipt",
         }
     }
 }

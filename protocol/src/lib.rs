@@ -485,6 +485,8 @@
 //! | [`MAX_PUBLIC_KEY_BYTES`]   | 1,024           | the public key of one signed `ServerInfo`          |
 //! | [`MAX_SIGNATURE_BYTES`]    | 1,024           | the signature of one signed `ServerInfo`           |
 //! | [`MAX_TEXT_BYTES`]         | 4,096           | a model id, error message, version or address      |
+//! | [`MAX_EVIDENCE_BYTES`]     | 960 KiB         | one piece of evidence (a gossip message)           |
+//! | [`MAX_EVIDENCE_STEPS`]     | 4,096           | the input steps of one piece of evidence           |
 //! | [`SESSION_ID_LEN`]         | 16              | a session id, exactly                              |
 //! | [`MAX_MANIFEST_BYTES`]     | 32 MiB          | a manifest's canonical bytes                       |
 //! | [`MAX_MANIFEST_TENSORS`]   | 65,536          | the tensors of one manifest                        |
@@ -538,6 +540,7 @@ mod infer;
 mod info;
 mod manifest;
 mod pb;
+mod receipt;
 mod tensor;
 mod weights;
 
@@ -561,6 +564,10 @@ pub use manifest::{
     MAX_CHUNK_BYTES, MAX_MANIFEST_BLOCKS, MAX_MANIFEST_BYTES, MAX_MANIFEST_DIMS,
     MAX_MANIFEST_TENSORS, MIN_CHUNK_BYTES,
 };
+pub use receipt::{
+    frame_hash, Evidence, EvidenceError, InputChain, Receipt, ReceiptBody, INPUT_CHAIN_DOMAIN,
+    MAX_EVIDENCE_BYTES, MAX_EVIDENCE_STEPS, RECEIPT_SIGNING_PREFIX,
+};
 pub use tensor::{DType, TensorFrame, Q8_BLOCK};
 pub use weights::{
     Have, WeightsRequest, WeightsResponse, MAX_CHUNKS_PER_REQUEST, WEIGHTS_PROTOCOL,
@@ -583,7 +590,7 @@ mod tests {
     use super::*;
 
     /// The crate's sources, where the limits are documented and defined.
-    const SOURCES: [&str; 8] = [
+    const SOURCES: [&str; 9] = [
         include_str!("lib.rs"),
         include_str!("codec.rs"),
         include_str!("ids.rs"),
@@ -592,6 +599,7 @@ mod tests {
         include_str!("manifest.rs"),
         include_str!("weights.rs"),
         include_str!("tensor.rs"),
+        include_str!("receipt.rs"),
     ];
 
     /// The value of the limit a table row names.
@@ -609,6 +617,8 @@ mod tests {
             "MAX_PUBLIC_KEY_BYTES" => MAX_PUBLIC_KEY_BYTES,
             "MAX_SIGNATURE_BYTES" => MAX_SIGNATURE_BYTES,
             "MAX_TEXT_BYTES" => MAX_TEXT_BYTES,
+            "MAX_EVIDENCE_BYTES" => MAX_EVIDENCE_BYTES,
+            "MAX_EVIDENCE_STEPS" => MAX_EVIDENCE_STEPS,
             "SESSION_ID_LEN" => SESSION_ID_LEN,
             "MAX_MANIFEST_BYTES" => MAX_MANIFEST_BYTES,
             "MAX_MANIFEST_TENSORS" => MAX_MANIFEST_TENSORS,

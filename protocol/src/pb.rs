@@ -76,6 +76,8 @@ pub(crate) mod field {
         INFO_RESPONSE_SIGNED: InfoResponse.signed = 2,
         /// `SignedServerInfo.info`.
         SIGNED_SERVER_INFO_INFO: SignedServerInfo.info = 1,
+        /// The steps of an `Evidence`.
+        EVIDENCE_STEPS: Evidence.steps = 2,
         /// `Manifest.chunk_size` (the tests write it by hand).
         #[cfg(test)]
         MANIFEST_CHUNK_SIZE: Manifest.chunk_size = 3,

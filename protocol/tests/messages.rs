@@ -1073,6 +1073,10 @@ fn decode_all(bytes: &[u8]) {
     let _ = decode_info_request(bytes);
     let _ = decode_info_response(bytes);
     let _ = SignedInfo::decode(bytes);
+    if let Ok(e) = nomoat_protocol::Evidence::decode(bytes) {
+        let _ = e.check();
+    }
+    let _ = nomoat_protocol::ReceiptBody::decode(bytes);
 }
 
 proptest! {

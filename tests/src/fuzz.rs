@@ -252,6 +252,28 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
             },
         ),
         (
+            "receipt",
+            InferMessage::Receipt({
+                let body = nomoat_protocol::ReceiptBody {
+                    model_id: "0123456789abcdef".into(),
+                    session_id: session,
+                    seq: 3,
+                    blocks: nomoat_protocol::BlockRange { start: 0, end: 8 },
+                    start_pos: 12,
+                    rows: 1,
+                    inputs: nomoat_protocol::InputChain::new(session),
+                    output: nomoat_protocol::Hash([5; 32]),
+                    adapter: None,
+                };
+                nomoat_protocol::Receipt {
+                    body_bytes: body.encode(),
+                    body,
+                    public_key: vec![8; 36],
+                    signature: vec![9; 64],
+                }
+            }),
+        ),
+        (
             "copy",
             InferMessage::Copy {
                 session_id: session,

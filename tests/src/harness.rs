@@ -265,6 +265,8 @@ pub struct Raw {
     pub r: futures::io::ReadHalf<libp2p::Stream>,
     /// The write half.
     pub w: futures::io::WriteHalf<libp2p::Stream>,
+    /// The last receipt [`recv`](Self::recv) passed over.
+    pub receipt: Option<nomoat_protocol::Receipt>,
 }
 
 impl Raw {
@@ -279,7 +281,11 @@ impl Raw {
             )
             .await?;
         let (r, w) = s.split();
-        Ok(Self { r, w })
+        Ok(Self {
+            r,
+            w,
+            receipt: None,
+        })
     }
 
     /// Sends one message.
@@ -287,10 +293,16 @@ impl Raw {
         Ok(nomoat_node::net::wire::write_message(&mut self.w, m).await?)
     }
 
-    /// The next message, waiting up to 15 s (`None` at the stream's end).
+    /// The next message but receipts (kept in [`receipt`](Self::receipt)),
+    /// waiting up to 15 s (`None` at the stream's end).
     pub async fn recv(&mut self) -> Result<Option<nomoat_protocol::InferMessage>> {
-        let read = nomoat_node::net::wire::read_message(&mut self.r);
-        Ok(tokio::time::timeout(Duration::from_secs(15), read).await??)
+        loop {
+            let read = nomoat_node::net::wire::read_message(&mut self.r);
+            match tokio::time::timeout(Duration::from_secs(15), read).await?? {
+                Some(nomoat_protocol::InferMessage::Receipt(r)) => self.receipt = Some(r),
+                other => return Ok(other),
+            }
+        }
     }
 
     /// Expects an error frame with `code`.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use candle_core::quantized::GgmlDType;
 use candle_core::Tensor;
 use libp2p::PeerId;
@@ -183,11 +183,31 @@ async fn bad_input_gets_typed_errors_while_a_good_session_runs() -> Result<()> {
     // A malformed frame: answered, and the stream stays usable.
     write_frame(&mut raw.w, b"\xff\xff not protobuf").await?;
     raw.expect_error(ErrorCode::Malformed).await?;
-    raw.send(&step_msg(id, 1, 0, hidden(&PROMPT)?)).await?;
-    assert!(matches!(
-        raw.recv().await?,
-        Some(InferMessage::Result { seq: 1, .. })
-    ));
+    let input = hidden(&PROMPT)?;
+    raw.send(&step_msg(id, 1, 0, input.clone())).await?;
+    let Some(InferMessage::Result {
+        seq: 1,
+        hidden: out,
+        ..
+    }) = raw.recv().await?
+    else {
+        bail!("no result of step 1");
+    };
+    // The output came with the server's receipt: signed by it, naming the
+    // session's input and this output.
+    let receipt = raw.receipt.take().context("no receipt before the result")?;
+    assert_eq!(
+        nomoat_node::net::signed::verify_receipt(&receipt).map_err(anyhow::Error::msg)?,
+        peer
+    );
+    let mut chain = nomoat_protocol::InputChain::new(id);
+    chain.push(0, &input);
+    assert_eq!(receipt.body.inputs, chain);
+    assert_eq!(receipt.body.output, nomoat_protocol::frame_hash(&out));
+    assert_eq!(
+        (receipt.body.seq, receipt.body.rows),
+        (1, PROMPT.len() as u32)
+    );
 
     // Wrong hidden size.
     let narrow = TensorFrame::from_f32(vec![1, 32], &[0.5; 32], DType::F32)?;

@@ -375,3 +375,82 @@ fn honest_real_model_outputs_stay_inside_the_tolerance() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_learns_of_a_ban_from_the_evidence_and_false_evidence_changes_nothing(
+) -> Result<()> {
+    use nomoat_node::client::{recheck, watch_evidence, Recheck};
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir()?;
+    let file = tiny(dir.path())?;
+    let want = local_tokens(&file)?;
+    let (honest, liar) = swarm(&file, "perturb:0.5").await?;
+    // The second client only listens: it never routes through the liar.
+    let watcher = client(&honest).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(watch_evidence(watcher.clone(), MODEL.into(), stop.clone()));
+    let net = client(&honest).await?;
+    let route = vec![
+        hop(&honest[0], 0, 2),
+        hop(&liar, 2, 5),
+        hop(&honest[2], 5, 6),
+    ];
+    let (stepper, _, out) = run(&net, &file, route, VerifyMode::Async).await?;
+    assert_eq!(out, want);
+    assert!(net.is_banned(&liar.net.peer_id()));
+    stepper.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !watcher.is_banned(&liar.net.peer_id()) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the second client did not ban the liar from the evidence within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in &honest {
+        assert!(
+            !watcher.is_banned(&s.net.peer_id()),
+            "an honest server was banned"
+        );
+    }
+    // The second client's own routes now avoid the liar.
+    let found = nomoat_node::net::discover(&watcher, &[honest[2].addr.clone()], MODEL).await?;
+    for _ in 0..20 {
+        let r = nomoat_node::client::plan(&watcher, MODEL, 6, &found, 64)?;
+        assert!(r.iter().all(|h| h.peer_id != liar.net.peer_id().to_bytes()));
+    }
+
+    // Evidence built from an honest server's true output is refuted by the
+    // recomputation, and one whose output was altered does not hold
+    // together: neither bans anyone.
+    let route = vec![
+        hop(&honest[0], 0, 2),
+        hop(&honest[1], 2, 5),
+        hop(&honest[2], 5, 6),
+    ];
+    let (stepper, _, _) = run(&net, &file, route, VerifyMode::Off).await?;
+    let session = stepper.remote().expect("a swarm session");
+    let b = honest[1].net.peer_id();
+    let evidence = session
+        .evidence(b, BlockRange { start: 2, end: 5 }, PROMPT.len() as u32 + 3)
+        .map_err(anyhow::Error::msg)?;
+    let verdict = recheck(&watcher, net.peer_id(), &evidence).await;
+    assert_eq!(verdict, Recheck::Refuted { accused: b }, "{verdict:?}");
+    let mut altered = evidence.clone();
+    let values: Vec<f32> = altered.output.to_f32().iter().map(|v| v + 1.0).collect();
+    altered.output = nomoat_protocol::TensorFrame::from_f32(
+        altered.output.shape().to_vec(),
+        &values,
+        altered.output.dtype(),
+    )?;
+    assert!(altered.check().is_err());
+    let verdict = recheck(&watcher, net.peer_id(), &altered).await;
+    assert!(matches!(verdict, Recheck::Undecided { .. }), "{verdict:?}");
+    assert!(!watcher.is_banned(&b));
+    stepper.close().await;
+    stop.cancel();
+    for s in honest.iter().chain([&liar]) {
+        s.kill().await;
+    }
+    Ok(())
+}

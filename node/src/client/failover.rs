@@ -26,7 +26,7 @@ impl RemoteSession {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some((c, msg))) = tokio::time::timeout(left, self.events.recv()).await else {
+            let Some((c, msg)) = self.next_event(left).await else {
                 return Err(format!("no answer within {timeout:?}"));
             };
             if let (Some(hop), Some(InferMessage::Copy { seq, hidden, .. })) =
@@ -57,7 +57,7 @@ impl RemoteSession {
         let deadline = Instant::now() + HISTORY_WAIT;
         while history_end(&self.history[hop]) < pos {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some((c, msg))) = tokio::time::timeout(left, self.events.recv()).await else {
+            let Some((c, msg)) = self.next_event(left).await else {
                 return false;
             };
             if let (Some(h), Some(InferMessage::Copy { seq, hidden, .. })) = (self.hop_of(c), msg) {

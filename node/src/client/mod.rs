@@ -19,6 +19,7 @@ pub mod verify;
 pub use generate::{generate, StepError, Stepper, TokenSink};
 pub use plan::{plan, plan_range, simple_route};
 pub(crate) use session::{UNANSWERED_STREAM_ATTEMPTS, UNANSWERED_STREAM_DELAY};
+pub use verify::{recheck, watch_evidence, Recheck};
 
 use std::time::Duration;
 
@@ -169,7 +170,7 @@ struct LiveStep {
     stop: Option<usize>,
 }
 
-type Event = (u64, Option<InferMessage>);
+pub(crate) type Event = (u64, Option<InferMessage>);
 
 /// One inference session along a route, with failover: when a hop fails the
 /// session replaces it, replays its inputs and goes on (see the protocol
@@ -194,6 +195,9 @@ pub struct RemoteSession {
     history: Vec<Vec<(u32, TensorFrame)>>,
     /// The last hop's outputs, as `history` keeps the others'.
     outputs: Vec<(u32, TensorFrame)>,
+    /// The receipts the hops signed, by step and hop stream (bounded by
+    /// [`session::MAX_RECEIPTS`]).
+    receipts: std::collections::BTreeMap<(u64, u64), nomoat_protocol::Receipt>,
     /// Spot checks, when on.
     checks: Option<verify::Checks>,
     /// Peers failover must never pick (a shadow avoids the hop it checks).

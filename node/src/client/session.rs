@@ -90,9 +90,28 @@ pub(super) async fn open_hop(
     let (mut r, w) = tokio::time::timeout(OPEN_TIMEOUT, fut)
         .await
         .map_err(|_| failed(format!("no answer within {OPEN_TIMEOUT:?}")))??;
+    let model_id = model_id.to_string();
     tokio::spawn(async move {
         loop {
             match read_message(&mut r).await {
+                Ok(Some(InferMessage::Receipt(receipt))) => {
+                    // Checked here, off the session's path: a receipt that
+                    // is not this hop's, for this session and its blocks,
+                    // fails the hop.
+                    let m = match receipt_fault(&receipt, peer, id, &model_id, blocks) {
+                        None => InferMessage::Receipt(receipt),
+                        Some(why) => InferMessage::Error(nomoat_protocol::ErrorFrame::new(
+                            nomoat_protocol::ErrorCode::Malformed,
+                            format!("its receipt of step {}: {why}", receipt.body.seq),
+                            Some(id),
+                            0,
+                            u32::MAX,
+                        )),
+                    };
+                    if tx.send((conn, Some(m))).await.is_err() {
+                        break;
+                    }
+                }
                 Ok(Some(m)) => {
                     if tx.send((conn, Some(m))).await.is_err() {
                         break;
@@ -108,7 +127,73 @@ pub(super) async fn open_hop(
     Ok(w)
 }
 
+/// What is wrong with a receipt from hop `peer` (running `blocks` of
+/// session `id`), if anything.
+fn receipt_fault(
+    r: &nomoat_protocol::Receipt,
+    peer: PeerId,
+    id: SessionId,
+    model_id: &str,
+    blocks: BlockRange,
+) -> Option<String> {
+    match crate::net::signed::verify_receipt(r) {
+        Err(e) => Some(e),
+        Ok(signer) if signer != peer => Some(format!("signed by {signer}, not by the hop")),
+        Ok(_) if r.body.session_id != id => Some("for another session".into()),
+        Ok(_) if r.body.model_id != model_id => Some("for another model".into()),
+        Ok(_) if r.body.blocks != blocks => Some(format!(
+            "for blocks {}, not the hop's {blocks}",
+            r.body.blocks
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// Receipts a session keeps (the oldest steps' go first).
+pub(crate) const MAX_RECEIPTS: usize = 8192;
+
 impl RemoteSession {
+    /// The next message from the hops within `left`, receipts kept on the
+    /// way.
+    pub(super) async fn next_event(&mut self, left: Duration) -> Option<super::Event> {
+        let deadline = tokio::time::Instant::now() + left;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some((conn, Some(InferMessage::Receipt(r))))) => {
+                    self.receipts.insert((r.body.seq, conn), r);
+                    while self.receipts.len() > MAX_RECEIPTS {
+                        self.receipts.pop_first();
+                    }
+                }
+                Ok(Some(e)) => return Some(e),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Whether hop stream `conn` signed `frame` as its output of step
+    /// `seq`.
+    pub(super) fn signed_output(&self, conn: u64, seq: u64, frame: &TensorFrame) -> bool {
+        self.receipts.get(&(seq, conn)).is_some_and(|r| {
+            r.body.output == nomoat_protocol::frame_hash(frame)
+                && frame.shape().first() == Some(&(r.body.rows as usize))
+        })
+    }
+
+    /// The receipt hop stream `conn` signed for the latest step that
+    /// computed position `pos`.
+    pub(crate) fn receipt_at(&self, conn: u64, pos: u32) -> Option<&nomoat_protocol::Receipt> {
+        self.receipts
+            .iter()
+            .rev()
+            .find(|((_, c), r)| {
+                *c == conn
+                    && r.body.start_pos <= pos
+                    && pos < r.body.start_pos.saturating_add(r.body.rows)
+            })
+            .map(|(_, r)| r)
+    }
+
     /// Finds the model's servers through `bootstrap` (and the announcements
     /// heard), plans the cheapest route over its `num_blocks` blocks and
     /// opens a session along it, with `adapter` if one is given.
@@ -252,6 +337,7 @@ impl RemoteSession {
             net: net.clone(),
             history: vec![Vec::new(); hops.len()],
             outputs: Vec::new(),
+            receipts: Default::default(),
             checks: None,
             avoid: Vec::new(),
             next_conn: hops.len() as u64,
@@ -384,6 +470,12 @@ impl RemoteSession {
             );
             return;
         }
+        if !self.signed_output(self.hops[hop].conn, seq, &hidden) {
+            tracing::warn!(
+                "hop {hop} sent a copy of step {seq} without its signed receipt; ignored"
+            );
+            return;
+        }
         let Some(frame) = hidden.narrow_rows(0, (step.end - step.start) as usize) else {
             return;
         };
@@ -452,7 +544,7 @@ impl RemoteSession {
         let mut arrived: Vec<Option<Instant>> = vec![None; self.hops.len()];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some((conn, msg))) = tokio::time::timeout(left, self.events.recv()).await else {
+            let Some((conn, msg)) = self.next_event(left).await else {
                 // The first hop whose output never came is the one that failed.
                 let hop = copies
                     .iter()
@@ -502,6 +594,10 @@ impl RemoteSession {
                         Some(format!(
                             "the result of step {seq} has shape {:?}, not the step's {shape:?}",
                             hidden.shape()
+                        ))
+                    } else if !self.signed_output(conn, seq, &hidden) {
+                        Some(format!(
+                            "the result of step {seq} came without the hop's signed receipt of it"
                         ))
                     } else {
                         None
@@ -582,7 +678,7 @@ impl RemoteSession {
         let until = Instant::now() + COPY_GRACE;
         while copies[..last].contains(&false) {
             let left = until.saturating_duration_since(Instant::now());
-            let Ok(Some((conn, msg))) = tokio::time::timeout(left, self.events.recv()).await else {
+            let Some((conn, msg)) = self.next_event(left).await else {
                 return;
             };
             let Some(hop) = self.hop_of(conn) else {

@@ -207,6 +207,8 @@ pub struct Detected {
     pub peer: PeerId,
     /// Whether the lie was proven (the peer is banned) or only disputed.
     pub proven: bool,
+    /// The blocks the peer ran.
+    pub blocks: Option<BlockRange>,
 }
 
 /// One shadow step: the hop's inputs and outputs for `start..`, compared
@@ -456,9 +458,72 @@ impl RemoteSession {
         };
         self.checks = Some(c);
         if let Some(d) = &detected {
+            if let Some(blocks) = d.blocks.filter(|_| d.proven) {
+                // Before the rewind cuts the histories it is built from.
+                match self.evidence(d.peer, blocks, d.pos) {
+                    Ok(e) => self.net.publish_evidence(&self.model_id, &e).await,
+                    Err(why) => tracing::info!("the lie of {} is not published: {why}", d.peer),
+                }
+            }
             self.rewind_after_lie(d).await?;
         }
         Ok(detected)
+    }
+
+    /// Evidence that hop `(peer, blocks)` lied at `pos`: its receipt of the
+    /// step, the step's inputs from position 0 as the hop got them, and the
+    /// output it signed.
+    ///
+    /// # Errors
+    ///
+    /// Why none can be built: the hop's receipt is gone, its inputs were
+    /// rewound (a recomputation could not repeat them exactly), or it is
+    /// too large to gossip.
+    pub fn evidence(
+        &self,
+        peer: PeerId,
+        blocks: BlockRange,
+        pos: u32,
+    ) -> Result<nomoat_protocol::Evidence, String> {
+        let i = self
+            .hops
+            .iter()
+            .position(|h| h.peer == peer && h.blocks == blocks)
+            .ok_or("the hop has left the route")?;
+        let receipt = self
+            .receipt_at(self.hops[i].conn, pos)
+            .ok_or("no receipt of the step is kept")?
+            .clone();
+        let start = receipt.body.start_pos;
+        let steps: Vec<(u32, TensorFrame)> = self.history[i]
+            .iter()
+            .take_while(|(s, _)| *s <= start)
+            .cloned()
+            .collect();
+        let outputs = if i + 1 == self.hops.len() {
+            &self.outputs
+        } else {
+            &self.history[i + 1]
+        };
+        let output = outputs
+            .iter()
+            .find(|(s, _)| *s == start)
+            .map(|(_, f)| f.clone())
+            .ok_or("the step's output is not kept")?;
+        let e = nomoat_protocol::Evidence {
+            receipt,
+            steps,
+            output,
+            position: pos,
+        };
+        e.check().map_err(|e| e.to_string())?;
+        let len = e.encode().len();
+        if len > nomoat_protocol::MAX_EVIDENCE_BYTES {
+            return Err(format!(
+                "it would take {len} bytes, more than a gossip message holds"
+            ));
+        }
+        Ok(e)
     }
 
     fn record_verdict(&mut self, c: &mut Checks, v: Verdict) -> Option<Detected> {
@@ -483,6 +548,7 @@ impl RemoteSession {
                     pos,
                     peer: key.0,
                     proven: true,
+                    blocks: Some(key.1),
                 })
             }
             Verdict::VerifierLied { key, peers } => {
@@ -515,6 +581,7 @@ impl RemoteSession {
                     pos,
                     peer: key.0,
                     proven: false,
+                    blocks: Some(key.1),
                 })
             }
             Verdict::Inconclusive { key, reason } => {
@@ -748,6 +815,148 @@ impl ShadowCtx {
                 peers: shadow_peers,
             },
             _ => unresolved,
+        }
+    }
+}
+
+/// What re-checking a piece of evidence found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recheck {
+    /// Two recomputations on chains this node chose, sharing no peer with
+    /// the accused, the accuser or each other, agree against the output
+    /// the accused signed: it is banned here.
+    Proven {
+        /// The peer that lied.
+        accused: PeerId,
+    },
+    /// A recomputation agreed with the signed output: the accusation was
+    /// false, and nothing changes.
+    Refuted {
+        /// The peer accused.
+        accused: PeerId,
+    },
+    /// Nothing could be decided (no independent chain, a failure), and
+    /// nothing changes.
+    Undecided {
+        /// The peer accused.
+        accused: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How long one re-check of evidence may take.
+pub const RECHECK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Re-checks evidence from `accuser` by recomputing its steps on servers
+/// of this node's choosing (never the accused's nor the accuser's), with
+/// the same settling rule as a spot check; bans the accused when the lie
+/// is proven. An accusation alone changes nothing.
+pub async fn recheck(
+    net: &NetHandle,
+    accuser: PeerId,
+    evidence: &nomoat_protocol::Evidence,
+) -> Recheck {
+    let accused = match crate::net::signed::verify_receipt(&evidence.receipt) {
+        Ok(p) => p,
+        Err(reason) => {
+            return Recheck::Undecided {
+                accused: accuser,
+                reason,
+            }
+        }
+    };
+    let undecided = |reason: String| Recheck::Undecided { accused, reason };
+    if let Err(e) = evidence.check() {
+        return undecided(e.to_string());
+    }
+    if net.is_banned(&accused) {
+        return Recheck::Proven { accused };
+    }
+    let body = &evidence.receipt.body;
+    let end = body.start_pos + body.rows;
+    let ctx = ShadowCtx {
+        net: net.clone(),
+        model_id: body.model_id.clone(),
+        max_length: end.max(1),
+        adapter: body.adapter,
+        step_timeout: Duration::from_secs(30),
+        key: (accused, body.blocks),
+        tolerance: DEFAULT_TOLERANCE,
+        ask: Vec::new(),
+        avoid: vec![accused, accuser],
+    };
+    let run = async {
+        let mut chain = ctx.open_chain(&ctx.avoid).await?;
+        let peers: Vec<PeerId> = chain.route().iter().map(|(p, _)| *p).collect();
+        let all = replay(&mut chain, &evidence.steps).await;
+        chain.close().await;
+        let truth = all?
+            .narrow_rows(body.start_pos as usize, body.rows as usize)
+            .ok_or("the recomputation is short")?;
+        Ok::<_, String>((truth, peers))
+    };
+    let (truth, peers) = match run.await {
+        Ok(t) => t,
+        Err(reason) => return undecided(reason),
+    };
+    let Some((row, error)) = first_mismatch(&evidence.output, &truth, 0, ctx.tolerance) else {
+        return Recheck::Refuted { accused };
+    };
+    let job = Job {
+        ticket: 0,
+        start: body.start_pos,
+        steps: Vec::new(),
+        claimed: evidence.output.clone(),
+        compare_from: body.start_pos,
+    };
+    match ctx
+        .settle(&evidence.steps, &job, &truth, row, error, peers)
+        .await
+    {
+        Verdict::Lie { .. } => {
+            net.ban(accused);
+            Recheck::Proven { accused }
+        }
+        Verdict::VerifierLied { .. } => Recheck::Refuted { accused },
+        _ => undecided("the recomputations disagree, and no third chain could settle it".into()),
+    }
+}
+
+/// Re-checks the evidence this node hears about `model_id`'s servers
+/// (see [`recheck`]) until `shutdown`, one piece at a time.
+pub async fn watch_evidence(
+    net: NetHandle,
+    model_id: String,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    net.subscribe(&model_id).await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        for (accuser, evidence) in net.take_evidence() {
+            let checked = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(RECHECK_TIMEOUT, recheck(&net, accuser, &evidence)) => r,
+            };
+            match checked {
+                Ok(Recheck::Proven { accused }) => {
+                    tracing::warn!("evidence from {accuser} re-checked: {accused} lied, banned")
+                }
+                Ok(Recheck::Refuted { accused }) => tracing::warn!(
+                    "evidence from {accuser} against {accused} re-checked: the output was right"
+                ),
+                Ok(Recheck::Undecided { accused, reason }) => {
+                    tracing::info!("evidence from {accuser} against {accused} undecided: {reason}")
+                }
+                Err(_) => tracing::info!(
+                    "evidence from {accuser}: not re-checked within {RECHECK_TIMEOUT:?}"
+                ),
+            }
         }
     }
 }

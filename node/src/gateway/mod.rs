@@ -151,6 +151,8 @@ impl GatewayConfig {
 }
 
 /// Where the blocks run.
+// One per gateway, held in an `Arc`: the variants' sizes cost nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Backend {
     /// The whole model in this process.
@@ -279,6 +281,13 @@ impl Gateway {
                 shutdown: shutdown.clone(),
             }),
         };
+        if let Backend::Swarm(s) = &gw.inner.backend {
+            tokio::spawn(crate::client::watch_evidence(
+                s.net.clone(),
+                s.model_id.clone(),
+                shutdown.clone(),
+            ));
+        }
         if matches!(gw.inner.backend, Backend::Swarm(_)) {
             let this = gw.clone();
             tokio::spawn(
@@ -513,6 +522,7 @@ fn peer_json(net: &NetHandle, s: &ServerInfo) -> serde_json::Value {
         "end": s.blocks.end,
         "throughput": s.throughput,
         "rtt_ms": peer.and_then(|p| net.rtt(&p)).map(|d| d.as_secs_f64() * 1e3),
+        "banned": peer.is_some_and(|p| net.is_banned(&p)),
         "load": s.load,
         "active_sessions": s.active_sessions,
         "free_kv_tokens": s.free_kv_tokens,

@@ -158,6 +158,7 @@ pub async fn start(cfg: NetConfig) -> Result<NetHandle, NetError> {
     let view = Arc::new(Mutex::new(View::default()));
     let handle = NetHandle {
         peer_id,
+        key: Arc::new(key.clone()),
         tx,
         view: view.clone(),
         control,
@@ -366,6 +367,78 @@ impl Actor {
         }
     }
 
+    /// Follows `model_id`'s announcements and evidence.
+    fn subscribe(&mut self, model_id: String) {
+        if self.subscribed.contains(&model_id) {
+            return;
+        }
+        let g = &mut self.swarm.behaviour_mut().gossipsub;
+        for t in [topic(&model_id), super::evidence_topic(&model_id)] {
+            if let Err(e) = g.subscribe(&t) {
+                warn!("cannot subscribe to {t}: {e}");
+            }
+        }
+        self.subscribed.push(model_id);
+    }
+
+    /// Takes gossiped evidence from `source` for re-checking, once it
+    /// holds together: the receipt is signed by the peer it accuses, the
+    /// steps and output hash to what it signs, and the model is the
+    /// topic's. Each receiver re-checks it by recomputation before acting.
+    fn on_evidence(
+        &mut self,
+        source: PeerId,
+        model_id: &str,
+        data: &[u8],
+    ) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+        let checked = nomoat_protocol::Evidence::decode(data)
+            .map_err(|e| e.to_string())
+            .and_then(|e| e.check().map(|()| e).map_err(|e| e.to_string()))
+            .and_then(|e| super::signed::verify_receipt(&e.receipt).map(|p| (p, e)));
+        let (accused, evidence) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%source, "bad evidence dropped: {e}");
+                return Reject;
+            }
+        };
+        if evidence.receipt.body.model_id != model_id {
+            warn!(%source, "evidence about another model dropped");
+            return Reject;
+        }
+        let me = self.swarm.local_peer_id();
+        let id = nomoat_protocol::Hash::of(&evidence.receipt.body_bytes);
+        let mut v = self.view();
+        if accused == *me || v.reputation.is_banned(&accused) {
+            return Accept;
+        }
+        if v.evidence_seen.contains(&id) {
+            return Ignore;
+        }
+        let now = Instant::now();
+        let recent = v
+            .accusers
+            .get(&source)
+            .is_some_and(|t| now.duration_since(*t) < super::EVIDENCE_PER_ACCUSER);
+        if recent || v.evidence.len() >= super::MAX_PENDING_EVIDENCE {
+            debug!(%source, "evidence dropped: its accuser sent some lately, or the queue is full");
+            return Ignore;
+        }
+        if v.accusers.len() >= 4096 {
+            v.accusers
+                .retain(|_, t| now.duration_since(*t) < super::EVIDENCE_PER_ACCUSER);
+        }
+        if v.evidence_seen.len() >= 4096 {
+            v.evidence_seen.clear();
+        }
+        v.accusers.insert(source, now);
+        v.evidence_seen.insert(id);
+        info!(%source, %accused, "evidence of a lie heard: re-checking it");
+        v.evidence.push_back((source, evidence));
+        Accept
+    }
+
     fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Dial { addr, reply } => {
@@ -419,17 +492,13 @@ impl Actor {
                         });
                 let _ = reply.send(r);
             }
-            Command::Subscribe { model_id } => {
-                if !self.subscribed.contains(&model_id) {
-                    if let Err(e) = self
-                        .swarm
-                        .behaviour_mut()
-                        .gossipsub
-                        .subscribe(&topic(&model_id))
-                    {
-                        warn!("cannot subscribe to {model_id}: {e}");
-                    }
-                    self.subscribed.push(model_id);
+            Command::Subscribe { model_id } => self.subscribe(model_id),
+            Command::PublishEvidence { model_id, payload } => {
+                self.subscribe(model_id.clone());
+                let t = super::evidence_topic(&model_id);
+                match self.swarm.behaviour_mut().gossipsub.publish(t, payload) {
+                    Ok(_) => info!("evidence published to the swarm of {model_id}"),
+                    Err(e) => warn!("evidence not published: {e}"),
                 }
             }
             Command::Announce { info } => {
@@ -444,11 +513,7 @@ impl Actor {
                     if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
                         warn!("cannot announce the model in the DHT: {e}");
                     }
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .gossipsub
-                        .subscribe(&topic(&info.model_id));
+                    self.subscribe(info.model_id.clone());
                     // Publish a new model at once; updates go out each heartbeat.
                     self.announce();
                 }
@@ -593,6 +658,27 @@ impl Actor {
                 // Strict validation checked the signature: `source` signed it.
                 // Nothing is forwarded before it is checked here.
                 use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+                let evidence_of = self
+                    .subscribed
+                    .iter()
+                    .find(|m| super::evidence_topic(m).hash() == message.topic)
+                    .cloned();
+                if let Some(model_id) = evidence_of {
+                    let verdict = match message.source {
+                        None => Reject,
+                        Some(source) => self.on_evidence(source, &model_id, &message.data),
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            verdict,
+                        );
+                    return;
+                }
                 let decoded = nomoat_protocol::SignedInfo::decode(&message.data)
                     .map_err(|e| e.to_string())
                     .and_then(|s| super::signed::verify_info(&s).map(|signer| (signer, s)));

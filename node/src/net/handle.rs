@@ -134,13 +134,15 @@ impl NetHandle {
     }
 
     /// The live servers of `model_id` (every model when empty), as their
-    /// servers signed them: what an info answer relays.
+    /// servers signed them: what an info answer relays. A peer this node
+    /// banned for a proven lie is not relayed.
     pub fn signed_servers(&self, model_id: &str) -> Vec<nomoat_protocol::SignedInfo> {
         let v = self.view();
         let mut out: Vec<nomoat_protocol::SignedInfo> = v
             .servers
             .iter()
             .filter(|(_, (_, at))| at.elapsed() <= self.expiry)
+            .filter(|(p, _)| !v.reputation.is_banned(p))
             .filter_map(|(p, _)| v.signed.get(p).cloned())
             .chain(v.own_signed.clone())
             .filter(|s| model_id.is_empty() || s.info.model_id == model_id)
@@ -264,6 +266,27 @@ impl NetHandle {
             "{peer} is banned: its output disagreed with two independent recomputations"
         );
         self.view().reputation.ban(&peer);
+    }
+
+    /// Signs a receipt with this node's key.
+    pub fn sign_receipt(&self, body: nomoat_protocol::ReceiptBody) -> nomoat_protocol::Receipt {
+        super::signed::sign_receipt(&self.key, body)
+    }
+
+    /// Gossips evidence of a lie to the swarm of `model_id`.
+    pub async fn publish_evidence(&self, model_id: &str, evidence: &nomoat_protocol::Evidence) {
+        let _ = self
+            .tx
+            .send(Command::PublishEvidence {
+                model_id: model_id.to_string(),
+                payload: evidence.encode(),
+            })
+            .await;
+    }
+
+    /// The evidence heard and not re-checked yet, with each one's accuser.
+    pub fn take_evidence(&self) -> Vec<(PeerId, nomoat_protocol::Evidence)> {
+        self.view().evidence.drain(..).collect()
     }
 
     /// Whether `peer` was proven to lie.

@@ -182,6 +182,12 @@ struct View {
     /// `own`, signed as last published.
     own_signed: Option<nomoat_protocol::SignedInfo>,
     reachability: Option<Reachability>,
+    /// Evidence heard, waiting to be re-checked: accuser and evidence.
+    evidence: std::collections::VecDeque<(PeerId, nomoat_protocol::Evidence)>,
+    /// When each accuser's evidence was last taken (bounded).
+    accusers: HashMap<PeerId, Instant>,
+    /// Receipts already taken as evidence (bounded).
+    evidence_seen: std::collections::HashSet<nomoat_protocol::Hash>,
 }
 
 enum Command {
@@ -206,6 +212,10 @@ enum Command {
     Subscribe {
         model_id: String,
     },
+    PublishEvidence {
+        model_id: String,
+        payload: Vec<u8>,
+    },
     Announce {
         info: ServerInfo,
     },
@@ -225,6 +235,8 @@ enum Command {
 #[derive(Clone)]
 pub struct NetHandle {
     peer_id: PeerId,
+    /// The node's identity, which signs its receipts.
+    key: Arc<Keypair>,
     tx: mpsc::Sender<Command>,
     view: Arc<Mutex<View>>,
     control: libp2p_stream::Control,
@@ -248,3 +260,14 @@ fn clock() -> Duration {
 fn topic(model_id: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("nomoat/v1/servers/{model_id}"))
 }
+
+/// Where evidence of lies about `model_id`'s servers is gossiped.
+fn evidence_topic(model_id: &str) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("nomoat/v1/evidence/{model_id}"))
+}
+
+/// Most pieces of evidence waiting to be re-checked.
+pub const MAX_PENDING_EVIDENCE: usize = 16;
+/// One piece of evidence per accuser in this long is taken; the rest are
+/// dropped (re-checking costs the swarm compute).
+pub const EVIDENCE_PER_ACCUSER: Duration = Duration::from_secs(60);

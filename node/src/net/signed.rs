@@ -1,9 +1,42 @@
 //! Announcements signed by the server they describe, so that a peer that
-//! relays them (in an info answer) can neither forge nor alter one.
+//! relays them (in an info answer) can neither forge nor alter one; and
+//! the receipts a hop signs for each output it returns.
 
 use libp2p::identity::{Keypair, PublicKey};
 use libp2p::PeerId;
-use nomoat_protocol::{ServerInfo, SignedInfo};
+use nomoat_protocol::{Receipt, ReceiptBody, ServerInfo, SignedInfo};
+
+/// `body`, signed with `key` (the hop's).
+pub fn sign_receipt(key: &Keypair, body: ReceiptBody) -> Receipt {
+    let body_bytes = body.encode();
+    let signature = key
+        .sign(&Receipt::signed_payload(&body_bytes))
+        .unwrap_or_default();
+    Receipt {
+        body,
+        body_bytes,
+        public_key: key.public().encode_protobuf(),
+        signature,
+    }
+}
+
+/// The peer that signed `receipt`, once its signature is good.
+///
+/// # Errors
+///
+/// What is wrong, in words.
+pub fn verify_receipt(receipt: &Receipt) -> Result<PeerId, String> {
+    let key = PublicKey::try_decode_protobuf(&receipt.public_key)
+        .map_err(|e| format!("bad public key: {e}"))?;
+    let peer = key.to_peer_id();
+    if !key.verify(
+        &Receipt::signed_payload(&receipt.body_bytes),
+        &receipt.signature,
+    ) {
+        return Err(format!("the receipt's signature by {peer} does not verify"));
+    }
+    Ok(peer)
+}
 
 /// `info`, signed with `key` (the key of the server it describes).
 pub fn sign_info(key: &Keypair, info: ServerInfo) -> SignedInfo {
@@ -65,6 +98,29 @@ mod tests {
             hidden_size: 64,
             adapters: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_receipt_verifies_only_untouched() {
+        use nomoat_protocol::{Hash, InputChain, SessionId};
+        let key = Keypair::generate_ed25519();
+        let body = ReceiptBody {
+            model_id: "m".into(),
+            session_id: SessionId([3; 16]),
+            seq: 1,
+            blocks: BlockRange { start: 0, end: 2 },
+            start_pos: 0,
+            rows: 4,
+            inputs: InputChain::new(SessionId([3; 16])),
+            output: Hash([9; 32]),
+            adapter: None,
+        };
+        let r = sign_receipt(&key, body);
+        assert_eq!(verify_receipt(&r), Ok(key.public().to_peer_id()));
+        let mut altered = r.clone();
+        altered.body.output = Hash([8; 32]);
+        altered.body_bytes = altered.body.encode();
+        assert!(verify_receipt(&altered).is_err());
     }
 
     #[test]

@@ -119,9 +119,14 @@ pub(super) async fn client_stream(
                 epoch: 0,
                 last_active: std::time::Instant::now(),
                 steps: 0,
+                chain: nomoat_protocol::InputChain::new(id),
             })),
             opener: peer,
             fault: cfg.fault.clone().map(Arc::new),
+            net: net.clone(),
+            model_id: cfg.model_id.as_str().into(),
+            blocks,
+            adapter: open.adapter,
         };
         sessions.insert(id, ctx.clone());
         let _ = out
@@ -454,6 +459,7 @@ pub(super) async fn run_step(
         }
     }
     let input = ctx.fault.as_ref().map(|_| step.hidden.clone());
+    let input_hash = nomoat_protocol::frame_hash(&step.hidden);
     let result = exec.step(id, seq, start_pos as usize, step.hidden).await;
     let (push, hop_index, steps) = {
         let mut st = ctx.state();
@@ -471,6 +477,25 @@ pub(super) async fn run_step(
     };
     match result {
         Ok(out) => {
+            // The receipt goes first, so the client holds it when the
+            // output comes.
+            let body = {
+                let mut st = ctx.state();
+                st.chain.push_hash(start_pos, input_hash);
+                nomoat_protocol::ReceiptBody {
+                    model_id: ctx.model_id.to_string(),
+                    session_id: id,
+                    seq,
+                    blocks: ctx.blocks,
+                    start_pos,
+                    rows: out.shape().first().copied().unwrap_or(0) as u32,
+                    inputs: st.chain,
+                    output: nomoat_protocol::frame_hash(&out),
+                    adapter: ctx.adapter,
+                }
+            };
+            let receipt = InferMessage::Receipt(ctx.net.sign_receipt(body));
+            let _ = ctx.client.send(receipt).await;
             let stops_here = last_hop.is_some_and(|h| h <= hop_index);
             match &push {
                 _ if stops_here => {}

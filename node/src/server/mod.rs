@@ -71,6 +71,8 @@ struct HopState {
     last_active: std::time::Instant,
     /// Steps run so far (what a test-only fault counts).
     steps: u64,
+    /// The session's inputs on this hop, as its receipts sign them.
+    chain: nomoat_protocol::InputChain,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +83,12 @@ struct SessionCtx {
     opener: libp2p::PeerId,
     /// The test-only lie this server tells, if any.
     fault: Option<Arc<fault::ComputeFault>>,
+    /// Signs the receipts.
+    net: crate::net::NetHandle,
+    /// The model, blocks and adapter the receipts name.
+    model_id: Arc<str>,
+    blocks: nomoat_protocol::BlockRange,
+    adapter: Option<nomoat_protocol::Hash>,
 }
 
 impl SessionCtx {
