@@ -182,11 +182,7 @@ impl Stepper {
                     tokio::task::spawn_blocking(move || hidden_to_frame(&h.embed(&tokens)?, wire))
                         .await??;
                 m.bytes_out.add(frame.data().len() as u64);
-                let failovers = session.failovers().len();
-                let out = session.step(pos, frame).await;
-                m.failovers
-                    .add(session.failovers().len().saturating_sub(failovers) as u64);
-                let out = out?;
+                let out = session.step(pos, frame).await?;
                 m.bytes_in.add(out.data().len() as u64);
                 let h = head.clone();
                 let hidden = h.config().hidden_size;

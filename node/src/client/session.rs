@@ -431,6 +431,7 @@ impl RemoteSession {
                                 report.replay,
                                 report.replayed_positions
                             );
+                            crate::metrics::global().failovers.inc();
                             self.failovers.push(report);
                         }
                         Err(reason) => {

@@ -615,6 +615,7 @@ impl RemoteSession {
         };
         match self.failover(&cause, d.pos).await {
             Ok(report) => {
+                crate::metrics::global().failovers.inc();
                 self.failovers.push(report);
                 Ok(())
             }
