@@ -1189,3 +1189,110 @@ fn a_lora_adapter_is_chosen_per_request_by_the_model_name() -> Result<()> {
     );
     Ok(())
 }
+
+/// A whole-model server that lies after 4 honest steps of every session,
+/// beside honest servers of 0..30, 0..16 and 14..30: every dispute has a
+/// third chain to settle it, so every answer equals the local one whatever
+/// the route. When the liar is on a gateway's route (which its route
+/// jitter draws; each try is a new gateway, which has never met it), a
+/// non-streamed answer is mended before it goes out, and a streamed one,
+/// whose text already went out, ends with an error event naming the liar.
+#[test]
+fn the_gateway_mends_an_answer_a_liar_spoilt_and_ends_a_stream_with_an_error() -> Result<()> {
+    const TRIES: usize = 10;
+    let _serial = serial();
+    let question = "Name three things a lighthouse keeper does every day.";
+    let local = nomoat_tests::harness::greedy_text(&nomoat_bin()?, MODEL, question, 48, &[], &[])?;
+    let honest = servers(&["0..30", "0..16", "14..30"])?;
+    let boot = honest[0].addr();
+    let liar = serve(&[
+        "--model",
+        MODEL,
+        "--blocks",
+        "0..30",
+        "--heartbeat",
+        "0.5",
+        "--threads",
+        "1",
+        "--bootstrap",
+        &boot,
+        "--fault-compute",
+        "perturb:0.5,after=4",
+    ])?;
+    let liar_id = liar.peer_id();
+
+    let mut mended = false;
+    for _ in 0..TRIES {
+        let gw = gateway(Some(&boot), &[])?;
+        let addr = gw.http_addr()?;
+        wait_covered(addr, 4)?;
+        let r = post(
+            addr,
+            "/v1/chat/completions",
+            &chat_body(question, json!({})),
+        )?;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["choices"][0]["message"]["content"],
+            local.trim_end(),
+            "every answer, mended or not, is the local one"
+        );
+        // A failover here is the liar leaving the route after its lie.
+        if metric(addr, "nomoat_failovers_total")? >= 1 {
+            mended = true;
+            break;
+        }
+    }
+    ensure!(mended, "the liar was on none of {TRIES} gateways' routes");
+
+    let mut retracted = false;
+    for _ in 0..TRIES {
+        let gw = gateway(Some(&boot), &[])?;
+        let addr = gw.http_addr()?;
+        wait_covered(addr, 4)?;
+        let stream = chat_body(question, json!({"stream": true}));
+        let r = post(addr, "/v1/chat/completions", &stream)?;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body = r.text();
+        let events: Vec<Value> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
+        if let Some(message) = events.iter().find_map(|e| e["error"]["message"].as_str()) {
+            ensure!(
+                message.contains(&liar_id),
+                "the error must name the liar {liar_id}: {body}"
+            );
+            ensure!(metric(addr, "nomoat_failovers_total")? >= 1);
+            retracted = true;
+            break;
+        }
+        let text: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(
+            text,
+            local.trim_end(),
+            "a stream the liar was not on is whole"
+        );
+        ensure!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    }
+    ensure!(
+        retracted,
+        "the liar was on none of {TRIES} gateways' streamed routes"
+    );
+    drop((liar, honest));
+    Ok(())
+}
+
+/// The value of the gateway's metric `name` now (0 when absent).
+fn metric(addr: SocketAddr, name: &str) -> Result<u64> {
+    let metrics = get(addr, "/metrics")?.text();
+    Ok(metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}

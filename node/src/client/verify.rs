@@ -63,6 +63,9 @@ pub const DEFAULT_WINDOW: u32 = 16;
 /// replaying the same steps differ at most by float rounding and the wire
 /// dtype's (q8: 1/254 of a block's largest value each way).
 pub const DEFAULT_TOLERANCE: f32 = 0.02;
+/// Times a hop's shadow is started again after one ended without a
+/// verdict (its chain failed, or it had to make way after its chain lied).
+pub const MAX_SHADOW_RESTARTS: u32 = 3;
 /// How long the end of a generation waits for its checks.
 pub const CHECK_WAIT: Duration = Duration::from_secs(60);
 
@@ -242,8 +245,12 @@ pub(crate) struct Checks {
     verified: HashMap<HopKey, u32>,
     verdicts_tx: mpsc::Sender<(u64, Verdict)>,
     verdicts: mpsc::Receiver<(u64, Verdict)>,
-    /// Tickets of the jobs sent whose verdict has not come.
-    pending: std::collections::HashSet<u64>,
+    /// Tickets of the jobs sent whose verdict has not come, with the hop
+    /// each checks.
+    pending: HashMap<u64, HopKey>,
+    /// Shadows started again per hop after one ended without a verdict
+    /// (bounded by [`MAX_SHADOW_RESTARTS`]).
+    restarts: HashMap<HopKey, u32>,
     next_ticket: u64,
     /// Positions sent to shadows, all hops together (the checks' cost).
     pub(crate) shadow_positions: u64,
@@ -265,7 +272,8 @@ impl Checks {
             verified: HashMap::new(),
             verdicts_tx,
             verdicts,
-            pending: Default::default(),
+            pending: HashMap::new(),
+            restarts: HashMap::new(),
             next_ticket: 0,
             shadow_positions: 0,
             trouble: None,
@@ -389,7 +397,7 @@ impl RemoteSession {
             if shadow.jobs.try_send(job).is_ok() {
                 c.shadow_positions += u64::from(end - shadow.fed);
                 shadow.fed = end;
-                c.pending.insert(ticket);
+                c.pending.insert(ticket, key);
             }
         }
         self.checks = Some(c);
@@ -406,6 +414,25 @@ impl RemoteSession {
     ///
     /// As failover: no server could take the liar's place.
     pub(crate) async fn take_verdicts(
+        &mut self,
+        wait: bool,
+    ) -> Result<Option<Detected>, super::ClientError> {
+        let mut rounds = 0;
+        loop {
+            let found = self.take_verdicts_once(wait).await?;
+            rounds += 1;
+            if found.is_some() || !wait || rounds > MAX_SHADOW_RESTARTS as usize {
+                return Ok(found);
+            }
+            // Shadows started again while waiting have been fed nothing.
+            self.feed_checks(true);
+            if self.checks.as_ref().is_none_or(|c| c.pending.is_empty()) {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn take_verdicts_once(
         &mut self,
         wait: bool,
     ) -> Result<Option<Detected>, super::ClientError> {
@@ -433,7 +460,7 @@ impl RemoteSession {
                 }
             };
             let (ticket, v) = v;
-            if !c.pending.remove(&ticket) {
+            if c.pending.remove(&ticket).is_none() {
                 continue; // a job given up at a rewind
             }
             found = self.record_verdict(&mut c, v);
@@ -560,7 +587,7 @@ impl RemoteSession {
                 }
                 // The hop stays checked, by a new shadow from its first
                 // position.
-                c.shadows.remove(&key);
+                self.restart_shadow(c, key);
                 None
             }
             Verdict::Unresolved { key, pos, peers } => {
@@ -587,9 +614,27 @@ impl RemoteSession {
             Verdict::Inconclusive { key, reason } => {
                 tracing::debug!("spot check of {} (blocks {}): {reason}", key.0, key.1);
                 c.trouble = Some(format!("blocks {}: {reason}", key.1));
+                // The positions it had taken would go unchecked.
+                self.restart_shadow(c, key);
                 None
             }
         }
+    }
+
+    /// Replaces hop `key`'s shadow by a new one, fed from position 0 (its
+    /// chain holds nothing yet), up to [`MAX_SHADOW_RESTARTS`] times; then
+    /// the hop stays unchecked. The old shadow's jobs still out are given
+    /// up.
+    fn restart_shadow(&self, c: &mut Checks, key: HopKey) {
+        c.pending.retain(|_, k| *k != key);
+        let restarts = c.restarts.entry(key).or_default();
+        *restarts += 1;
+        let on_route = self.hops.iter().any(|h| (h.peer, h.blocks) == key);
+        let shadow = (on_route && *restarts <= MAX_SHADOW_RESTARTS).then(|| Shadow {
+            jobs: spawn_shadow(self, key, c, c.verdicts_tx.clone()),
+            fed: 0,
+        });
+        c.shadows.insert(key, shadow);
     }
 
     /// Cuts every history back to `d.pos` and moves the session off the
@@ -613,7 +658,21 @@ impl RemoteSession {
                 "its output disagreed with a recomputation".into()
             },
         };
-        match self.failover(&cause, d.pos).await {
+        // A server outside every dispute of the session takes over when
+        // one can: the other side of an unsettled dispute is as likely to
+        // be the liar, and no shadow of this session checks it any more.
+        let base = self.avoid.clone();
+        if let Some(c) = &self.checks {
+            let disputed = c.disputed.iter().filter(|p| !base.contains(p));
+            self.avoid.extend(disputed.copied().collect::<Vec<_>>());
+        }
+        let mut moved = self.failover(&cause, d.pos).await;
+        if moved.is_err() && self.avoid.len() > base.len() {
+            self.avoid = base.clone();
+            moved = self.failover(&cause, d.pos).await;
+        }
+        self.avoid = base;
+        match moved {
             Ok(report) => {
                 crate::metrics::global().failovers.inc();
                 self.failovers.push(report);
