@@ -1205,20 +1205,11 @@ fn the_gateway_mends_an_answer_a_liar_spoilt_and_ends_a_stream_with_an_error() -
     let local = nomoat_tests::harness::greedy_text(&nomoat_bin()?, MODEL, question, 48, &[], &[])?;
     let honest = servers(&["0..30", "0..16", "14..30"])?;
     let boot = honest[0].addr();
-    let liar = serve(&[
-        "--model",
-        MODEL,
-        "--blocks",
+    let liar = smollm2_serve(
         "0..30",
-        "--heartbeat",
-        "0.5",
-        "--threads",
-        "1",
-        "--bootstrap",
-        &boot,
-        "--fault-compute",
-        "perturb:0.5,after=4",
-    ])?;
+        Some(&boot),
+        &["--threads", "1", "--fault-compute", "perturb:0.5,after=4"],
+    )?;
     let liar_id = liar.peer_id();
 
     let mut mended = false;

@@ -19,28 +19,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A SmolLM2 server of `blocks`, announcing every half second.
-fn smollm2_server(blocks: &str, bootstrap: Option<&str>) -> Result<Proc> {
-    smollm2_server_with(blocks, bootstrap, &[])
-}
-
-/// [`smollm2_server`] with more `serve` arguments.
-fn smollm2_server_with(blocks: &str, bootstrap: Option<&str>, extra: &[&str]) -> Result<Proc> {
-    let mut args = vec![
-        "--model",
-        "smollm2-135m",
-        "--blocks",
-        blocks,
-        "--heartbeat",
-        "0.5",
-    ];
-    if let Some(b) = bootstrap {
-        args.extend(["--bootstrap", b]);
-    }
-    args.extend(extra);
-    serve(&args)
-}
-
 /// Starts the three servers (last first, the others bootstrapping from it)
 /// and waits until `nomoat status` shows every block covered.
 fn three_servers() -> Result<Vec<Proc>> {
@@ -49,10 +27,10 @@ fn three_servers() -> Result<Vec<Proc>> {
 
 /// [`three_servers`] with more `serve` arguments.
 fn three_servers_with(extra: &[&str]) -> Result<Vec<Proc>> {
-    let s3 = smollm2_server_with("20..30", None, extra)?;
+    let s3 = smollm2_serve("20..30", None, extra)?;
     let boot = s3.addr();
-    let s2 = smollm2_server_with("10..20", Some(&boot), extra)?;
-    let s1 = smollm2_server_with("0..10", Some(&boot), extra)?;
+    let s2 = smollm2_serve("10..20", Some(&boot), extra)?;
+    let s1 = smollm2_serve("0..10", Some(&boot), extra)?;
     nomoat_tests::harness::wait_swarm_covered(&nomoat_bin()?, &boot, 3, Duration::from_secs(30))?;
     Ok(vec![s1, s2, s3])
 }
@@ -342,7 +320,7 @@ fn a_killed_middle_server_fails_over_to_a_spare_with_the_same_text() -> Result<(
     let _serial = serial();
     let mut servers = three_servers()?;
     let boot = servers[2].addr();
-    let spare = smollm2_server("10..20", Some(&boot))?;
+    let spare = smollm2_serve("10..20", Some(&boot), &[])?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while status(&boot)?["servers"].as_array().map_or(0, Vec::len) < 4 {
         assert!(Instant::now() < deadline, "the spare never announced");

@@ -23,22 +23,9 @@ use nomoat_tests::harness::{client_net, discover_n, Proc};
 
 nomoat_tests::process_helpers!();
 
+/// A SmolLM2 server at one thread.
 fn server(blocks: &str, boot: Option<&str>, extra: &[&str]) -> Result<Proc> {
-    let mut args = vec![
-        "--model",
-        "smollm2-135m",
-        "--blocks",
-        blocks,
-        "--heartbeat",
-        "0.5",
-        "--threads",
-        "1",
-    ];
-    if let Some(b) = boot {
-        args.extend(["--bootstrap", b]);
-    }
-    args.extend(extra);
-    serve(&args)
+    smollm2_serve(blocks, boot, &[&["--threads", "1"], extra].concat())
 }
 
 fn hop(p: &Proc, start: u32, end: u32) -> Result<Hop> {

@@ -195,6 +195,30 @@ macro_rules! process_helpers {
         fn serve(args: &[&str]) -> anyhow::Result<$crate::harness::Proc> {
             $crate::harness::serve(&nomoat_bin()?, args)
         }
+
+        /// Starts `nomoat serve` of SmolLM2's blocks `blocks`, announcing
+        /// every half second, bootstrapping from `bootstrap`, with `extra`
+        /// arguments.
+        #[allow(dead_code)]
+        fn smollm2_serve(
+            blocks: &str,
+            bootstrap: Option<&str>,
+            extra: &[&str],
+        ) -> anyhow::Result<$crate::harness::Proc> {
+            let mut args = vec![
+                "--model",
+                "smollm2-135m",
+                "--blocks",
+                blocks,
+                "--heartbeat",
+                "0.5",
+            ];
+            if let Some(b) = bootstrap {
+                args.extend(["--bootstrap", b]);
+            }
+            args.extend(extra);
+            serve(&args)
+        }
     };
 }
 
