@@ -1190,33 +1190,25 @@ fn a_lora_adapter_is_chosen_per_request_by_the_model_name() -> Result<()> {
     Ok(())
 }
 
-/// A whole-model server that lies after 4 honest steps of every session,
-/// beside honest servers of 0..30, 0..16 and 14..30: every dispute has a
+/// A swarm with a liar (see `liar_swarm`) in which every dispute has a
 /// third chain to settle it, so every answer equals the local one whatever
-/// the route. When the liar is on a gateway's route (which its route
-/// jitter draws; each try is a new gateway, which has never met it), a
-/// non-streamed answer is mended before it goes out, and a streamed one,
-/// whose text already went out, ends with an error event naming the liar.
+/// the route. When the liar is on a gateway's route (a new gateway, which
+/// has never met it, is tried until one takes it), a non-streamed answer
+/// is mended before it goes out, and a streamed one, whose text already
+/// went out, ends with an error event naming the liar.
 #[test]
 fn the_gateway_mends_an_answer_a_liar_spoilt_and_ends_a_stream_with_an_error() -> Result<()> {
     const TRIES: usize = 10;
     let _serial = serial();
     let question = "Name three things a lighthouse keeper does every day.";
     let local = nomoat_tests::harness::greedy_text(&nomoat_bin()?, MODEL, question, 48, &[], &[])?;
-    let honest = servers(&["0..30", "0..16", "14..30"])?;
+    let (honest, liar) = liar_swarm()?;
     let boot = honest[0].addr();
-    let liar = smollm2_serve(
-        "0..30",
-        Some(&boot),
-        &["--threads", "1", "--fault-compute", "perturb:0.5,after=4"],
-    )?;
-    let liar_id = liar.peer_id();
-
     let mut mended = false;
     for _ in 0..TRIES {
         let gw = gateway(Some(&boot), &[])?;
         let addr = gw.http_addr()?;
-        wait_covered(addr, 4)?;
+        wait_covered(addr, 5)?;
         let r = post(
             addr,
             "/v1/chat/completions",
@@ -1226,7 +1218,8 @@ fn the_gateway_mends_an_answer_a_liar_spoilt_and_ends_a_stream_with_an_error() -
         assert_eq!(
             r.json()["choices"][0]["message"]["content"],
             local.trim_end(),
-            "every answer, mended or not, is the local one"
+            "every answer, mended or not, is the local one; the gateway said:\n{}",
+            gw.stderr()
         );
         // A failover here is the liar leaving the route after its lie.
         if metric(addr, "nomoat_failovers_total")? >= 1 {
@@ -1235,12 +1228,18 @@ fn the_gateway_mends_an_answer_a_liar_spoilt_and_ends_a_stream_with_an_error() -
         }
     }
     ensure!(mended, "the liar was on none of {TRIES} gateways' routes");
+    drop((liar, honest));
+
+    // A new swarm: the first one's servers now announce the speeds they
+    // measured, which makes routes through the liar rarer.
+    let (honest, liar) = liar_swarm()?;
+    let (boot, liar_id) = (honest[0].addr(), liar.peer_id());
 
     let mut retracted = false;
     for _ in 0..TRIES {
         let gw = gateway(Some(&boot), &[])?;
         let addr = gw.http_addr()?;
-        wait_covered(addr, 4)?;
+        wait_covered(addr, 5)?;
         let stream = chat_body(question, json!({"stream": true}));
         let r = post(addr, "/v1/chat/completions", &stream)?;
         assert_eq!(r.status, 200, "{}", r.text());
@@ -1266,7 +1265,8 @@ fn the_gateway_mends_an_answer_a_liar_spoilt_and_ends_a_stream_with_an_error() -
         assert_eq!(
             text,
             local.trim_end(),
-            "a stream the liar was not on is whole"
+            "a stream the liar was not on is whole; the gateway said:\n{}",
+            gw.stderr()
         );
         ensure!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     }
@@ -1276,6 +1276,20 @@ fn the_gateway_mends_an_answer_a_liar_spoilt_and_ends_a_stream_with_an_error() -
     );
     drop((liar, honest));
     Ok(())
+}
+
+/// Two honest pairs of servers of 0..16 and 14..30, and a whole-model
+/// server that lies after 4 honest steps of every session: the liar alone
+/// is the cheapest route (one round trip against two; the route jitter is
+/// at most a quarter of a leg), and every dispute has a third chain.
+fn liar_swarm() -> Result<(Vec<Proc>, Proc)> {
+    let honest = servers(&["0..16", "14..30", "0..16", "14..30"])?;
+    let liar = smollm2_serve(
+        "0..30",
+        Some(&honest[0].addr()),
+        &["--threads", "1", "--fault-compute", "perturb:0.5,after=4"],
+    )?;
+    Ok((honest, liar))
 }
 
 /// The value of the gateway's metric `name` now (0 when absent).

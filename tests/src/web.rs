@@ -52,6 +52,11 @@ impl NomoatProc {
             .to_string();
         Ok(hostport.parse()?)
     }
+
+    /// What it has written to stderr lately.
+    pub fn stderr(&self) -> String {
+        self.0.stderr.text()
+    }
 }
 
 /// Polls `f` every 100 ms until it returns `Some` (at most `limit`).
