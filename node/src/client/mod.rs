@@ -196,7 +196,8 @@ pub struct RemoteSession {
     /// The last hop's outputs, as `history` keeps the others'.
     outputs: Vec<(u32, TensorFrame)>,
     /// The receipts the hops signed, by step and hop stream (bounded by
-    /// [`session::MAX_RECEIPTS`]).
+    /// [`session::MAX_RECEIPTS`], or [`session::MAX_RECEIPTS_UNCHECKED`]
+    /// without checks).
     receipts: std::collections::BTreeMap<(u64, u64), nomoat_protocol::Receipt>,
     /// Spot checks, when on.
     checks: Option<verify::Checks>,

@@ -149,8 +149,12 @@ fn receipt_fault(
     }
 }
 
-/// Receipts a session keeps (the oldest steps' go first).
+/// Receipts a session with checks keeps, for evidence (the oldest steps'
+/// go first).
 pub(crate) const MAX_RECEIPTS: usize = 8192;
+/// Receipts a session without checks keeps: each is needed only until
+/// the output it signs has come.
+pub(crate) const MAX_RECEIPTS_UNCHECKED: usize = 256;
 
 impl RemoteSession {
     /// The next message from the hops within `left`, receipts kept on the
@@ -161,7 +165,12 @@ impl RemoteSession {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some((conn, Some(InferMessage::Receipt(r))))) => {
                     self.receipts.insert((r.body.seq, conn), r);
-                    while self.receipts.len() > MAX_RECEIPTS {
+                    let max = if self.checks.is_some() {
+                        MAX_RECEIPTS
+                    } else {
+                        MAX_RECEIPTS_UNCHECKED
+                    };
+                    while self.receipts.len() > max {
                         self.receipts.pop_first();
                     }
                 }

@@ -211,7 +211,7 @@ pub struct Detected {
     /// Whether the lie was proven (the peer is banned) or only disputed.
     pub proven: bool,
     /// The blocks the peer ran.
-    pub blocks: Option<BlockRange>,
+    pub blocks: BlockRange,
 }
 
 /// One shadow step: the hop's inputs and outputs for `start..`, compared
@@ -485,9 +485,9 @@ impl RemoteSession {
         };
         self.checks = Some(c);
         if let Some(d) = &detected {
-            if let Some(blocks) = d.blocks.filter(|_| d.proven) {
+            if d.proven {
                 // Before the rewind cuts the histories it is built from.
-                match self.evidence(d.peer, blocks, d.pos) {
+                match self.evidence(d.peer, d.blocks, d.pos) {
                     Ok(e) => self.net.publish_evidence(&self.model_id, &e).await,
                     Err(why) => tracing::info!("the lie of {} is not published: {why}", d.peer),
                 }
@@ -575,7 +575,7 @@ impl RemoteSession {
                     pos,
                     peer: key.0,
                     proven: true,
-                    blocks: Some(key.1),
+                    blocks: key.1,
                 })
             }
             Verdict::VerifierLied { key, peers } => {
@@ -608,7 +608,7 @@ impl RemoteSession {
                     pos,
                     peer: key.0,
                     proven: false,
-                    blocks: Some(key.1),
+                    blocks: key.1,
                 })
             }
             Verdict::Inconclusive { key, reason } => {
