@@ -134,8 +134,8 @@ pub(crate) struct ModelArgs {
     /// model id from `nomoat import`, fetched from --swarm peers if needed.
     #[arg(long, env = "NOMOAT_MODEL")]
     pub(crate) model: String,
-    /// `fast` repacks quantized formats without a fast CPU kernel (Q4_1,
-    /// Q5_x) into Q8_0 at load time; `compact` loads as `fast` and never
+    /// `fast` repacks quantized formats without a fast CPU kernel (Q5_0,
+    /// Q5_1) into Q8_0 at load time; `compact` loads as `fast` and never
     /// holds a second, repacked copy of a weight (what `serve --max-memory`
     /// uses); `exact` keeps the file's formats.
     #[arg(long, default_value = "fast")]
@@ -208,7 +208,12 @@ fn main() -> Result<()> {
     let cli = cli::config::parse()?;
     match cli.command {
         Command::Generate(args) => cli::generate::generate(args),
-        Command::Bench(BenchCommand::Engine(args)) => cli::bench::engine::bench_engine(args),
+        Command::Bench(BenchCommand::Engine(args)) => {
+            if let Some(n) = args.threads {
+                std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+            }
+            cli::bench::engine::bench_engine(args)
+        }
         Command::Bench(BenchCommand::Swarm(args)) => {
             // The local engine gets the servers' thread count (set before any
             // other thread exists).

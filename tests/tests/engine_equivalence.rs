@@ -238,3 +238,110 @@ fn a_span_loads_only_its_blocks() -> Result<()> {
     }
     Ok(())
 }
+
+/// Hidden states of `t` positions, different for every `seed`.
+fn hidden(hidden: usize, t: usize, seed: usize) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t * hidden)
+        .map(|i| ((((i + 31 * seed) * 7919) % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(
+        v,
+        (1, t, hidden),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+/// Several sessions' steps stacked into one pass give each session
+/// exactly, bit for bit, what its steps give run alone, on the quantized
+/// formats (float weights: to f32 rounding): prompts of different
+/// lengths, then decode steps, then a pass mixing a decode step with a
+/// short prompt.
+#[test]
+fn a_batched_pass_equals_each_step_alone_bit_for_bit() -> Result<()> {
+    use nomoat_node::engine::BatchStep;
+    let dir = tempfile::tempdir()?;
+    for dtype in [
+        GgmlDType::F32,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+    ] {
+        let file = write(dir.path(), TinyArch::Llama, Format::Gguf(dtype))?;
+        let h = file.config().hidden_size;
+        let span = Span::load(&file, 1, 5, WeightMode::Fast)?;
+        // Each session's steps: rows per pass (0: no step in that pass).
+        let passes: [[usize; 3]; 4] = [[7, 3, 12], [1, 1, 1], [1, 5, 0], [1, 1, 1]];
+        let mut alone: Vec<_> = (0..3).map(|_| span.new_cache()).collect();
+        let mut batched: Vec<_> = (0..3).map(|_| span.new_cache()).collect();
+        for (p, rows) in passes.iter().enumerate() {
+            let xs: Vec<(usize, Tensor)> = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t > 0)
+                .map(|(s, &t)| Ok((s, hidden(h, t, 10 * p + s)?)))
+                .collect::<Result<_>>()?;
+            let want: Vec<Tensor> = xs
+                .iter()
+                .map(|(s, x)| {
+                    let pos = alone[*s].len();
+                    span.forward(x, pos, &mut alone[*s])
+                })
+                .collect::<Result<_, _>>()?;
+            let mut steps: Vec<BatchStep<'_>> = batched
+                .iter_mut()
+                .enumerate()
+                .filter(|(s, _)| rows[*s] > 0)
+                .zip(&xs)
+                .map(|((_, cache), (_, x))| BatchStep {
+                    x,
+                    pos: cache.len(),
+                    cache,
+                })
+                .collect();
+            let got = span.forward_batch(&mut steps, None)?;
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                let (g, w) = (
+                    g.flatten_all()?.to_vec1::<f32>()?,
+                    w.flatten_all()?.to_vec1::<f32>()?,
+                );
+                if dtype == GgmlDType::F32 {
+                    // Float weights go through candle's gemm, whose order of
+                    // summation depends on the number of rows: f32 rounding.
+                    let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let diff = g
+                        .iter()
+                        .zip(&w)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 1e-5 * scale, "F32 pass {p}: {diff} of {scale}");
+                } else {
+                    assert!(
+                        g == w,
+                        "{dtype:?} pass {p}: batched output differs from the step alone"
+                    );
+                }
+            }
+        }
+        for (a, b) in alone.iter().zip(&batched) {
+            assert_eq!(a.len(), b.len());
+        }
+        // Steps of caches on different blocks cannot share a pass.
+        let x = hidden(h, 1, 99)?;
+        let mut c1 = span.new_cache();
+        let mut c2 = span.new_cache_range(2, 5, 64)?;
+        let mut steps = vec![
+            BatchStep {
+                x: &x,
+                pos: 0,
+                cache: &mut c1,
+            },
+            BatchStep {
+                x: &x,
+                pos: 0,
+                cache: &mut c2,
+            },
+        ];
+        assert!(span.forward_batch(&mut steps, None).is_err());
+    }
+    Ok(())
+}

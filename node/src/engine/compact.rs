@@ -18,6 +18,8 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use super::q4_1::Q4_1;
+
 /// Whether candle may keep a repacked copy of a weight of this type, i.e.
 /// whether [`CompactMatMul`] is worth using for it.
 pub(super) fn candle_repacks(dtype: GgmlDType) -> bool {
@@ -31,8 +33,15 @@ pub(super) fn candle_repacks(dtype: GgmlDType) -> bool {
     }
 }
 
-/// `x · Wᵀ` for a Q4_K, Q6_K or Q8_0 weight `W` (out × in), computed on
-/// its stored blocks.
+/// Whether the engine multiplies a weight of this type through
+/// [`CompactMatMul`] in every quantized mode: Q4_1, which candle keeps but
+/// multiplies with a scalar loop (see `engine/q4_1.rs`).
+pub(super) fn own_kernel(dtype: GgmlDType) -> bool {
+    dtype == GgmlDType::Q4_1
+}
+
+/// `x · Wᵀ` for a weight `W` (out × in) of a type that candle repacks, or
+/// of Q4_1, computed on its stored blocks.
 #[derive(Debug, Clone)]
 pub(super) struct CompactMatMul {
     weight: Arc<QTensor>,
@@ -40,9 +49,10 @@ pub(super) struct CompactMatMul {
 
 impl CompactMatMul {
     /// `None` for a weight of another type (candle's own path keeps no
-    /// copy of those).
+    /// copy of those, and is fast).
     pub(super) fn new(weight: Arc<QTensor>) -> Option<Self> {
-        candle_repacks(weight.dtype()).then_some(Self { weight })
+        let d = weight.dtype();
+        (candle_repacks(d) || own_kernel(d)).then_some(Self { weight })
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -109,6 +119,7 @@ impl CustomOp1 for CompactMatMul {
             GgmlDType::Q4_0 => {
                 k_quants::matmul((m, k, n), x, blocks::<BlockQ4_0>(&data)?, &mut dst)?
             }
+            GgmlDType::Q4_1 => k_quants::matmul((m, k, n), x, blocks::<Q4_1>(&data)?, &mut dst)?,
             GgmlDType::Q4K => k_quants::matmul((m, k, n), x, blocks::<BlockQ4K>(&data)?, &mut dst)?,
             GgmlDType::Q5K => k_quants::matmul((m, k, n), x, blocks::<BlockQ5K>(&data)?, &mut dst)?,
             GgmlDType::Q6K => k_quants::matmul((m, k, n), x, blocks::<BlockQ6K>(&data)?, &mut dst)?,
@@ -135,12 +146,16 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (64, 512), &dev)?;
         let types = [
             GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::Q8_0,
         ];
-        for dtype in types.into_iter().filter(|&d| candle_repacks(d)) {
+        for dtype in types
+            .into_iter()
+            .filter(|&d| candle_repacks(d) || own_kernel(d))
+        {
             let q = Arc::new(QTensor::quantize(&w, dtype)?);
             let exact_w = q.dequantize(&dev)?;
             let candle = candle_core::quantized::QMatMul::from_arc(q.clone())?;
@@ -170,7 +185,8 @@ mod tests {
     #[test]
     fn other_types_keep_candles_path() -> candle_core::Result<()> {
         let w = Tensor::zeros((32, 64), candle_core::DType::F32, &Device::Cpu)?;
-        assert!(CompactMatMul::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?)).is_none());
+        assert!(CompactMatMul::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q5_0)?)).is_none());
+        assert!(CompactMatMul::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?)).is_some());
         Ok(())
     }
 }

@@ -20,14 +20,15 @@ pub const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WeightMode {
-    /// Keep formats that have a fast CPU kernel (Q4_0, Q8_0, Q2_K..Q6_K);
-    /// repack the others (Q4_1, Q5_0, Q5_1, Q5_K, Q8_1) into Q8_0 at load time.
+    /// Keep formats that have a fast CPU kernel (Q4_0, Q4_1, Q8_0,
+    /// Q2_K..Q6_K); repack the others (Q5_0, Q5_1, Q5_K, Q8_1) into Q8_0
+    /// at load time.
     #[default]
     Fast,
-    /// Load as `fast` does, and multiply on the stored blocks alone, so no
-    /// weight is ever held twice (candle otherwise keeps a repacked copy of
-    /// Q4_K and some other formats beside the original once used: see
-    /// `engine/compact.rs`). What `serve --max-memory` runs.
+    /// Load as `fast` does. Products run on the stored blocks alone in
+    /// every mode now (no weight is ever held twice: see
+    /// `engine/compact.rs`), so this is `fast` under the name
+    /// `serve --max-memory` has always used.
     Compact,
     /// Keep every tensor in the format the file stores it in.
     Exact,

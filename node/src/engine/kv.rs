@@ -1,69 +1,86 @@
-use candle_core::{DType, Device, Tensor};
-
 use super::{EngineError, Result};
 
 /// First allocation of a block's cache, in positions; it doubles as it fills.
 pub const INITIAL_CACHE_POSITIONS: usize = 256;
 
-/// Keys and values of one block, preallocated and grown by doubling.
-#[derive(Debug)]
+/// Keys and values of one block, `[kv head][position][dim]` each, allocated
+/// for `capacity` positions and grown by doubling.
+///
+/// Plain vectors rather than tensors: a decode step writes one position
+/// in place and attends over the slice of each head, where a tensor cache
+/// copied every position held at every step.
+#[derive(Debug, Default)]
 pub(crate) struct LayerCache {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    heads: usize,
+    dim: usize,
     capacity: usize,
 }
 
 impl LayerCache {
-    fn new() -> Self {
-        Self {
-            k: None,
-            v: None,
-            capacity: 0,
-        }
-    }
-
-    /// Writes `k`/`v` (shape `(1, kv_heads, t, head_dim)`) at position `len`
-    /// and returns views of positions `0..len + t`.
+    /// Writes `t` positions of keys and values, token-major `(t, heads,
+    /// dim)`, at position `len`.
     pub(crate) fn append(
         &mut self,
         len: usize,
-        k: &Tensor,
-        v: &Tensor,
+        k: &[f32],
+        v: &[f32],
+        (t, heads, dim): (usize, usize, usize),
         max_len: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let (b, heads, t, dim) = k.dims4()?;
+    ) -> Result<()> {
+        let row = heads * dim;
+        if k.len() != t * row || v.len() != t * row {
+            return Err(EngineError::BadHidden(format!(
+                "{} keys and {} values for {t} positions of {heads} x {dim}",
+                k.len(),
+                v.len()
+            )));
+        }
+        if self.capacity > 0 && (heads, dim) != (self.heads, self.dim) {
+            return Err(EngineError::BadHidden(format!(
+                "a cache of {} x {} heads given {heads} x {dim}",
+                self.heads, self.dim
+            )));
+        }
         let need = len + t;
         if need > self.capacity {
             let cap = need
                 .max(self.capacity * 2)
                 .max(INITIAL_CACHE_POSITIONS)
                 .min(max_len.max(need));
-            let fresh_k = Tensor::zeros((b, heads, cap, dim), DType::F32, &Device::Cpu)?;
-            let fresh_v = Tensor::zeros((b, heads, cap, dim), DType::F32, &Device::Cpu)?;
-            if let (Some(old_k), Some(old_v)) = (&self.k, &self.v) {
-                if len > 0 {
-                    fresh_k.slice_set(&old_k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                    fresh_v.slice_set(&old_v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            let grow = |old: &[f32]| {
+                let mut fresh = vec![0f32; heads * cap * dim];
+                for h in 0..heads.min(self.heads) {
+                    let from = h * self.capacity * dim;
+                    fresh[h * cap * dim..][..len * dim].copy_from_slice(&old[from..][..len * dim]);
                 }
-            }
-            self.k = Some(fresh_k);
-            self.v = Some(fresh_v);
-            self.capacity = cap;
+                fresh
+            };
+            self.k = grow(&self.k);
+            self.v = grow(&self.v);
+            (self.heads, self.dim, self.capacity) = (heads, dim, cap);
         }
-        let (kb, vb) = match (&self.k, &self.v) {
-            (Some(k), Some(v)) => (k, v),
-            _ => unreachable!("allocated above"),
-        };
-        kb.slice_set(&k.contiguous()?, 2, len)?;
-        vb.slice_set(&v.contiguous()?, 2, len)?;
-        Ok((
-            kb.narrow(2, 0, need)?.contiguous()?,
-            vb.narrow(2, 0, need)?.contiguous()?,
-        ))
+        for i in 0..t {
+            for h in 0..heads {
+                let at = (h * self.capacity + len + i) * dim;
+                let from = (i * heads + h) * dim;
+                self.k[at..at + dim].copy_from_slice(&k[from..from + dim]);
+                self.v[at..at + dim].copy_from_slice(&v[from..from + dim]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys and values of kv head `h`, positions `0..len`, `(len, dim)`.
+    pub(crate) fn head(&self, h: usize, len: usize) -> (&[f32], &[f32]) {
+        let at = h * self.capacity * self.dim;
+        let n = len * self.dim;
+        (&self.k[at..at + n], &self.v[at..at + n])
     }
 
     fn bytes(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.elem_count() * 4) * 2
+        (self.k.len() + self.v.len()) * 4
     }
 }
 
@@ -84,7 +101,7 @@ impl SpanCache {
     /// A cache for blocks `first_block .. first_block + num_layers`.
     pub(crate) fn new(first_block: usize, num_layers: usize, max_len: usize) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| LayerCache::new()).collect(),
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
             first_block,
             len: 0,
             max_len,

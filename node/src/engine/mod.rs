@@ -11,6 +11,7 @@
 //!   ids and back; [`LocalModel`] chains a head and spans into a generator.
 
 pub mod adapter;
+mod attention;
 mod compact;
 mod config;
 mod error;
@@ -19,6 +20,7 @@ mod kv;
 mod local;
 mod memory;
 mod model;
+mod q4_1;
 mod sampling;
 mod tokenizer;
 
@@ -36,7 +38,7 @@ pub use local::{
     GenerateOptions, GenerationStats, LocalModel, LocalSession, TokenLoop, DEFAULT_MAX_TOKENS,
 };
 pub use memory::{block_bytes, head_bytes, loaded_bytes, StoredTensor};
-pub use model::{hidden_from_frame, hidden_to_frame, Head, Span, PREFILL_CHUNK};
+pub use model::{hidden_from_frame, hidden_to_frame, BatchStep, Head, Span, PREFILL_CHUNK};
 pub use sampling::{
     Sampler, SamplingParams, DEFAULT_REPETITION_WINDOW, DEFAULT_SEED, DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,

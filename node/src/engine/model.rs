@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use nomoat_protocol::TensorFrame;
 
 use super::adapter::{BlockAdapter, LoraPair, SpanAdapter};
+use super::attention::{attend, Heads, RopeTables};
 use super::compact::CompactMatMul;
 use super::config::ModelConfig;
 use super::file::{ModelFile, RawWeight, WeightMode};
@@ -15,11 +16,13 @@ use super::{EngineError, Result};
 /// in pieces of this many, so its working memory does not grow with it.
 pub const PREFILL_CHUNK: usize = 256;
 
-/// Whether candle has a fast CPU kernel for a ggml type.
+/// Whether the engine has a fast CPU kernel for a ggml type (candle's, or
+/// its own for Q4_1).
 pub(super) fn has_fast_kernel(dtype: GgmlDType) -> bool {
     matches!(
         dtype,
         GgmlDType::Q4_0
+            | GgmlDType::Q4_1
             | GgmlDType::Q8_0
             | GgmlDType::Q2K
             | GgmlDType::Q3K
@@ -71,11 +74,15 @@ fn prepare_qtensor(q: QTensor, mode: WeightMode) -> Result<QTensor> {
 }
 
 /// The product by a loaded quantized weight in `mode`.
-fn matmul_of(q: Arc<QTensor>, mode: WeightMode) -> Result<MatMul> {
-    if mode == WeightMode::Compact {
-        if let Some(m) = CompactMatMul::new(q.clone()) {
-            return Ok(MatMul::Compact(m));
-        }
+///
+/// Every quantized format with a kernel is multiplied on its stored blocks
+/// ([`CompactMatMul`]), in every mode: candle's own path would keep a
+/// repacked copy beside some of them (memory doubled), and its repacked
+/// kernels give a row different bits when it is computed with others,
+/// which batching must never change.
+fn matmul_of(q: Arc<QTensor>, _mode: WeightMode) -> Result<MatMul> {
+    if let Some(m) = CompactMatMul::new(q.clone()) {
+        return Ok(MatMul::Compact(m));
     }
     Ok(MatMul::Candle(QMatMul::from_arc(q)?))
 }
@@ -120,6 +127,17 @@ impl Linear {
         let wname = format!("{prefix}.weight");
         let raw = file.read(&wname)?;
         expect_dims(&wname, raw.dims(), &[out_dim, in_dim])?;
+        Self::from_raw(file, prefix, raw, out_dim, bias, mode)
+    }
+
+    fn from_raw(
+        file: &ModelFile,
+        prefix: &str,
+        raw: RawWeight,
+        out_dim: usize,
+        bias: bool,
+        mode: WeightMode,
+    ) -> Result<Self> {
         let (weight, mut bytes) = matmul_from_raw(raw, mode)?;
         let bias = if bias {
             let bname = format!("{prefix}.bias");
@@ -150,6 +168,140 @@ impl Linear {
     }
 }
 
+/// Projections of one input, either as one product with their rows
+/// stacked (when every part is stored in the same quantized format) or
+/// one product each. One product quantizes the input once and wakes the
+/// compute threads once.
+#[derive(Debug)]
+enum Projections {
+    Fused {
+        weight: MatMul,
+        widths: Vec<usize>,
+        bias: Option<Tensor>,
+        bytes: usize,
+    },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    /// `(prefix, out_dim)` per part, all of input width `in_dim`.
+    fn load(
+        file: &ModelFile,
+        parts: &[(String, usize)],
+        in_dim: usize,
+        bias: bool,
+        mode: WeightMode,
+    ) -> Result<Self> {
+        let mut raws = Vec::with_capacity(parts.len());
+        for (prefix, out_dim) in parts {
+            let wname = format!("{prefix}.weight");
+            let raw = file.read(&wname)?;
+            expect_dims(&wname, raw.dims(), &[*out_dim, in_dim])?;
+            raws.push(raw);
+        }
+        let mut quants = Vec::with_capacity(raws.len());
+        if mode != WeightMode::F32 {
+            for raw in &raws {
+                if let RawWeight::Quant(q) = raw {
+                    quants.push(q.dtype());
+                }
+            }
+        }
+        let fusable = quants.len() == parts.len()
+            && quants.iter().all(|d| *d == quants[0])
+            && has_fast_kernel(quants[0]);
+        if !fusable {
+            let linears = parts
+                .iter()
+                .zip(raws)
+                .map(|((prefix, out_dim), raw)| {
+                    Linear::from_raw(file, prefix, raw, *out_dim, bias, mode)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self::Separate(linears));
+        }
+        let mut data = Vec::new();
+        for raw in &raws {
+            if let RawWeight::Quant(q) = raw {
+                data.extend_from_slice(&q.data()?);
+            }
+        }
+        drop(raws);
+        let rows: usize = parts.iter().map(|(_, n)| n).sum();
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            quants[0],
+            &data,
+            vec![rows, in_dim],
+            &Device::Cpu,
+        )?;
+        drop(data);
+        let mut bytes = q.storage_size_in_bytes();
+        let weight = matmul_of(Arc::new(q), mode)?;
+        let bias = if bias {
+            let mut all = Vec::with_capacity(parts.len());
+            for (prefix, out_dim) in parts {
+                let bname = format!("{prefix}.bias");
+                let b = file.read(&bname)?;
+                expect_dims(&bname, b.dims(), &[*out_dim])?;
+                all.push(b.dequantize()?);
+            }
+            bytes += rows * 4;
+            Some(Tensor::cat(&all, 0)?)
+        } else {
+            None
+        };
+        Ok(Self::Fused {
+            weight,
+            widths: parts.iter().map(|(_, n)| *n).collect(),
+            bias,
+            bytes,
+        })
+    }
+
+    /// One output per part, each with its adapter update (`loras[i]` for
+    /// part `i`) added.
+    fn forward(&self, x: &Tensor, loras: &[Option<&LoraPair>]) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(ls) => ls
+                .iter()
+                .enumerate()
+                .map(|(i, l)| l.forward(x, loras.get(i).copied().flatten()))
+                .collect(),
+            Self::Fused {
+                weight,
+                widths,
+                bias,
+                ..
+            } => {
+                let y = weight.forward(x)?;
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                let last = y.rank() - 1;
+                let mut out = Vec::with_capacity(widths.len());
+                let mut at = 0;
+                for (i, w) in widths.iter().enumerate() {
+                    let part = y.narrow(last, at, *w)?;
+                    at += w;
+                    out.push(match loras.get(i).copied().flatten() {
+                        Some(l) => l.add_to(x, part)?,
+                        None => part,
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Fused { bytes, .. } => *bytes,
+            Self::Separate(ls) => ls.iter().map(|l| l.bytes).sum(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct RmsNorm {
     weight: Tensor,
@@ -173,48 +325,31 @@ impl RmsNorm {
 
 /// Rotary tables shared by the blocks of a span.
 #[derive(Debug)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    interleaved: bool,
-}
+struct Rope(RopeTables);
 
 impl Rope {
     fn new(cfg: &ModelConfig) -> Result<Self> {
-        let inv = cfg.rope_inv_freq();
-        let half = inv.len();
-        let n = cfg.max_seq_len;
-        let mut angles = Vec::with_capacity(n * half);
-        for p in 0..n {
-            for f in &inv {
-                angles.push(p as f32 * f);
-            }
-        }
-        let a = Tensor::from_vec(angles, (n, half), &Device::Cpu)?;
-        Ok(Self {
-            cos: a.cos()?,
-            sin: a.sin()?,
-            interleaved: cfg.rope_interleaved,
-        })
+        Ok(Self(RopeTables::new(
+            &cfg.rope_inv_freq(),
+            cfg.max_seq_len,
+            cfg.rope_interleaved,
+        )))
     }
+}
 
-    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        Ok(if self.interleaved {
-            candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope(x, &cos, &sin)?
-        })
-    }
+/// One session's rows in a step of stacked rows, and its cache of the
+/// block being run.
+struct Segment<'a> {
+    pos: usize,
+    rows: usize,
+    cache: &'a mut super::kv::LayerCache,
+    max_len: usize,
 }
 
 #[derive(Debug)]
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Projections,
     o: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -231,9 +366,17 @@ impl Attention {
         );
         let bias = cfg.arch.qkv_bias();
         Ok(Self {
-            q: Linear::load(file, &format!("{p}.attn_q"), nh * hd, h, bias, mode)?,
-            k: Linear::load(file, &format!("{p}.attn_k"), nkv * hd, h, bias, mode)?,
-            v: Linear::load(file, &format!("{p}.attn_v"), nkv * hd, h, bias, mode)?,
+            qkv: Projections::load(
+                file,
+                &[
+                    (format!("{p}.attn_q"), nh * hd),
+                    (format!("{p}.attn_k"), nkv * hd),
+                    (format!("{p}.attn_v"), nkv * hd),
+                ],
+                h,
+                bias,
+                mode,
+            )?,
             o: Linear::load(file, &format!("{p}.attn_output"), h, nh * hd, false, mode)?,
             num_heads: nh,
             num_kv_heads: nkv,
@@ -241,77 +384,66 @@ impl Attention {
         })
     }
 
+    /// Attention over stacked rows: `segs` say whose rows follow whose,
+    /// each segment attending over its own session's cache.
     fn forward(
         &self,
         x: &Tensor,
-        pos: usize,
+        segs: &mut [Segment<'_>],
         rope: &Rope,
-        cache: &mut super::kv::LayerCache,
-        max_len: usize,
         lora: Option<&BlockAdapter>,
     ) -> Result<Tensor> {
         let pair = |t: usize| lora.and_then(|l| l.pair(t));
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let group = nh / nkv;
-        let q = self
-            .q
-            .forward(x, pair(0))?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self
-            .k
-            .forward(x, pair(1))?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .v
-            .forward(x, pair(2))?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let q = rope.apply(&q, pos)?;
-        let k = rope.apply(&k, pos)?;
-        let (k, v) = cache.append(pos, &k, &v, max_len)?;
-        let s = pos + t;
-        // Query heads that share a kv head sit next to each other, so the group
-        // folds into the row dimension and K/V are never repeated.
-        let q = q.reshape((b, nkv, group * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = if t > 1 {
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, s), x.device())?;
-            scores
-                .reshape((b, nkv, group, t, s))?
-                .broadcast_add(&mask)?
-                .reshape((b, nkv, group * t, s))?
-        } else {
-            scores
+        let (_, total, _) = x.dims3()?;
+        let heads = Heads {
+            q: self.num_heads,
+            kv: self.num_kv_heads,
+            dim: self.head_dim,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // (b, nkv, group * t, hd)
-        let out = out
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let rows = |y: &Tensor| -> Result<Vec<f32>> { Ok(y.flatten_all()?.to_vec1::<f32>()?) };
+        let qkv = self.qkv.forward(x, &[pair(0), pair(1), pair(2)])?;
+        let mut q = rows(&qkv[0])?;
+        let mut k = rows(&qkv[1])?;
+        let v = rows(&qkv[2])?;
+        let (qw, kw) = (heads.q * heads.dim, heads.kv * heads.dim);
+        let mut out = Vec::with_capacity(total * qw);
+        let mut at = 0;
+        for seg in segs.iter_mut() {
+            let t = seg.rows;
+            if at + t > total {
+                return Err(EngineError::BadHidden(format!(
+                    "segments of {} rows over a step of {total}",
+                    at + t
+                )));
+            }
+            let qs = &mut q[at * qw..(at + t) * qw];
+            let ks = &mut k[at * kw..(at + t) * kw];
+            let vs = &v[at * kw..(at + t) * kw];
+            rope.0.apply(qs, heads.q, seg.pos);
+            rope.0.apply(ks, heads.kv, seg.pos);
+            seg.cache
+                .append(seg.pos, ks, vs, (t, heads.kv, heads.dim), seg.max_len)?;
+            out.extend_from_slice(&attend(qs, seg.cache, seg.pos, t, heads));
+            at += t;
+        }
+        if at != total {
+            return Err(EngineError::BadHidden(format!(
+                "segments of {at} rows over a step of {total}"
+            )));
+        }
+        let out = Tensor::from_vec(out, (1, total, qw), x.device())?;
         self.o.forward(&out, pair(3))
     }
 
     fn bytes(&self) -> usize {
-        self.q.bytes + self.k.bytes + self.v.bytes + self.o.bytes
+        self.qkv.bytes() + self.o.bytes
     }
 }
 
 #[derive(Debug)]
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -319,21 +451,26 @@ impl Mlp {
     fn load(file: &ModelFile, p: &str, cfg: &ModelConfig, mode: WeightMode) -> Result<Self> {
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate: Linear::load(file, &format!("{p}.ffn_gate"), f, h, false, mode)?,
-            up: Linear::load(file, &format!("{p}.ffn_up"), f, h, false, mode)?,
+            gate_up: Projections::load(
+                file,
+                &[(format!("{p}.ffn_gate"), f), (format!("{p}.ffn_up"), f)],
+                h,
+                false,
+                mode,
+            )?,
             down: Linear::load(file, &format!("{p}.ffn_down"), h, f, false, mode)?,
         })
     }
 
     fn forward(&self, x: &Tensor, lora: Option<&BlockAdapter>) -> Result<Tensor> {
         let pair = |t: usize| lora.and_then(|l| l.pair(t));
-        let g = candle_nn::ops::silu(&self.gate.forward(x, pair(4))?)?;
-        let u = self.up.forward(x, pair(5))?;
-        self.down.forward(&(g * u)?, pair(6))
+        let gu = self.gate_up.forward(x, &[pair(4), pair(5)])?;
+        let g = candle_nn::ops::silu(&gu[0])?;
+        self.down.forward(&(g * &gu[1])?, pair(6))
     }
 
     fn bytes(&self) -> usize {
-        self.gate.bytes + self.up.bytes + self.down.bytes
+        self.gate_up.bytes() + self.down.bytes
     }
 }
 
@@ -360,15 +497,13 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        pos: usize,
+        segs: &mut [Segment<'_>],
         rope: &Rope,
-        cache: &mut super::kv::LayerCache,
-        max_len: usize,
         lora: Option<&BlockAdapter>,
     ) -> Result<Tensor> {
         let h = self
             .attn
-            .forward(&self.attn_norm.forward(x)?, pos, rope, cache, max_len, lora)?;
+            .forward(&self.attn_norm.forward(x)?, segs, rope, lora)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.ffn_norm.forward(&x)?, lora)?;
         Ok((x + h)?)
@@ -477,6 +612,123 @@ impl Span {
         cache: &mut SpanCache,
         adapter: Option<&SpanAdapter>,
     ) -> Result<Tensor> {
+        let t = self.check_step(x, pos, cache, adapter)?;
+        let (first, last) = cache.blocks();
+        let blocks = &self.blocks[first - self.start..last - self.start];
+        let max = cache.max_len();
+        // A long step runs in pieces of PREFILL_CHUNK positions, every block
+        // on one piece before the next: the same causal attention over the
+        // cache, with working memory bounded by the piece, not the prompt.
+        let mut outs = Vec::with_capacity(t.div_ceil(PREFILL_CHUNK));
+        let mut done = 0;
+        while done < t {
+            let n = (t - done).min(PREFILL_CHUNK);
+            let mut h = if n == t {
+                x.clone()
+            } else {
+                x.narrow(1, done, n)?
+            };
+            for (i, (block, layer)) in blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+                let lora = adapter.and_then(|a| a.block(first + i));
+                let mut seg = [Segment {
+                    pos: pos + done,
+                    rows: n,
+                    cache: layer,
+                    max_len: max,
+                }];
+                h = block.forward(&h, &mut seg, &self.rope, lora)?;
+            }
+            outs.push(h);
+            done += n;
+        }
+        cache.set_len(pos + t);
+        Ok(if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 1)?
+        })
+    }
+
+    /// Several sessions' steps as one pass: their rows are stacked, so
+    /// every projection reads the weights once for all of them, and each
+    /// attends over its own cache. Every output equals the session's step
+    /// run alone by [`forward_with`](Self::forward_with), bit for bit: rows
+    /// never mix in the projections, norms and MLP, and attention is per
+    /// session. The sessions must run the same blocks with the same
+    /// adapter, each step at most [`PREFILL_CHUNK`] positions.
+    pub fn forward_batch(
+        &self,
+        steps: &mut [BatchStep<'_>],
+        adapter: Option<&SpanAdapter>,
+    ) -> Result<Vec<Tensor>> {
+        let Some(first_step) = steps.first() else {
+            return Ok(Vec::new());
+        };
+        let (first, last) = first_step.cache.blocks();
+        let mut ts = Vec::with_capacity(steps.len());
+        for s in steps.iter() {
+            let t = self.check_step(s.x, s.pos, s.cache, adapter)?;
+            if s.cache.blocks() != (first, last) {
+                return Err(EngineError::BadSpan {
+                    start: s.cache.blocks().0,
+                    end: s.cache.blocks().1,
+                    num_blocks: self.config.num_blocks,
+                });
+            }
+            if t > PREFILL_CHUNK {
+                return Err(EngineError::BadHidden(format!(
+                    "a batched step of {t} positions; the most is {PREFILL_CHUNK}"
+                )));
+            }
+            ts.push(t);
+        }
+        let xs: Vec<Tensor> = steps.iter().map(|s| s.x.clone()).collect();
+        let mut h = if xs.len() == 1 {
+            xs[0].clone()
+        } else {
+            Tensor::cat(&xs, 1)?
+        };
+        let blocks = &self.blocks[first - self.start..last - self.start];
+        for (i, block) in blocks.iter().enumerate() {
+            let lora = adapter.and_then(|a| a.block(first + i));
+            let mut segs: Vec<Segment<'_>> = steps
+                .iter_mut()
+                .zip(&ts)
+                .map(|(s, &rows)| {
+                    let max_len = s.cache.max_len();
+                    Segment {
+                        pos: s.pos,
+                        rows,
+                        cache: &mut s.cache.layers[i],
+                        max_len,
+                    }
+                })
+                .collect();
+            h = block.forward(&h, &mut segs, &self.rope, lora)?;
+        }
+        let mut outs = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for (s, &t) in steps.iter_mut().zip(&ts) {
+            s.cache.set_len(s.pos + t);
+            outs.push(if ts.len() == 1 {
+                h.clone()
+            } else {
+                h.narrow(1, at, t)?
+            });
+            at += t;
+        }
+        Ok(outs)
+    }
+
+    /// Checks one step against the span and its cache; returns its
+    /// positions.
+    fn check_step(
+        &self,
+        x: &Tensor,
+        pos: usize,
+        cache: &SpanCache,
+        adapter: Option<&SpanAdapter>,
+    ) -> Result<usize> {
         let dims = x.dims();
         if dims.len() != 3 || dims[0] != 1 || dims[1] == 0 || dims[2] != self.config.hidden_size {
             return Err(EngineError::BadHidden(format!(
@@ -521,33 +773,19 @@ impl Span {
                 )));
             }
         }
-        let blocks = &self.blocks[first - self.start..last - self.start];
-        // A long step runs in pieces of PREFILL_CHUNK positions, every block
-        // on one piece before the next: the same causal attention over the
-        // cache, with working memory bounded by the piece, not the prompt.
-        let mut outs = Vec::with_capacity(t.div_ceil(PREFILL_CHUNK));
-        let mut done = 0;
-        while done < t {
-            let n = (t - done).min(PREFILL_CHUNK);
-            let mut h = if n == t {
-                x.clone()
-            } else {
-                x.narrow(1, done, n)?
-            };
-            for (i, (block, layer)) in blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
-                let lora = adapter.and_then(|a| a.block(first + i));
-                h = block.forward(&h, pos + done, &self.rope, layer, max, lora)?;
-            }
-            outs.push(h);
-            done += n;
-        }
-        cache.set_len(pos + t);
-        Ok(if outs.len() == 1 {
-            outs.remove(0)
-        } else {
-            Tensor::cat(&outs, 1)?
-        })
+        Ok(t)
     }
+}
+
+/// One session's step in [`Span::forward_batch`].
+#[derive(Debug)]
+pub struct BatchStep<'a> {
+    /// Hidden states `(1, t, hidden)`.
+    pub x: &'a Tensor,
+    /// The first position, the cache's length.
+    pub pos: usize,
+    /// The session's cache.
+    pub cache: &'a mut SpanCache,
 }
 
 /// What a client holds: token embedding, final norm and LM head.

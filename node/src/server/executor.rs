@@ -18,7 +18,7 @@ use nomoat_protocol::{ErrorCode, SessionId, TensorFrame};
 use tokio::sync::oneshot;
 
 use crate::engine::{
-    hidden_from_frame, hidden_to_frame, EngineError, Span, SpanAdapter, SpanCache,
+    hidden_from_frame, hidden_to_frame, BatchStep, EngineError, Span, SpanAdapter, SpanCache,
 };
 
 /// Default cap on concurrent sessions.
@@ -38,6 +38,16 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_OPEN_GRACE: Duration = Duration::from_secs(30);
 /// Capacity of the request queue.
 pub const EXECUTOR_QUEUE: usize = 256;
+/// Most steps one batched pass takes: the queue is drained up to this
+/// many, and the rest wait for the next pass.
+pub const MAX_BATCH_STEPS: usize = 64;
+/// Most positions a long step (a prompt) adds to one pass when no decode
+/// step waits; with decode steps in the pass its pieces shrink (see
+/// [`Worker::piece`]).
+pub const MAX_PIECE: usize = crate::engine::PREFILL_CHUNK;
+/// Steps of at most this many positions are decode steps: they run whole
+/// in every pass; longer ones are prompts, cut into pieces.
+const DECODE_ROWS: usize = 8;
 
 /// Limits of the executor.
 #[derive(Debug, Clone)]
@@ -158,6 +168,10 @@ pub struct ExecutorStats {
     pub throughput: f32,
     /// Steps computed.
     pub steps: u64,
+    /// Batched passes run (each runs one or more sessions' steps or pieces).
+    pub passes: u64,
+    /// The most steps one pass has run together.
+    pub max_batch: usize,
     /// Sessions still running on a span the server moved away from.
     pub draining: usize,
     /// The most sessions it holds at once (`--max-sessions`).
@@ -259,6 +273,9 @@ impl Executor {
             sessions: HashMap::new(),
             stats: stats.clone(),
             ema: None,
+            running: Vec::new(),
+            decode_pass: None,
+            piece: MAX_PIECE,
         };
         std::thread::Builder::new()
             .name("nomoat-executor".into())
@@ -373,20 +390,106 @@ struct Worker {
     sessions: HashMap<SessionId, Session>,
     stats: Arc<Mutex<ExecutorStats>>,
     ema: Option<f32>,
+    /// Steps admitted and not yet finished, in arrival order: a long one
+    /// runs a piece per pass.
+    running: Vec<Running>,
+    /// Seconds of a pass of decode steps alone (EMA), the yardstick for
+    /// how much of a prompt a pass may add.
+    decode_pass: Option<f64>,
+    /// Positions of a prompt a pass with decode steps takes now.
+    piece: usize,
+}
+
+/// A step on its way: checked, its input decoded, `done` of its positions
+/// computed.
+struct Running {
+    id: SessionId,
+    seq: u64,
+    start_pos: usize,
+    x: candle_core::Tensor,
+    dtype: nomoat_protocol::DType,
+    done: usize,
+    outs: Vec<candle_core::Tensor>,
+    reply: oneshot::Sender<Result<TensorFrame, ExecError>>,
+}
+
+impl Running {
+    fn rows(&self) -> usize {
+        self.x.dim(1).unwrap_or(0)
+    }
 }
 
 impl Worker {
+    /// Takes jobs until shutdown. Steps are not run one by one: every
+    /// pass takes all the steps waiting (up to [`MAX_BATCH_STEPS`]) and
+    /// runs them together, so sessions that step at the same time share
+    /// one read of the weights. A long step runs a piece per pass, so it
+    /// never holds up the others' decode steps for long.
     fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
         let sweep =
             (self.cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        loop {
-            match rx.recv_timeout(sweep) {
-                Ok(Job::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(job) => self.handle(job),
+        let mut stop = false;
+        while !stop {
+            // Wait only when nothing is running.
+            let first = if self.running.is_empty() {
+                rx.recv_timeout(sweep)
+            } else {
+                rx.try_recv().map_err(|e| match e {
+                    std::sync::mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                    std::sync::mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                })
+            };
+            match first {
+                Ok(Job::Shutdown) | Err(RecvTimeoutError::Disconnected) => stop = true,
+                Ok(job) => self.take(job),
                 Err(RecvTimeoutError::Timeout) => {}
+            }
+            // Everything already queued joins this pass.
+            while !stop && self.running.len() < MAX_BATCH_STEPS {
+                match rx.try_recv() {
+                    Ok(Job::Shutdown) => stop = true,
+                    Ok(job) => self.take(job),
+                    Err(_) => break,
+                }
+            }
+            if !self.running.is_empty() {
+                self.pass();
             }
             self.expire();
             self.publish_stats();
+        }
+        // Steps admitted before the shutdown still get their answers.
+        while !self.running.is_empty() {
+            self.pass();
+        }
+    }
+
+    /// A job from the queue: a step joins the running ones (after its
+    /// checks), anything else is done at once.
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Step {
+                id,
+                seq,
+                start_pos,
+                hidden,
+                reply,
+            } => match self.admit(id, seq, &hidden) {
+                Ok(x) => self.running.push(Running {
+                    id,
+                    seq,
+                    start_pos,
+                    x,
+                    dtype: hidden.dtype(),
+                    done: 0,
+                    outs: Vec::new(),
+                    reply,
+                }),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            other => self.handle(other),
         }
     }
 
@@ -443,21 +546,20 @@ impl Worker {
             } => {
                 let _ = reply.send(self.open(id, peer, start, end, max_len, adapter));
             }
-            Job::Step {
-                id,
-                seq,
-                start_pos,
-                hidden,
-                reply,
-            } => {
-                let r = self.step(id, seq, start_pos, &hidden);
-                if r.is_ok() {
-                    self.stats.lock().unwrap_or_else(|p| p.into_inner()).steps += 1;
-                }
-                let _ = reply.send(r);
-            }
+            Job::Step { .. } => self.take(job),
             Job::Close { id } => {
                 self.sessions.remove(&id);
+                // A step of it still running is answered now.
+                let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+                    .into_iter()
+                    .partition(|r| r.id == id);
+                self.running = kept;
+                for r in gone {
+                    let _ = r.reply.send(Err(ExecError::new(
+                        ErrorCode::UnknownSession,
+                        format!("session {id} closed"),
+                    )));
+                }
             }
             Job::Move { span } => {
                 tracing::info!(
@@ -575,53 +677,299 @@ impl Worker {
         Ok(positions)
     }
 
-    fn step(
+    /// The checks of a step that need no compute, and its input.
+    fn admit(
         &mut self,
         id: SessionId,
         seq: u64,
-        start_pos: usize,
         hidden: &TensorFrame,
-    ) -> Result<TensorFrame, ExecError> {
-        let s = self.sessions.get_mut(&id).ok_or_else(|| {
+    ) -> Result<candle_core::Tensor, ExecError> {
+        let s = self.sessions.get(&id).ok_or_else(|| {
             ExecError::new(ErrorCode::UnknownSession, format!("unknown session {id}"))
         })?;
-        if seq <= s.last_seq {
+        if seq <= s.last_seq || self.running.iter().any(|r| r.id == id && r.seq >= seq) {
             return Err(ExecError::new(
                 ErrorCode::Replayed,
                 format!("step {seq} already processed (last was {})", s.last_seq),
             ));
         }
         let x = hidden_from_frame(hidden, s.span.config().hidden_size)?;
-        let t = x.dim(1).map_err(EngineError::from)?;
-        if start_pos > s.cache.len() {
-            return Err(ExecError::new(
-                ErrorCode::Malformed,
-                format!(
-                    "step starts at position {start_pos} but the session holds {}",
-                    s.cache.len()
-                ),
-            ));
+        x.dim(1).map_err(EngineError::from)?;
+        Ok(x)
+    }
+
+    /// The positions of a long step a pass with decode steps in it takes:
+    /// halved when such a pass took more than 1.5x a pass of decode steps
+    /// alone, grown by a quarter when it took less. Running sessions then
+    /// see their steps slowed by about that much while a prompt goes in,
+    /// and the prompt gets what is left.
+    fn adapt_piece(&mut self, secs: f64, mixed: bool, decode_only: bool) {
+        // `mixed`: decode steps and a prompt's piece; `decode_only`: decode
+        // steps and nothing else.
+        if decode_only {
+            self.decode_pass = Some(match self.decode_pass {
+                Some(e) => 0.9 * e + 0.1 * secs,
+                None => secs,
+            });
+        } else if mixed {
+            if let Some(base) = self.decode_pass {
+                self.piece = if secs > 1.5 * base {
+                    (self.piece / 2).max(1)
+                } else {
+                    (self.piece + self.piece.div_ceil(4)).min(MAX_PIECE)
+                };
+            }
         }
-        if start_pos < s.cache.len() {
-            s.cache.rollback(start_pos)?;
+    }
+
+    /// One pass: the next piece of every running step that can run now,
+    /// grouped by span, blocks and adapter, each group as one batched
+    /// forward.
+    fn pass(&mut self) {
+        // A session's steps run in order: only its first running step takes
+        // part in this pass.
+        let mut chosen: Vec<usize> = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if !chosen.iter().any(|&j| self.running[j].id == r.id) {
+                chosen.push(i);
+            }
+        }
+        let decodes = chosen
+            .iter()
+            .filter(|&&i| self.running[i].rows() <= DECODE_ROWS)
+            .count();
+        let piece = if decodes > 0 { self.piece } else { MAX_PIECE };
+        // Pieces of long steps: the first one gets `piece` rows, later ones
+        // wait (one prompt at a time keeps the decode steps' slowdown bounded).
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, rows)
+        let mut prompt_taken = false;
+        for &i in &chosen {
+            let r = &self.running[i];
+            let left = r.rows() - r.done;
+            if left <= DECODE_ROWS {
+                plan.push((i, left));
+            } else if !prompt_taken {
+                prompt_taken = true;
+                plan.push((i, left.min(piece)));
+            }
+        }
+        // Checks that may have changed since admission (a close, a
+        // rollback), and the rollback itself at a step's first piece.
+        let mut failed: Vec<(usize, ExecError)> = Vec::new();
+        for &(i, _) in &plan {
+            let r = &self.running[i];
+            let Some(s) = self.sessions.get_mut(&r.id) else {
+                failed.push((
+                    i,
+                    ExecError::new(
+                        ErrorCode::UnknownSession,
+                        format!("unknown session {}", r.id),
+                    ),
+                ));
+                continue;
+            };
+            if r.done == 0 {
+                if r.start_pos > s.cache.len() {
+                    failed.push((
+                        i,
+                        ExecError::new(
+                            ErrorCode::Malformed,
+                            format!(
+                                "step starts at position {} but the session holds {}",
+                                r.start_pos,
+                                s.cache.len()
+                            ),
+                        ),
+                    ));
+                    continue;
+                }
+                if r.start_pos < s.cache.len() {
+                    if let Err(e) = s.cache.rollback(r.start_pos) {
+                        failed.push((i, e.into()));
+                    }
+                }
+            }
+        }
+        let plan: Vec<(usize, usize)> = plan
+            .into_iter()
+            .filter(|(i, _)| !failed.iter().any(|(j, _)| j == i))
+            .collect();
+        // Groups that can share a forward.
+        type Key = (usize, (usize, usize), usize);
+        let mut groups: Vec<(Key, Vec<(usize, usize)>)> = Vec::new();
+        for &(i, rows) in &plan {
+            let s = &self.sessions[&self.running[i].id];
+            let key = (
+                Arc::as_ptr(&s.span) as usize,
+                s.cache.blocks(),
+                s.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize),
+            );
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, g)) => g.push((i, rows)),
+                None => groups.push((key, vec![(i, rows)])),
+            }
         }
         let began = Instant::now();
-        let out = s
-            .span
-            .forward_with(&x, start_pos, &mut s.cache, s.adapter.as_deref())?;
-        s.last_seq = seq;
-        // Only a step that ran keeps the session alive: malformed ones
-        // refresh nothing.
-        s.last_used = Instant::now();
-        s.stepped = true;
-        if t == 1 && Arc::ptr_eq(&s.span, &self.span) {
-            let tps = 1.0 / began.elapsed().as_secs_f32().max(1e-6);
+        let mut results: Vec<(usize, usize, Result<candle_core::Tensor, ExecError>)> = Vec::new();
+        for (_, group) in groups {
+            for (i, rows, r) in self.forward_group(&group) {
+                results.push((i, rows, r));
+            }
+        }
+        let secs = began.elapsed().as_secs_f64();
+        {
+            let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            st.passes += 1;
+            st.max_batch = st.max_batch.max(plan.len());
+        }
+        let decode_only = !plan.is_empty()
+            && plan
+                .iter()
+                .all(|&(i, rows)| rows == self.running[i].rows() && rows <= DECODE_ROWS);
+        let prompt_piece = plan.iter().any(|&(_, rows)| rows > DECODE_ROWS);
+        self.adapt_piece(secs, decodes > 0 && prompt_piece, decode_only);
+        // Apply the results: finished steps answer, failed ones too.
+        for (i, e) in failed {
+            self.running[i].done = usize::MAX;
+            let r = &mut self.running[i];
+            let (tx, _) = oneshot::channel();
+            let reply = std::mem::replace(&mut r.reply, tx);
+            let _ = reply.send(Err(e));
+        }
+        let one_token_steps = plan
+            .iter()
+            .filter(|&&(i, rows)| rows == 1 && self.running[i].rows() == 1)
+            .count();
+        for (i, rows, out) in results {
+            let r = &mut self.running[i];
+            match out {
+                Ok(t) => {
+                    r.outs.push(t);
+                    r.done += rows;
+                    if r.done == r.rows() {
+                        let out = if r.outs.len() == 1 {
+                            Ok(r.outs.remove(0))
+                        } else {
+                            candle_core::Tensor::cat(&r.outs, 1)
+                        };
+                        let frame = out
+                            .map_err(|e| ExecError::from(EngineError::from(e)))
+                            .and_then(|o| Ok(hidden_to_frame(&o, r.dtype)?));
+                        if let Some(s) = self.sessions.get_mut(&r.id) {
+                            s.last_seq = r.seq;
+                            // Only a step that ran keeps the session alive:
+                            // malformed ones refresh nothing.
+                            s.last_used = Instant::now();
+                            s.stepped = true;
+                        }
+                        let (tx, _) = oneshot::channel();
+                        let reply = std::mem::replace(&mut r.reply, tx);
+                        if frame.is_ok() {
+                            self.stats.lock().unwrap_or_else(|p| p.into_inner()).steps += 1;
+                        }
+                        let _ = reply.send(frame);
+                        r.done = usize::MAX;
+                    }
+                }
+                Err(e) => {
+                    let (tx, _) = oneshot::channel();
+                    let reply = std::mem::replace(&mut r.reply, tx);
+                    let _ = reply.send(Err(e));
+                    r.done = usize::MAX;
+                }
+            }
+        }
+        self.running.retain(|r| r.done != usize::MAX);
+        // Decode speed of the span: a pass of one-token steps gives each
+        // of them a token in `secs`.
+        if one_token_steps > 0 && decode_only && secs > 0.0 {
+            let tps = (1.0 / secs) as f32;
             self.ema = Some(match self.ema {
                 Some(e) => 0.9 * e + 0.1 * tps,
                 None => tps,
             });
         }
-        // The output travels in the dtype the input came in.
-        Ok(hidden_to_frame(&out, hidden.dtype())?)
+    }
+
+    /// One batched forward of the pieces `group` names (running index,
+    /// rows), all on one span, blocks and adapter.
+    fn forward_group(
+        &mut self,
+        group: &[(usize, usize)],
+    ) -> Vec<(usize, usize, Result<candle_core::Tensor, ExecError>)> {
+        let mut xs = Vec::with_capacity(group.len());
+        for &(i, rows) in group {
+            let r = &self.running[i];
+            let x = if r.done == 0 && rows == r.rows() {
+                Ok(r.x.clone())
+            } else {
+                r.x.narrow(1, r.done, rows)
+                    .map_err(|e| ExecError::from(EngineError::from(e)))
+            };
+            xs.push(x);
+        }
+        if let Some(p) = xs.iter().position(|x| x.is_err()) {
+            let mut out = Vec::new();
+            for (k, (&(i, rows), x)) in group.iter().zip(xs).enumerate() {
+                let e = match x {
+                    Err(e) => e,
+                    Ok(_) if k != p => ExecError::new(ErrorCode::Internal, "a batched step failed"),
+                    Ok(_) => unreachable!(),
+                };
+                out.push((i, rows, Err(e)));
+            }
+            return out;
+        }
+        let xs: Vec<candle_core::Tensor> = xs.into_iter().flatten().collect();
+        let ids: Vec<SessionId> = group.iter().map(|&(i, _)| self.running[i].id).collect();
+        let first_pos: Vec<usize> = group
+            .iter()
+            .map(|&(i, _)| self.running[i].start_pos + self.running[i].done)
+            .collect();
+        // Take the sessions' caches out for the pass.
+        let mut sessions: Vec<(SessionId, Session)> = ids
+            .iter()
+            .filter_map(|id| self.sessions.remove(id).map(|s| (*id, s)))
+            .collect();
+        let span = sessions[0].1.span.clone();
+        let adapter = sessions[0].1.adapter.clone();
+        let result = {
+            let mut steps: Vec<BatchStep<'_>> = sessions
+                .iter_mut()
+                .zip(&xs)
+                .zip(&first_pos)
+                .map(|(((_, s), x), &pos)| BatchStep {
+                    x,
+                    pos,
+                    cache: &mut s.cache,
+                })
+                .collect();
+            span.forward_batch(&mut steps, adapter.as_deref())
+        };
+        for (id, s) in sessions {
+            self.sessions.insert(id, s);
+        }
+        match result {
+            Ok(outs) => group
+                .iter()
+                .zip(outs)
+                .map(|(&(i, rows), o)| (i, rows, Ok(o)))
+                .collect(),
+            Err(e) if group.len() == 1 => vec![(group[0].0, group[0].1, Err(e.into()))],
+            Err(_) => {
+                // One bad step must not fail the others: run each alone.
+                group
+                    .iter()
+                    .map(|&(i, rows)| {
+                        let r = self.forward_group(&[(i, rows)]);
+                        r.into_iter().next().unwrap_or((
+                            i,
+                            rows,
+                            Err(ExecError::new(ErrorCode::Internal, "no result")),
+                        ))
+                    })
+                    .collect()
+            }
+        }
     }
 }

@@ -1,0 +1,117 @@
+//! Continuous batching in a server's executor: sessions stepping at the
+//! same time share passes, a long prompt goes in by pieces between their
+//! decode steps, and every session's outputs are bit for bit those of its
+//! steps run alone on the span.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
+use libp2p::PeerId;
+use nomoat_node::engine::{hidden_from_frame, hidden_to_frame, ModelFile, Span, WeightMode};
+use nomoat_node::server::executor::{Executor, ExecutorConfig};
+use nomoat_protocol::{DType, SessionId};
+use nomoat_tests::{TinyArch, TinyModel, TinySpec};
+
+fn hidden(h: usize, t: usize, seed: usize) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t * h)
+        .map(|i| ((((i + 37 * seed) * 7919) % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(v, (1, t, h), &candle_core::Device::Cpu)?)
+}
+
+/// The steps of session `s`: a prompt of `prompt` positions, then `decode`
+/// one-position steps.
+fn steps(h: usize, s: usize, prompt: usize, decode: usize) -> Result<Vec<Tensor>> {
+    let mut out = vec![hidden(h, prompt, 100 * s)?];
+    for i in 0..decode {
+        out.push(hidden(h, 1, 100 * s + i + 1)?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sessions_share_passes_and_get_exactly_their_own_outputs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut spec = TinySpec::new(TinyArch::Llama);
+    spec.context = 1024;
+    let path =
+        TinyModel::generate(spec)?.write_gguf(&dir.path().join("tiny.gguf"), GgmlDType::Q4_1)?;
+    let file = ModelFile::open(path)?;
+    let h = file.config().hidden_size;
+    let span = Arc::new(Span::load(&file, 0, 6, WeightMode::Fast)?);
+    // Eight sessions with short prompts, and one with a prompt longer than
+    // a piece, which the executor cuts and runs between the others' steps.
+    let mut plans: Vec<Vec<Tensor>> = (0..8)
+        .map(|s| steps(h, s, 3 + s, 12))
+        .collect::<Result<_>>()?;
+    plans.push(steps(h, 8, 600, 3)?);
+    // Each alone, on the span directly.
+    let mut want = Vec::new();
+    for plan in &plans {
+        let mut cache = span.new_cache_range(0, 6, 1024)?;
+        let mut outs = Vec::new();
+        for x in plan {
+            let pos = cache.len();
+            outs.push(
+                span.forward(x, pos, &mut cache)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        want.push(outs);
+    }
+    let exec = Executor::start(
+        span.clone(),
+        ExecutorConfig {
+            kv_bytes: Some(256 << 20),
+            ..Default::default()
+        },
+    )?;
+    let peer = PeerId::random();
+    let tasks: Vec<_> = plans
+        .into_iter()
+        .enumerate()
+        .map(|(s, plan)| {
+            let exec = exec.clone();
+            tokio::spawn(async move {
+                let id = SessionId([s as u8 + 1; 16]);
+                exec.open(id, peer, 0, 6, 1024, None).await?;
+                let mut outs = Vec::new();
+                let mut pos = 0;
+                for (seq, x) in plan.iter().enumerate() {
+                    let frame = hidden_to_frame(x, DType::F32)?;
+                    let out = exec.step(id, seq as u64 + 1, pos, frame).await?;
+                    pos += x.dim(1)?;
+                    let out = hidden_from_frame(&out, x.dim(2)?)?;
+                    outs.push(out.flatten_all()?.to_vec1::<f32>()?);
+                }
+                exec.close(id);
+                anyhow::Ok(outs)
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await??);
+    }
+    for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.len(), w.len());
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!(
+                a == b,
+                "session {s} step {i}: batched output differs from the step alone"
+            );
+        }
+    }
+    let st = exec.stats();
+    assert!(st.max_batch > 1, "no pass ran two sessions: {st:?}");
+    // Fewer passes than steps: steps shared passes. The long prompt took
+    // at least three (600 positions, at most 256 a pass).
+    let total_steps: u64 = 8 * 13 + 4;
+    assert_eq!(st.steps, total_steps);
+    assert!(st.passes < total_steps, "{st:?}");
+    exec.shutdown();
+    Ok(())
+}
