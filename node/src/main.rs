@@ -113,6 +113,10 @@ enum BenchCommand {
     /// Decode speed with a LoRA adapter against without, and the time a
     /// running server takes to load a new one.
     Adapter(cli::bench::adapter::BenchAdapterArgs),
+    /// A server's executor with 1, 4, 8 sessions decoding at once
+    /// (continuous batching), its sessions' step times while a long prompt
+    /// is prefilled beside them, and its memory.
+    Batch(cli::bench::batch::BenchBatchArgs),
     /// Route-planning time on simulated swarms of 100, 1,000 and 10,000 servers.
     Scheduler {
         /// BlockRange in the simulated model.
@@ -229,6 +233,12 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Adapter(args)) => cli::bench::adapter::bench_adapter(args),
         Command::Bench(BenchCommand::Verify(args)) => {
             runtime()?.block_on(cli::bench::verify::bench_verify(args))
+        }
+        Command::Bench(BenchCommand::Batch(args)) => {
+            if let Some(n) = args.threads {
+                std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+            }
+            runtime()?.block_on(cli::bench::batch::bench_batch(args))
         }
         Command::Bench(BenchCommand::Overload(args)) => {
             runtime()?.block_on(cli::bench::overload::bench_overload(args))

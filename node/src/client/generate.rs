@@ -184,12 +184,10 @@ impl Stepper {
                 m.bytes_out.add(frame.data().len() as u64);
                 let out = session.step(pos, frame).await?;
                 m.bytes_in.add(out.data().len() as u64);
-                let h = head.clone();
-                let hidden = h.config().hidden_size;
-                tokio::task::spawn_blocking(move || {
-                    h.last_logits(&hidden_from_frame(&out, hidden)?)
-                })
-                .await??
+                let hidden = head.config().hidden_size;
+                let x = hidden_from_frame(&out, hidden)?;
+                // With the other sessions stepping now: one LM-head product.
+                head.last_logits_shared(&x).await?
             }
         };
         m.steps.inc();

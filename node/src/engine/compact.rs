@@ -119,7 +119,7 @@ impl CustomOp1 for CompactMatMul {
             GgmlDType::Q4_0 => {
                 k_quants::matmul((m, k, n), x, blocks::<BlockQ4_0>(&data)?, &mut dst)?
             }
-            GgmlDType::Q4_1 => k_quants::matmul((m, k, n), x, blocks::<Q4_1>(&data)?, &mut dst)?,
+            GgmlDType::Q4_1 => super::q4_1::matmul((m, k, n), x, blocks::<Q4_1>(&data)?, &mut dst)?,
             GgmlDType::Q4K => k_quants::matmul((m, k, n), x, blocks::<BlockQ4K>(&data)?, &mut dst)?,
             GgmlDType::Q5K => k_quants::matmul((m, k, n), x, blocks::<BlockQ5K>(&data)?, &mut dst)?,
             GgmlDType::Q6K => k_quants::matmul((m, k, n), x, blocks::<BlockQ6K>(&data)?, &mut dst)?,

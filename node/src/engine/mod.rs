@@ -38,7 +38,9 @@ pub use local::{
     GenerateOptions, GenerationStats, LocalModel, LocalSession, TokenLoop, DEFAULT_MAX_TOKENS,
 };
 pub use memory::{block_bytes, head_bytes, loaded_bytes, StoredTensor};
-pub use model::{hidden_from_frame, hidden_to_frame, BatchStep, Head, Span, PREFILL_CHUNK};
+pub use model::{
+    hidden_from_frame, hidden_to_frame, BatchStep, Head, Span, MAX_SHARED_LOGITS, PREFILL_CHUNK,
+};
 pub use sampling::{
     Sampler, SamplingParams, DEFAULT_REPETITION_WINDOW, DEFAULT_SEED, DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,

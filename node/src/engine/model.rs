@@ -795,6 +795,19 @@ pub struct Head {
     norm: RmsNorm,
     lm_head: Linear,
     config: Arc<ModelConfig>,
+    /// The queue of [`Head::last_logits_shared`], started on first use.
+    shared: std::sync::OnceLock<std::sync::mpsc::SyncSender<LogitsJob>>,
+}
+
+/// Most callers whose logits one product computes.
+pub const MAX_SHARED_LOGITS: usize = 64;
+
+/// One caller's last position, waiting for its logits.
+#[derive(Debug)]
+struct LogitsJob {
+    /// `(1, 1, hidden)`.
+    h: Tensor,
+    reply: tokio::sync::oneshot::Sender<std::result::Result<Vec<f32>, String>>,
 }
 
 impl Head {
@@ -826,7 +839,45 @@ impl Head {
             norm: RmsNorm::load(file, "output_norm.weight", h, cfg.rms_norm_eps)?,
             lm_head,
             config: Arc::new(cfg.clone()),
+            shared: std::sync::OnceLock::new(),
         })
+    }
+
+    /// [`last_logits`](Self::last_logits), computed together with those of
+    /// every other caller waiting at the same moment: one product by the
+    /// LM head for all of them (the head's weights are read once, not once
+    /// per session). The same bits as `last_logits`: rows never mix in
+    /// the norm and the quantized product. A gateway's sessions step
+    /// through here.
+    pub async fn last_logits_shared(self: &Arc<Self>, h: &Tensor) -> Result<Vec<f32>> {
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.contiguous()?;
+        let queue = self.shared.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(4 * MAX_SHARED_LOGITS);
+            let head = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("nomoat-logits".into())
+                .spawn(move || shared_logits(head, rx));
+            if let Err(e) = spawned {
+                tracing::warn!("no thread for shared logits ({e}); computing them one by one");
+            }
+            tx
+        });
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = LogitsJob { h: last, reply };
+        match queue.try_send(job) {
+            Ok(()) => match rx.await {
+                Ok(r) => r.map_err(EngineError::BadHidden),
+                Err(_) => Err(EngineError::BadHidden("the logits thread stopped".into())),
+            },
+            // A full queue (or no thread): this caller computes its own.
+            Err(std::sync::mpsc::TrySendError::Full(job) | std::sync::mpsc::TrySendError::Disconnected(job)) => {
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.last_logits(&job.h))
+                    .await
+                    .map_err(|e| EngineError::BadHidden(format!("logits task: {e}")))?
+            }
+        }
     }
 
     /// The model's config.
@@ -869,6 +920,45 @@ impl Head {
             .squeeze(0)?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?)
+    }
+}
+
+/// The thread of [`Head::last_logits_shared`]: takes every job waiting
+/// (up to [`MAX_SHARED_LOGITS`]), stacks their rows, runs the head once and
+/// answers each. It ends with the head (it holds no strong reference, and
+/// the head holds the queue's only sender).
+fn shared_logits(head: std::sync::Weak<Head>, rx: std::sync::mpsc::Receiver<LogitsJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_SHARED_LOGITS {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let Some(head) = head.upgrade() else { break };
+        let rows: Vec<Tensor> = jobs.iter().map(|j| j.h.clone()).collect();
+        let result = (|| -> Result<Vec<Vec<f32>>> {
+            let h = if rows.len() == 1 {
+                rows[0].clone()
+            } else {
+                Tensor::cat(&rows, 1)?
+            };
+            Ok(head.logits(&h)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        })();
+        match result {
+            Ok(all) => {
+                for (j, l) in jobs.into_iter().zip(all) {
+                    let _ = j.reply.send(Ok(l));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for j in jobs {
+                    let _ = j.reply.send(Err(msg.clone()));
+                }
+            }
+        }
     }
 }
 

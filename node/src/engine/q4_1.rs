@@ -190,6 +190,112 @@ impl GgmlType for Q4_1 {
     }
 }
 
+/// `dst = x · wᵀ` for `m` input rows of `k` values and `n` Q4_1 weight
+/// rows (`w` holds `n * k / 32` blocks). One input row goes through
+/// candle's tiled matmul; several (a prompt, or a batch of sessions) go
+/// four weight rows by two inputs at a time, each weight block unpacked
+/// once for both, split over the compute threads by weight rows. Either
+/// way every output has the same bits.
+pub(super) fn matmul(
+    (m, k, n): (usize, usize, usize),
+    x: &[f32],
+    w: &[Q4_1],
+    dst: &mut [f32],
+) -> candle_core::Result<()> {
+    let nb = k / QK;
+    if !k.is_multiple_of(QK) || w.len() < n * nb || x.len() < m * k || dst.len() < m * n {
+        candle_core::bail!(
+            "a Q4_1 product of ({m}, {k}) by ({n}, {k}) over {} blocks, {} inputs, {} outputs",
+            w.len(),
+            x.len(),
+            dst.len()
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if m > 1 && avx2::available() {
+        let zero = Q8_1 {
+            d: f16::ZERO,
+            s: f16::ZERO,
+            qs: [0; QK],
+        };
+        let mut xq = vec![zero; m * nb];
+        for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(nb)).take(m) {
+            Q8_1::from_float(row, q);
+        }
+        let out = Out::new(dst);
+        let out = &out;
+        let xq = &xq;
+        let quads = n / 4;
+        candle_core::utils::barrier_pool().execute_chunked(quads, |range| {
+            for quad in range {
+                let col = 4 * quad;
+                let rows = [0, 1, 2, 3].map(|j| w[(col + j) * nb..].as_ptr());
+                let mut r = 0;
+                while r + 2 <= m {
+                    let ys = [xq[r * nb..].as_ptr(), xq[(r + 1) * nb..].as_ptr()];
+                    #[allow(unsafe_code)]
+                    // SAFETY: AVX2, FMA and F16C are there (checked
+                    // above); every row pointer has `nb` blocks after it
+                    // (w holds n * nb, xq holds m * nb: checked above).
+                    let v = unsafe { avx2::dot_4x2(nb, rows, ys) };
+                    out.put(r * n + col, &v[0]);
+                    out.put((r + 1) * n + col, &v[1]);
+                    r += 2;
+                }
+                if r < m {
+                    #[allow(unsafe_code)]
+                    // SAFETY: as above.
+                    let v = unsafe { avx2::vec_dot_4(nb, rows, xq[r * nb..].as_ptr()) };
+                    out.put(r * n + col, &v);
+                }
+            }
+        });
+        // The last n % 4 weight rows, one by one as candle's matmul does.
+        for col in 4 * quads..n {
+            let wr = &w[col * nb..(col + 1) * nb];
+            for r in 0..m {
+                out.put(r * n + col, &[Q4_1::vec_dot(k, wr, &xq[r * nb..(r + 1) * nb])]);
+            }
+        }
+        return Ok(());
+    }
+    candle_core::quantized::k_quants::matmul((m, k, n), x, w, dst)
+}
+
+/// An output buffer that the compute threads fill at disjoint places.
+struct Out<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: threads write disjoint elements (each (row, column) of the
+// product belongs to one work item) of a buffer borrowed for `'a`.
+#[allow(unsafe_code)]
+unsafe impl Sync for Out<'_> {}
+
+impl<'a> Out<'a> {
+    fn new(buf: &'a mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `v` at `at..`; each place is written by one work item only.
+    fn put(&self, at: usize, v: &[f32]) {
+        assert!(at + v.len() <= self.len, "output {at} + {} of {}", v.len(), self.len);
+        #[allow(unsafe_code)]
+        // SAFETY: in bounds (asserted); no other thread writes these
+        // elements (see the `Sync` impl), and nothing reads them until the
+        // pool's work is done.
+        unsafe {
+            std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(at), v.len());
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
@@ -307,6 +413,66 @@ mod avx2 {
             hsum(acc[3]) + m[7],
         ]
     }
+
+    /// Four weight rows against two inputs: the weight blocks are unpacked
+    /// once for both. Each of the eight results is computed with exactly
+    /// the operations, in the same order, that [`vec_dot_4`] uses for it,
+    /// so a row's output has the same bits whether it is computed alone or
+    /// with others.
+    ///
+    /// # Safety
+    /// As [`vec_dot`], for each of the four rows and two inputs.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_4x2(
+        nb: usize,
+        x: [*const Q4_1; 4],
+        y: [*const Q8_1; 2],
+    ) -> [[f32; 4]; 2] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let mut mins = [_mm256_setzero_ps(); 2];
+        let lane = [
+            _mm256_set1_epi32(0),
+            _mm256_set1_epi32(2),
+            _mm256_set1_epi32(4),
+            _mm256_set1_epi32(6),
+        ];
+        for i in 0..nb {
+            let rows = [&*x[0].add(i), &*x[1].add(i), &*x[2].add(i), &*x[3].add(i)];
+            let dm_w = _mm256_cvtph_ps(_mm_set_epi32(
+                scales(rows[3]),
+                scales(rows[2]),
+                scales(rows[1]),
+                scales(rows[0]),
+            ));
+            let qx = [
+                nibbles(rows[0]),
+                nibbles(rows[1]),
+                nibbles(rows[2]),
+                nibbles(rows[3]),
+            ];
+            for c in 0..2 {
+                let y = &*y[c].add(i);
+                let ds = _mm_cvtph_ps(_mm_cvtsi32_si128(scales(y)));
+                let ds = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(ds)));
+                let qy = _mm256_loadu_si256(y.qs.as_ptr().cast::<__m256i>());
+                let dm = _mm256_mul_ps(dm_w, ds);
+                mins[c] = _mm256_add_ps(mins[c], dm);
+                for r in 0..4 {
+                    let d = _mm256_permutevar8x32_ps(dm, lane[r]);
+                    acc[c][r] = _mm256_fmadd_ps(d, block_sums(qx[r], qy), acc[c][r]);
+                }
+            }
+        }
+        let mut out = [[0f32; 4]; 2];
+        for c in 0..2 {
+            let mut m = [0f32; 8];
+            _mm256_storeu_ps(m.as_mut_ptr(), mins[c]);
+            for r in 0..4 {
+                out[c][r] = hsum(acc[c][r]) + m[2 * r + 1];
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -394,6 +560,27 @@ mod tests {
                 "{got} {one}"
             );
         }
+    }
+
+    /// The product of several rows has, row by row, the bits of each row's
+    /// product alone (what batching relies on), for odd and even row
+    /// counts and a weight row count that is not a multiple of four.
+    #[test]
+    fn many_rows_at_once_have_the_bits_of_each_alone() {
+        let (k, n) = (576, 14);
+        let (w, _) = blocks_of(&values(n * k, 40));
+        for m in [1usize, 2, 3, 8] {
+            let x = values(m * k, 50 + m as u32);
+            let mut all = vec![0f32; m * n];
+            matmul((m, k, n), &x, &w, &mut all).unwrap();
+            for r in 0..m {
+                let mut one = vec![0f32; n];
+                matmul((1, k, n), &x[r * k..(r + 1) * k], &w, &mut one).unwrap();
+                assert!(all[r * n..(r + 1) * n] == one[..], "m {m} row {r}");
+            }
+        }
+        let mut small = vec![0f32; 3];
+        assert!(matmul((1, k, n), &values(k, 1), &w, &mut small).is_err());
     }
 
     #[test]

@@ -48,6 +48,14 @@ pub const MAX_PIECE: usize = crate::engine::PREFILL_CHUNK;
 /// Steps of at most this many positions are decode steps: they run whole
 /// in every pass; longer ones are prompts, cut into pieces.
 const DECODE_ROWS: usize = 8;
+/// The piece a prompt starts with while sessions decode; it then adapts.
+const FIRST_PIECE: usize = 8;
+/// Sessions that decoded within this long count as decoding: a prompt then
+/// goes in by adaptive pieces rather than whole [`MAX_PIECE`]s.
+const DECODING_RECENTLY: Duration = Duration::from_millis(500);
+/// Longest a pass waits for the next steps of the sessions the previous
+/// pass answered (a quarter of that pass's time, at most this).
+const MAX_GATHER: Duration = Duration::from_millis(2);
 
 /// Limits of the executor.
 #[derive(Debug, Clone)]
@@ -275,7 +283,10 @@ impl Executor {
             ema: None,
             running: Vec::new(),
             decode_pass: None,
-            piece: MAX_PIECE,
+            piece: FIRST_PIECE,
+            last_decode: None,
+            expected: Vec::new(),
+            last_pass: 0.0,
         };
         std::thread::Builder::new()
             .name("nomoat-executor".into())
@@ -396,8 +407,15 @@ struct Worker {
     /// Seconds of a pass of decode steps alone (EMA), the yardstick for
     /// how much of a prompt a pass may add.
     decode_pass: Option<f64>,
-    /// Positions of a prompt a pass with decode steps takes now.
+    /// Positions of a prompt a pass takes while sessions are decoding.
     piece: usize,
+    /// When a pass last ran a decode step.
+    last_decode: Option<Instant>,
+    /// Sessions whose decode step the last pass answered: their next steps
+    /// are likely on their way, and the next pass waits a moment for them.
+    expected: Vec<SessionId>,
+    /// Seconds the last pass took.
+    last_pass: f64,
 }
 
 /// A step on its way: checked, its input decoded, `done` of its positions
@@ -444,12 +462,31 @@ impl Worker {
                 Ok(job) => self.take(job),
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            // Everything already queued joins this pass.
+            // Everything already queued joins this pass, and the sessions
+            // the last pass answered get a moment to send their next steps,
+            // so that sessions decoding together stay in one pass.
+            let gather = Duration::from_secs_f64(self.last_pass / 4.0).min(MAX_GATHER);
+            let until = Instant::now() + gather;
             while !stop && self.running.len() < MAX_BATCH_STEPS {
                 match rx.try_recv() {
                     Ok(Job::Shutdown) => stop = true,
                     Ok(job) => self.take(job),
-                    Err(_) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        let missing = self
+                            .expected
+                            .iter()
+                            .any(|id| !self.running.iter().any(|r| r.id == *id));
+                        let now = Instant::now();
+                        if !missing || now >= until || self.running.is_empty() {
+                            break;
+                        }
+                        match rx.recv_timeout(until - now) {
+                            Ok(Job::Shutdown) => stop = true,
+                            Ok(job) => self.take(job),
+                            Err(_) => break,
+                        }
+                    }
                 }
             }
             if !self.running.is_empty() {
@@ -499,7 +536,14 @@ impl Worker {
 
     fn expire(&mut self) {
         let (timeout, grace) = (self.cfg.idle_timeout, self.cfg.open_grace);
+        let running = &self.running;
         self.sessions.retain(|id, s| {
+            // A session whose step is still going in (a long prompt, piece
+            // by piece) is in use.
+            if running.iter().any(|r| r.id == *id) {
+                s.last_used = Instant::now();
+                return true;
+            }
             let idle = s.last_used.elapsed();
             if !s.stepped && idle >= grace {
                 tracing::info!(session = %id, peer = %s.peer, "session dropped: no step within {grace:?} of opening");
@@ -700,9 +744,9 @@ impl Worker {
 
     /// The positions of a long step a pass with decode steps in it takes:
     /// halved when such a pass took more than 1.5x a pass of decode steps
-    /// alone, grown by a quarter when it took less. Running sessions then
-    /// see their steps slowed by about that much while a prompt goes in,
-    /// and the prompt gets what is left.
+    /// alone, one more when it took less than 1.25x. Running sessions then
+    /// see their steps slowed by at most about 1.5x while a prompt goes
+    /// in, and the prompt gets what is left.
     fn adapt_piece(&mut self, secs: f64, mixed: bool, decode_only: bool) {
         // `mixed`: decode steps and a prompt's piece; `decode_only`: decode
         // steps and nothing else.
@@ -713,11 +757,11 @@ impl Worker {
             });
         } else if mixed {
             if let Some(base) = self.decode_pass {
-                self.piece = if secs > 1.5 * base {
-                    (self.piece / 2).max(1)
-                } else {
-                    (self.piece + self.piece.div_ceil(4)).min(MAX_PIECE)
-                };
+                if secs > 1.5 * base {
+                    self.piece = (self.piece / 2).max(1);
+                } else if secs < 1.25 * base {
+                    self.piece = (self.piece + 1).min(MAX_PIECE);
+                }
             }
         }
     }
@@ -738,7 +782,11 @@ impl Worker {
             .iter()
             .filter(|&&i| self.running[i].rows() <= DECODE_ROWS)
             .count();
-        let piece = if decodes > 0 { self.piece } else { MAX_PIECE };
+        let decoding = decodes > 0
+            || self
+                .last_decode
+                .is_some_and(|t| t.elapsed() < DECODING_RECENTLY);
+        let piece = if decoding { self.piece } else { MAX_PIECE };
         // Pieces of long steps: the first one gets `piece` rows, later ones
         // wait (one prompt at a time keeps the decode steps' slowdown bounded).
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, rows)
@@ -826,7 +874,9 @@ impl Worker {
             && plan
                 .iter()
                 .all(|&(i, rows)| rows == self.running[i].rows() && rows <= DECODE_ROWS);
-        let prompt_piece = plan.iter().any(|&(_, rows)| rows > DECODE_ROWS);
+        let prompt_piece = plan
+            .iter()
+            .any(|&(i, _)| self.running[i].rows() > DECODE_ROWS);
         self.adapt_piece(secs, decodes > 0 && prompt_piece, decode_only);
         // Apply the results: finished steps answer, failed ones too.
         for (i, e) in failed {
@@ -879,6 +929,15 @@ impl Worker {
                 }
             }
         }
+        self.expected = plan
+            .iter()
+            .filter(|&&(i, rows)| rows <= DECODE_ROWS && rows == self.running[i].rows())
+            .map(|&(i, _)| self.running[i].id)
+            .collect();
+        if !self.expected.is_empty() {
+            self.last_decode = Some(Instant::now());
+        }
+        self.last_pass = secs;
         self.running.retain(|r| r.done != usize::MAX);
         // Decode speed of the span: a pass of one-token steps gives each
         // of them a token in `secs`.

@@ -2,6 +2,7 @@
 
 pub(crate) mod adapter;
 pub(crate) mod api;
+pub(crate) mod batch;
 pub(crate) mod engine;
 pub(crate) mod failover;
 pub(crate) mod overload;
