@@ -871,7 +871,10 @@ impl Head {
                 Err(_) => Err(EngineError::BadHidden("the logits thread stopped".into())),
             },
             // A full queue (or no thread): this caller computes its own.
-            Err(std::sync::mpsc::TrySendError::Full(job) | std::sync::mpsc::TrySendError::Disconnected(job)) => {
+            Err(
+                std::sync::mpsc::TrySendError::Full(job)
+                | std::sync::mpsc::TrySendError::Disconnected(job),
+            ) => {
                 let me = self.clone();
                 tokio::task::spawn_blocking(move || me.last_logits(&job.h))
                     .await

@@ -254,7 +254,10 @@ pub(super) fn matmul(
         for col in 4 * quads..n {
             let wr = &w[col * nb..(col + 1) * nb];
             for r in 0..m {
-                out.put(r * n + col, &[Q4_1::vec_dot(k, wr, &xq[r * nb..(r + 1) * nb])]);
+                out.put(
+                    r * n + col,
+                    &[Q4_1::vec_dot(k, wr, &xq[r * nb..(r + 1) * nb])],
+                );
             }
         }
         return Ok(());
@@ -285,7 +288,12 @@ impl<'a> Out<'a> {
 
     /// Writes `v` at `at..`; each place is written by one work item only.
     fn put(&self, at: usize, v: &[f32]) {
-        assert!(at + v.len() <= self.len, "output {at} + {} of {}", v.len(), self.len);
+        assert!(
+            at + v.len() <= self.len,
+            "output {at} + {} of {}",
+            v.len(),
+            self.len
+        );
         #[allow(unsafe_code)]
         // SAFETY: in bounds (asserted); no other thread writes these
         // elements (see the `Sync` impl), and nothing reads them until the

@@ -62,9 +62,11 @@ async fn open_sessions(
     let mut out = Vec::new();
     for i in 0..n {
         let id = SessionId([base.wrapping_add(i as u8); 16]);
-        exec.open(id, peer, blocks.0, blocks.1, max_len, None).await?;
+        exec.open(id, peer, blocks.0, blocks.1, max_len, None)
+            .await?;
         let x = hidden(h, 16, i)?;
-        exec.step(id, 1, 0, hidden_to_frame(&x, DType::F32)?).await?;
+        exec.step(id, 1, 0, hidden_to_frame(&x, DType::F32)?)
+            .await?;
         out.push((id, 16));
     }
     Ok(out)
@@ -136,7 +138,8 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
     // Aggregate decode speed by number of sessions, in rounds so noise hits
     // every count alike.
     let mut base = 1u8;
-    let mut results: Vec<(usize, Vec<f64>)> = args.sessions.iter().map(|&n| (n, Vec::new())).collect();
+    let mut results: Vec<(usize, Vec<f64>)> =
+        args.sessions.iter().map(|&n| (n, Vec::new())).collect();
     for _round in 0..2 {
         for (n, agg) in results.iter_mut() {
             let sessions = open_sessions(&exec, h, (a, b), *n, base, max_len).await?;
@@ -149,7 +152,10 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
             }
         }
     }
-    let one = results.first().map(|(_, v)| median(v.clone())).unwrap_or(0.0);
+    let one = results
+        .first()
+        .map(|(_, v)| median(v.clone()))
+        .unwrap_or(0.0);
     let mut rows = Vec::new();
     for (n, agg) in &results {
         let m = median(agg.clone());
@@ -158,16 +164,22 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
             m / *n as f64,
             m / one.max(1e-9)
         );
-        rows.push(serde_json::json!({"sessions": n, "tokens_per_s": m, "vs_one": m / one.max(1e-9)}));
+        rows.push(
+            serde_json::json!({"sessions": n, "tokens_per_s": m, "vs_one": m / one.max(1e-9)}),
+        );
     }
     json["decode"] = rows.into();
     // Step times of 4 running sessions, idle and while a long prompt goes in.
     let running = open_sessions(&exec, h, (a, b), 4, base, max_len).await?;
     base = base.wrapping_add(4);
     let idle = decode_all(&exec, h, &running, args.steps).await?;
-    let running: Vec<_> = running.iter().map(|&(id, p)| (id, p + args.steps)).collect();
+    let running: Vec<_> = running
+        .iter()
+        .map(|&(id, p)| (id, p + args.steps))
+        .collect();
     let newcomer = SessionId([base; 16]);
-    exec.open(newcomer, PeerId::random(), a, b, max_len, None).await?;
+    exec.open(newcomer, PeerId::random(), a, b, max_len, None)
+        .await?;
     let prompt = hidden(h, args.prefill, 3)?;
     let exec2 = exec.clone();
     let frame = hidden_to_frame(&prompt, DType::F32)?;
@@ -206,7 +218,10 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
     json["p99_vs_idle"] = (b99 / i99.max(1e-9)).into();
     json["prefill_s"] = prefill_s.into();
     let st = exec.stats();
-    println!("executor: {} steps in {} passes, at most {} steps in one", st.steps, st.passes, st.max_batch);
+    println!(
+        "executor: {} steps in {} passes, at most {} steps in one",
+        st.steps, st.passes, st.max_batch
+    );
     if let Some(rss) = peak_rss() {
         // The KV caches: 9 sessions of up to max_len positions, allocated
         // as they grew.
@@ -240,8 +255,13 @@ async fn decode_all_from(
                 let mut times = Vec::with_capacity(steps);
                 for i in 0..steps {
                     let t = Instant::now();
-                    exec.step(id, seq + i as u64, pos + i, hidden_to_frame(&x, DType::F32)?)
-                        .await?;
+                    exec.step(
+                        id,
+                        seq + i as u64,
+                        pos + i,
+                        hidden_to_frame(&x, DType::F32)?,
+                    )
+                    .await?;
                     times.push(t.elapsed().as_secs_f64());
                 }
                 anyhow::Ok(times)
