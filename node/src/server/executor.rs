@@ -41,9 +41,9 @@ pub const EXECUTOR_QUEUE: usize = 256;
 /// Most steps one batched pass takes: the queue is drained up to this
 /// many, and the rest wait for the next pass.
 pub const MAX_BATCH_STEPS: usize = 64;
-/// Most positions a long step (a prompt) adds to one pass when no decode
-/// step waits; with decode steps in the pass its pieces shrink (see
-/// [`Worker::piece`]).
+/// Most positions a long step (a prompt) adds to one pass when no session
+/// is decoding; while sessions decode its pieces adapt to their steps'
+/// time (see DESIGN.md, continuous batching).
 pub const MAX_PIECE: usize = crate::engine::PREFILL_CHUNK;
 /// Steps of at most this many positions are decode steps: they run whole
 /// in every pass; longer ones are prompts, cut into pieces.
