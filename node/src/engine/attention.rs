@@ -215,11 +215,12 @@ pub(super) fn attend(
     let scale = 1.0 / (dim as f32).sqrt();
     let mut out = vec![0f32; t * nh * dim];
     let items = t * nh;
-    let rows = Rows::new(&mut out, dim);
-    let rows = &rows;
+    let shared = super::par::SharedOut::new(&mut out);
+    let shared = &shared;
     let Kernels { dot, axpy } = Kernels::detect();
     let work = |range: std::ops::Range<usize>| {
         let mut scores = Vec::new();
+        let mut o = vec![0f32; dim];
         for item in range {
             let (i, h) = (item / nh, item % nh);
             let len = pos + i + 1;
@@ -233,11 +234,12 @@ pub(super) fn attend(
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            // SAFETY of the write: each item is one row, handed out once.
-            let o = rows.row(item);
+            o.fill(0.0);
             for (p, vrow) in scores.iter().zip(values.chunks_exact(dim)) {
-                axpy(o, p / sum, vrow);
+                axpy(&mut o, p / sum, vrow);
             }
+            // Each item is one row of the output, computed once.
+            shared.put(item * dim, &o);
         }
     };
     if items * (pos + t) < 4096 {
@@ -247,43 +249,6 @@ pub(super) fn attend(
         candle_core::utils::barrier_pool().execute_chunked(items, work);
     }
     out
-}
-
-/// Rows of a buffer that threads fill, each row by one of them.
-struct Rows<'a> {
-    ptr: *mut f32,
-    rows: usize,
-    len: usize,
-    _buf: std::marker::PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: `Rows` hands out disjoint rows of a buffer that outlives it (see
-// `row`); sending or sharing it between threads shares no row.
-#[allow(unsafe_code)]
-unsafe impl Sync for Rows<'_> {}
-
-impl<'a> Rows<'a> {
-    fn new(buf: &'a mut [f32], len: usize) -> Self {
-        Self {
-            ptr: buf.as_mut_ptr(),
-            rows: buf.len() / len.max(1),
-            len,
-            _buf: std::marker::PhantomData,
-        }
-    }
-
-    /// Row `i`. Callers take each row at most once across all threads.
-    #[allow(clippy::mut_from_ref)]
-    fn row(&self, i: usize) -> &mut [f32] {
-        assert!(i < self.rows, "row {i} of {}", self.rows);
-        #[allow(unsafe_code)]
-        // SAFETY: `i` is in bounds (checked); the buffer is borrowed
-        // mutably for the life of `self`; `attend` gives every row index to
-        // exactly one work item, so no two references to a row exist.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.ptr.add(i * self.len), self.len)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod kv;
 mod local;
 mod memory;
 mod model;
+mod par;
 mod q4_1;
 mod sampling;
 mod tokenizer;

@@ -222,7 +222,7 @@ pub(super) fn matmul(
         for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(nb)).take(m) {
             Q8_1::from_float(row, q);
         }
-        let out = Out::new(dst);
+        let out = super::par::SharedOut::new(dst);
         let out = &out;
         let xq = &xq;
         let quads = n / 4;
@@ -263,45 +263,6 @@ pub(super) fn matmul(
         return Ok(());
     }
     candle_core::quantized::k_quants::matmul((m, k, n), x, w, dst)
-}
-
-/// An output buffer that the compute threads fill at disjoint places.
-struct Out<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _buf: std::marker::PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: threads write disjoint elements (each (row, column) of the
-// product belongs to one work item) of a buffer borrowed for `'a`.
-#[allow(unsafe_code)]
-unsafe impl Sync for Out<'_> {}
-
-impl<'a> Out<'a> {
-    fn new(buf: &'a mut [f32]) -> Self {
-        Self {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-            _buf: std::marker::PhantomData,
-        }
-    }
-
-    /// Writes `v` at `at..`; each place is written by one work item only.
-    fn put(&self, at: usize, v: &[f32]) {
-        assert!(
-            at + v.len() <= self.len,
-            "output {at} + {} of {}",
-            v.len(),
-            self.len
-        );
-        #[allow(unsafe_code)]
-        // SAFETY: in bounds (asserted); no other thread writes these
-        // elements (see the `Sync` impl), and nothing reads them until the
-        // pool's work is done.
-        unsafe {
-            std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(at), v.len());
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

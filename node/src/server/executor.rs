@@ -428,12 +428,20 @@ struct Running {
     dtype: nomoat_protocol::DType,
     done: usize,
     outs: Vec<candle_core::Tensor>,
-    reply: oneshot::Sender<Result<TensorFrame, ExecError>>,
+    /// Taken when the step is answered; an answered step leaves the
+    /// running ones after the pass.
+    reply: Option<oneshot::Sender<Result<TensorFrame, ExecError>>>,
 }
 
 impl Running {
     fn rows(&self) -> usize {
         self.x.dim(1).unwrap_or(0)
+    }
+
+    fn answer(&mut self, result: Result<TensorFrame, ExecError>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
     }
 }
 
@@ -520,7 +528,7 @@ impl Worker {
                     dtype: hidden.dtype(),
                     done: 0,
                     outs: Vec::new(),
-                    reply,
+                    reply: Some(reply),
                 }),
                 Err(e) => {
                     let _ = reply.send(Err(e));
@@ -598,8 +606,8 @@ impl Worker {
                     .into_iter()
                     .partition(|r| r.id == id);
                 self.running = kept;
-                for r in gone {
-                    let _ = r.reply.send(Err(ExecError::new(
+                for mut r in gone {
+                    r.answer(Err(ExecError::new(
                         ErrorCode::UnknownSession,
                         format!("session {id} closed"),
                     )));
@@ -880,11 +888,7 @@ impl Worker {
         self.adapt_piece(secs, decodes > 0 && prompt_piece, decode_only);
         // Apply the results: finished steps answer, failed ones too.
         for (i, e) in failed {
-            self.running[i].done = usize::MAX;
-            let r = &mut self.running[i];
-            let (tx, _) = oneshot::channel();
-            let reply = std::mem::replace(&mut r.reply, tx);
-            let _ = reply.send(Err(e));
+            self.running[i].answer(Err(e));
         }
         let one_token_steps = plan
             .iter()
@@ -912,21 +916,13 @@ impl Worker {
                             s.last_used = Instant::now();
                             s.stepped = true;
                         }
-                        let (tx, _) = oneshot::channel();
-                        let reply = std::mem::replace(&mut r.reply, tx);
                         if frame.is_ok() {
                             self.stats.lock().unwrap_or_else(|p| p.into_inner()).steps += 1;
                         }
-                        let _ = reply.send(frame);
-                        r.done = usize::MAX;
+                        r.answer(frame);
                     }
                 }
-                Err(e) => {
-                    let (tx, _) = oneshot::channel();
-                    let reply = std::mem::replace(&mut r.reply, tx);
-                    let _ = reply.send(Err(e));
-                    r.done = usize::MAX;
-                }
+                Err(e) => r.answer(Err(e)),
             }
         }
         self.expected = plan
@@ -938,7 +934,7 @@ impl Worker {
             self.last_decode = Some(Instant::now());
         }
         self.last_pass = secs;
-        self.running.retain(|r| r.done != usize::MAX);
+        self.running.retain(|r| r.reply.is_some());
         // Decode speed of the span: a pass of one-token steps gives each
         // of them a token in `secs`.
         if one_token_steps > 0 && decode_only && secs > 0.0 {
@@ -956,30 +952,27 @@ impl Worker {
         &mut self,
         group: &[(usize, usize)],
     ) -> Vec<(usize, usize, Result<candle_core::Tensor, ExecError>)> {
-        let mut xs = Vec::with_capacity(group.len());
-        for &(i, rows) in group {
-            let r = &self.running[i];
-            let x = if r.done == 0 && rows == r.rows() {
-                Ok(r.x.clone())
-            } else {
-                r.x.narrow(1, r.done, rows)
-                    .map_err(|e| ExecError::from(EngineError::from(e)))
-            };
-            xs.push(x);
-        }
-        if let Some(p) = xs.iter().position(|x| x.is_err()) {
-            let mut out = Vec::new();
-            for (k, (&(i, rows), x)) in group.iter().zip(xs).enumerate() {
-                let e = match x {
-                    Err(e) => e,
-                    Ok(_) if k != p => ExecError::new(ErrorCode::Internal, "a batched step failed"),
-                    Ok(_) => unreachable!(),
-                };
-                out.push((i, rows, Err(e)));
+        let xs: Result<Vec<candle_core::Tensor>, _> = group
+            .iter()
+            .map(|&(i, rows)| {
+                let r = &self.running[i];
+                if r.done == 0 && rows == r.rows() {
+                    Ok(r.x.clone())
+                } else {
+                    r.x.narrow(1, r.done, rows)
+                }
+            })
+            .collect();
+        let xs = match xs {
+            Ok(xs) => xs,
+            Err(e) => {
+                let e = ExecError::from(EngineError::from(e));
+                return group
+                    .iter()
+                    .map(|&(i, rows)| (i, rows, Err(e.clone())))
+                    .collect();
             }
-            return out;
-        }
-        let xs: Vec<candle_core::Tensor> = xs.into_iter().flatten().collect();
+        };
         let ids: Vec<SessionId> = group.iter().map(|&(i, _)| self.running[i].id).collect();
         let first_pos: Vec<usize> = group
             .iter()
