@@ -802,7 +802,14 @@ impl Worker {
         for &i in &chosen {
             let r = &self.running[i];
             let left = r.rows() - r.done;
-            if left <= DECODE_ROWS {
+            let adapted = self
+                .sessions
+                .get(&r.id)
+                .is_some_and(|s| s.adapter.is_some());
+            if left <= DECODE_ROWS || adapted {
+                // An adapter's low-rank products are f32 matmuls, whose bits
+                // depend on the number of rows: its steps run whole and
+                // alone (below), exactly as they would on an idle server.
                 plan.push((i, left));
             } else if !prompt_taken {
                 prompt_taken = true;
@@ -855,10 +862,11 @@ impl Worker {
         let mut groups: Vec<(Key, Vec<(usize, usize)>)> = Vec::new();
         for &(i, rows) in &plan {
             let s = &self.sessions[&self.running[i].id];
+            // A session with an adapter is a group of its own.
             let key = (
                 Arc::as_ptr(&s.span) as usize,
                 s.cache.blocks(),
-                s.adapter.as_ref().map_or(0, |a| Arc::as_ptr(a) as usize),
+                s.adapter.as_ref().map_or(0, |_| i + 1),
             );
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, g)) => g.push((i, rows)),
@@ -996,7 +1004,13 @@ impl Worker {
                     cache: &mut s.cache,
                 })
                 .collect();
-            span.forward_batch(&mut steps, adapter.as_deref())
+            match steps.as_mut_slice() {
+                // Alone: the very path of an idle server, any length.
+                [one] => span
+                    .forward_with(one.x, one.pos, one.cache, adapter.as_deref())
+                    .map(|o| vec![o]),
+                all => span.forward_batch(all, adapter.as_deref()),
+            }
         };
         for (id, s) in sessions {
             self.sessions.insert(id, s);
