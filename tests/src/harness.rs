@@ -9,6 +9,7 @@ use nomoat_node::engine::ModelFile;
 use nomoat_node::net::{self, NetConfig, NetHandle};
 use nomoat_node::node::{BlockChoice, Node, NodeConfig};
 use nomoat_node::server::executor::{Executor, ExecutorConfig};
+use nomoat_node::weights::fetch::FetchConfig;
 use nomoat_protocol::{BlockRange, ServerInfo};
 
 /// A server running in this process, assembled by [`Node::start`] as
@@ -53,6 +54,35 @@ impl TestServer {
         Self::start_node(file, model_id, start, end, exec_cfg, bootstrap, store).await
     }
 
+    /// [`start_with_store`](Self::start_with_store) for a server that
+    /// fetches one chunk per request over one stream per peer, so that every
+    /// provider it knows is asked for some chunk.
+    pub async fn start_fetching_one_by_one(
+        file: &ModelFile,
+        model_id: &str,
+        (start, end): (usize, usize),
+        bootstrap: Vec<Multiaddr>,
+        store: &std::path::Path,
+    ) -> Result<Self> {
+        let fetch = FetchConfig {
+            batch: 1,
+            streams_per_peer: 1,
+            progress: false,
+            ..FetchConfig::default()
+        };
+        Self::start_full(
+            file,
+            model_id,
+            (start, end),
+            ExecutorConfig::default(),
+            bootstrap,
+            Some(store.to_path_buf()),
+            None,
+            fetch,
+        )
+        .await
+    }
+
     /// [`start`](Self::start) for a server that lies about its outputs
     /// as `fault` says (see `nomoat_node::server::fault`).
     pub async fn start_lying(
@@ -72,6 +102,7 @@ impl TestServer {
             bootstrap,
             None,
             Some(fault),
+            FetchConfig::default(),
         )
         .await
     }
@@ -93,6 +124,7 @@ impl TestServer {
             bootstrap,
             store,
             None,
+            FetchConfig::default(),
         )
         .await
     }
@@ -105,6 +137,7 @@ impl TestServer {
         bootstrap: Vec<Multiaddr>,
         store: Option<std::path::PathBuf>,
         compute_fault: Option<nomoat_node::server::fault::ComputeFault>,
+        fetch: FetchConfig,
     ) -> Result<Self> {
         let blocks = BlockRange::new(start as u32, end as u32)?;
         let cfg = NodeConfig {
@@ -117,6 +150,7 @@ impl TestServer {
             store,
             executor: exec_cfg,
             compute_fault,
+            fetch,
             ..NodeConfig::new(file.path().to_string_lossy(), BlockChoice::Range(blocks))
         };
         let node = Node::start(cfg).await?;

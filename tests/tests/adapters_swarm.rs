@@ -168,7 +168,10 @@ async fn servers_fetch_an_adapter_on_first_use_and_run_it_beside_the_base() -> R
     }
 
     // A new server whose first provider serves corrupted chunks: the bad
-    // chunks are rejected and the honest servers' copies used.
+    // chunks are rejected and the honest servers' copies used. It asks for
+    // one chunk at a time over one stream per peer: with whole batches the
+    // honest servers' workers can take every chunk before the liar's first
+    // request, and the check below would test nothing.
     let liar_store = ChunkStore::open(&dir.path().join("liar"))?;
     import_adapter(&liar_store, &peft, file.config(), MODEL)?;
     let liar = client_net().await?;
@@ -178,8 +181,14 @@ async fn servers_fetch_an_adapter_on_first_use_and_run_it_beside_the_base() -> R
         Fault::FlipChunks,
         shutdown.clone(),
     ));
-    let s4 = TestServer::start_with_store(&file, MODEL, 0, 6, boot.clone(), &dir.path().join("s4"))
-        .await?;
+    let s4 = TestServer::start_fetching_one_by_one(
+        &file,
+        MODEL,
+        (0, 6),
+        boot.clone(),
+        &dir.path().join("s4"),
+    )
+    .await?;
     liar.dial(s4.addr.clone()).await?;
     discover_n(&liar, &boot, MODEL, 4).await?;
     let only_s4 = vec![nomoat_protocol::Hop {
