@@ -138,8 +138,8 @@ pub(crate) struct ModelArgs {
     /// model id from `nomoat import`, fetched from --swarm peers if needed.
     #[arg(long, env = "NOMOAT_MODEL")]
     pub(crate) model: String,
-    /// `fast` repacks quantized formats without a fast CPU kernel (Q5_0,
-    /// Q5_1) into Q8_0 at load time; `compact` loads as `fast` and never
+    /// `fast` repacks quantized formats without a fast CPU kernel (Q5_1,
+    /// Q5_K) into Q8_0 at load time; `compact` loads as `fast` and never
     /// holds a second, repacked copy of a weight (what `serve --max-memory`
     /// uses); `exact` keeps the file's formats.
     #[arg(long, default_value = "fast")]

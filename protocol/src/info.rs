@@ -54,6 +54,9 @@ pub struct ServerInfo {
     pub load: f32,
     /// Sessions open now.
     pub active_sessions: u32,
+    /// Sessions one batched pass adds before the pass takes twice one
+    /// session's step; 0 until measured.
+    pub batch_capacity: f32,
     /// nomoat version.
     pub version: String,
     /// Addresses (multiaddr bytes).
@@ -104,6 +107,9 @@ impl ServerInfo {
         if !s.load.is_finite() || s.load < 0.0 {
             return Err(field_error("load", "negative or not finite"));
         }
+        if !s.batch_capacity.is_finite() || s.batch_capacity < 0.0 {
+            return Err(field_error("batch_capacity", "negative or not finite"));
+        }
         Ok(Self {
             peer_id: peer_id(s.peer_id, "peer_id")?,
             model_id: bounded_text(s.model_id, "model_id")?,
@@ -114,6 +120,7 @@ impl ServerInfo {
             free_kv_tokens: s.free_kv_tokens,
             load: s.load,
             active_sessions: s.active_sessions,
+            batch_capacity: s.batch_capacity,
             version: bounded_text(s.version, "version")?,
             addrs: s.addrs,
             reachability: match pb::Reachability::try_from(s.reachability) {
@@ -144,6 +151,7 @@ impl ServerInfo {
             } as i32,
             timestamp_ms: self.timestamp_ms,
             active_sessions: self.active_sessions,
+            batch_capacity: self.batch_capacity,
             hidden_size: self.hidden_size,
             adapters: self.adapters.iter().map(|h| h.0.to_vec()).collect(),
         }

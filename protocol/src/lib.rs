@@ -364,12 +364,14 @@
 //! message with the publisher's peer key as well; a receiver drops a heartbeat whose
 //! `peer_id` is not both the message's signed source and the signer of the info, and
 //! forgets a server whose heartbeats stop. Self-reported numbers (throughput, load, free KV positions) are
-//! hints: routing trusts its own measurements over them.
+//! hints: routing trusts its own measurements over them. `batch_capacity` is the
+//! number of sessions one batched pass adds before it takes twice one session's
+//! step (0: not measured yet); routing divides a server's open sessions by it.
 //!
 //! [`ServerInfo::decode`] accepts a heartbeat only if it is at most
 //! [`MAX_CONTROL_BYTES`] long, its peer id is 1 to 128 bytes, its block range is
-//! non-empty and ends at or before `num_blocks`, throughput and load are finite and
-//! not negative, it has at most [`MAX_ADDRS`] addresses and [`MAX_ANNOUNCED_ADAPTERS`]
+//! non-empty and ends at or before `num_blocks`, throughput, load and batch capacity
+//! are finite and not negative, it has at most [`MAX_ADDRS`] addresses and [`MAX_ANNOUNCED_ADAPTERS`]
 //! adapters of 32 bytes each, and every text and address
 //! is at most [`MAX_TEXT_BYTES`] bytes. An unknown reachability reads as
 //! [`Reachability::Unknown`].

@@ -335,6 +335,7 @@ fn golden_server_info() -> (ServerInfo, Vec<u8>) {
         free_kv_tokens: 100,
         load: 0.5,
         active_sessions: 1,
+        batch_capacity: 2.5,
         version: "0.1".to_owned(),
         addrs: vec![vec![0x04, 127, 0, 0, 1]],
         reachability: Reachability::Public,
@@ -355,6 +356,7 @@ fn golden_server_info() -> (ServerInfo, Vec<u8>) {
         0x58, 0xe8, 0x07, // timestamp_ms (field 11, VARINT) 1000 = 0x68 | 0x80, 7
         0x60, 0x01, // active_sessions (field 12, VARINT) 1
         0x68, 0x08, // hidden_size (field 13, VARINT) 8
+        0x7d, 0x00, 0x00, 0x20, 0x40, // batch_capacity (field 15, I32) 2.5 = 0x40200000
     ];
     (info, bytes)
 }
@@ -376,7 +378,7 @@ fn signed_all(servers: Vec<ServerInfo>) -> Vec<SignedInfo> {
 #[test]
 fn golden_server_info_and_info_exchange() {
     let (info, bytes) = golden_server_info();
-    assert_eq!(bytes.len(), 47);
+    assert_eq!(bytes.len(), 52);
     assert_eq!(info.encode(), bytes);
     assert_eq!(ServerInfo::decode(&bytes).unwrap(), info);
 
@@ -387,7 +389,7 @@ fn golden_server_info_and_info_exchange() {
     assert_eq!(decode_info_request(&[]).unwrap(), "");
 
     // InfoResponse { signed: [SignedServerInfo { info, public_key: [1, 2],
-    // signature: [3] }] }: field 2, LEN 56, then the three fields.
+    // signature: [3] }] }: field 2, LEN 61, then the three fields.
     let signed = SignedInfo {
         info: info.clone(),
         info_bytes: bytes.clone(),
@@ -398,7 +400,7 @@ fn golden_server_info_and_info_exchange() {
     assert_eq!(
         response,
         concat(&[
-            &[0x12, 0x38, 0x0a, 0x2f],
+            &[0x12, 0x3d, 0x0a, 0x34],
             &bytes,
             &[0x12, 0x02, 1, 2, 0x1a, 0x01, 3]
         ])
@@ -410,7 +412,7 @@ fn golden_server_info_and_info_exchange() {
     assert_eq!(SignedInfo::decode(&signed.encode()).unwrap(), signed);
     assert_eq!(decode_info_response(&[]).unwrap(), []);
     // The unsigned entries of old answers (field 1) are ignored.
-    let old = concat(&[&[0x0a, 0x2f], &bytes]);
+    let old = concat(&[&[0x0a, 0x34], &bytes]);
     assert_eq!(decode_info_response(&old).unwrap(), []);
 }
 
@@ -815,6 +817,16 @@ fn server_info_rules() {
         ("negative throughput", ok.clone().f32(5, -1.0), "throughput"),
         ("NaN load", ok.clone().f32(7, nan), "load"),
         ("negative load", ok.clone().f32(7, -0.5), "load"),
+        (
+            "NaN batch capacity",
+            ok.clone().f32(15, nan),
+            "batch_capacity",
+        ),
+        (
+            "negative batch capacity",
+            ok.clone().f32(15, -2.0),
+            "batch_capacity",
+        ),
         ("empty peer id", ok.clone().bytes(1, &[]), "peer_id"),
         ("long peer id", ok.clone().bytes(1, &[1; 129]), "peer_id"),
         (
@@ -1037,13 +1049,14 @@ fn server_info() -> impl Strategy<Value = ServerInfo> {
             prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..=MAX_ADDRS),
             reachability,
             any::<u64>(),
+            0.0f32..64.0,
         ),
     )
         .prop_map(
             |(
                 (peer_id, model_id, start, len, extra),
                 (hidden_size, throughput, free_kv_tokens, load, active_sessions),
-                (version, addrs, reachability, timestamp_ms),
+                (version, addrs, reachability, timestamp_ms, batch_capacity),
             )| ServerInfo {
                 peer_id,
                 model_id,
@@ -1057,6 +1070,7 @@ fn server_info() -> impl Strategy<Value = ServerInfo> {
                 free_kv_tokens,
                 load,
                 active_sessions,
+                batch_capacity,
                 version,
                 addrs,
                 reachability,

@@ -31,6 +31,24 @@ pub const ROUTE_JITTER: f64 = 0.25;
 /// itself (known at once, unlike announced load).
 pub const OWN_SESSION_LOAD: f64 = 0.1;
 
+/// How much slower than alone a new session's steps run on a server, as
+/// the factor's excess over 1 (the `load` of a [`Candidate`]).
+///
+/// A server that batches steps its sessions together: with `n` sessions
+/// open and a batch capacity `C` (the sessions one pass adds before its
+/// time doubles), a pass takes about `1 + n / C` times one session's step.
+/// `n` is the larger of the sessions it announces and this client's own
+/// there (its announcement may predate them). A server that announces no
+/// capacity is costed by its announced load (the share of its session
+/// slots in use) plus [`OWN_SESSION_LOAD`] per own session.
+pub fn session_load(s: &ServerEstimate) -> f64 {
+    if s.batch_capacity > 0.0 {
+        let open = f64::from(s.announced_sessions).max(s.own_sessions as f64);
+        return open / f64::from(s.batch_capacity).max(1.0);
+    }
+    f64::from(s.announced_load) + OWN_SESSION_LOAD * s.own_sessions as f64
+}
+
 /// The median of `values`, or `None` when there are none.
 ///
 /// `values` is sorted in place (by [`f64::total_cmp`]); of an even number of
@@ -69,6 +87,11 @@ pub struct ServerEstimate {
     pub announced_throughput: f32,
     /// Its announced load, 0 (idle) ..= 1 (at its session cap).
     pub announced_load: f32,
+    /// Sessions it announces open.
+    pub announced_sessions: u32,
+    /// Sessions it announces it can step in one batched pass before the
+    /// pass takes twice one session's step (0 or less: not measured).
+    pub batch_capacity: f32,
     /// Sessions this client has open on it.
     pub own_sessions: usize,
     /// KV positions it announces free.
@@ -86,6 +109,8 @@ impl ServerEstimate {
             observed_secs_per_block: None,
             announced_throughput: 0.0,
             announced_load: 0.0,
+            announced_sessions: 0,
+            batch_capacity: 0.0,
             own_sessions: 0,
             free_kv_tokens: u32::MAX,
             backed_off: false,
@@ -146,7 +171,7 @@ pub fn claimed_speeds(servers: &[ServerEstimate]) -> Vec<f64> {
 /// - blocks per second: [`claimed_speeds`] (measured, or announced and
 ///   capped), else the median of the known ones, else
 ///   [`UNKNOWN_BLOCKS_PER_S`];
-/// - load: the announced one plus [`OWN_SESSION_LOAD`] per own session;
+/// - load: [`session_load`];
 /// - KV room: at least `max_length` positions free.
 pub fn candidates(
     servers: &[ServerEstimate],
@@ -163,7 +188,7 @@ pub fn candidates(
             span: s.span,
             blocks_per_s,
             rtt_s: rtt_s * (1.0 + ROUTE_JITTER * jitter()),
-            load: f64::from(s.announced_load) + OWN_SESSION_LOAD * s.own_sessions as f64,
+            load: session_load(s),
             has_kv_room: s.free_kv_tokens >= max_length,
             backed_off: s.backed_off,
         })
@@ -251,6 +276,33 @@ mod tests {
         assert!(c.has_kv_room);
         assert!(c.backed_off);
         assert!(!candidates(&[s], 101, || 0.0)[0].has_kv_room);
+    }
+
+    /// With a batch capacity, a busy server that batches well costs less
+    /// than a quieter one that does not.
+    #[test]
+    fn batch_capacity_scales_the_load_by_sessions() {
+        let mut batching = ServerEstimate::new(span(0, 8));
+        batching.announced_sessions = 4;
+        batching.announced_load = 0.5;
+        batching.batch_capacity = 8.0;
+        let mut serial = batching.clone();
+        serial.announced_sessions = 2;
+        serial.announced_load = 0.25;
+        serial.batch_capacity = 1.0;
+        assert!((session_load(&batching) - 0.5).abs() < 1e-9);
+        assert!((session_load(&serial) - 2.0).abs() < 1e-9);
+        // This client's own sessions count when the announcement lags.
+        batching.own_sessions = 6;
+        assert!((session_load(&batching) - 0.75).abs() < 1e-9);
+        // A capacity below one session counts as one.
+        serial.batch_capacity = 0.25;
+        assert!((session_load(&serial) - 2.0).abs() < 1e-9);
+        // No capacity announced: the share of session slots, as before.
+        serial.batch_capacity = 0.0;
+        assert!((session_load(&serial) - 0.25).abs() < 1e-9);
+        let c = candidates(&[batching, serial], 1, || 0.0);
+        assert!((c[0].load - 0.75).abs() < 1e-9 && (c[1].load - 0.25).abs() < 1e-9);
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub use backoff::{Backoff, DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
 pub use chunks::{ChunkQueue, Penalty, Requeued, Take};
 pub use coverage::{all_splits, chain, coverage_gaps, even_splits};
 pub use estimate::{
-    candidates, claimed_speeds, fill_with_median, median, median_or, ServerEstimate,
+    candidates, claimed_speeds, fill_with_median, median, median_or, session_load, ServerEstimate,
     OWN_SESSION_LOAD, ROUTE_JITTER, UNKNOWN_BLOCKS_PER_S, UNKNOWN_RTT,
 };
 pub use nomoat_protocol::{BlockRange, RangeError};

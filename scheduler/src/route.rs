@@ -10,7 +10,8 @@
 //!   (a noisy proxy) would reward ending a route on whichever replica
 //!   happens to measure nearest, splitting ranges for nothing;
 //! - compute: blocks run / the server's throughput (blocks per second),
-//!   scaled by `1 + load`;
+//!   scaled by `1 + load` (how much slower than alone a session's steps
+//!   run there: [`session_load`](crate::session_load));
 //! - a fixed penalty on a server without room in its KV cache.
 //!
 //! Backed-off servers are never used. The search is a dynamic programme over
@@ -32,7 +33,8 @@ pub struct Candidate {
     pub blocks_per_s: f64,
     /// Measured round-trip time to it, seconds.
     pub rtt_s: f64,
-    /// Load, 0 (idle) ..= 1 (at its session cap).
+    /// Load: how much slower than alone a session's steps run there, as
+    /// the excess over 1 (0: idle).
     pub load: f64,
     /// Whether it has KV room for the session.
     pub has_kv_room: bool,

@@ -320,6 +320,7 @@ pub fn write_seeds(root: &std::path::Path) -> anyhow::Result<()> {
         free_kv_tokens: 65536,
         load: 0.25,
         active_sessions: 4,
+        batch_capacity: 3.0,
         version: "0.1.0".into(),
         addrs: vec![
             "/ip4/192.0.2.1/udp/4001/quic-v1"

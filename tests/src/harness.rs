@@ -77,8 +77,7 @@ impl TestServer {
             ExecutorConfig::default(),
             bootstrap,
             Some(store.to_path_buf()),
-            None,
-            fetch,
+            |cfg| cfg.fetch = fetch,
         )
         .await
     }
@@ -101,8 +100,7 @@ impl TestServer {
             ExecutorConfig::default(),
             bootstrap,
             None,
-            Some(fault),
-            FetchConfig::default(),
+            |cfg| cfg.compute_fault = Some(fault),
         )
         .await
     }
@@ -123,8 +121,7 @@ impl TestServer {
             exec_cfg,
             bootstrap,
             store,
-            None,
-            FetchConfig::default(),
+            |_| {},
         )
         .await
     }
@@ -136,11 +133,10 @@ impl TestServer {
         exec_cfg: ExecutorConfig,
         bootstrap: Vec<Multiaddr>,
         store: Option<std::path::PathBuf>,
-        compute_fault: Option<nomoat_node::server::fault::ComputeFault>,
-        fetch: FetchConfig,
+        tweak: impl FnOnce(&mut NodeConfig),
     ) -> Result<Self> {
         let blocks = BlockRange::new(start as u32, end as u32)?;
-        let cfg = NodeConfig {
+        let mut cfg = NodeConfig {
             model_id: Some(model_id.to_string()),
             net: NetConfig {
                 bootstrap,
@@ -149,10 +145,9 @@ impl TestServer {
             },
             store,
             executor: exec_cfg,
-            compute_fault,
-            fetch,
             ..NodeConfig::new(file.path().to_string_lossy(), BlockChoice::Range(blocks))
         };
+        tweak(&mut cfg);
         let node = Node::start(cfg).await?;
         Ok(Self {
             net: node.net.clone(),

@@ -36,6 +36,7 @@ fn info(net: &NetHandle, start: u32) -> ServerInfo {
         free_kv_tokens: 1024,
         load: 0.0,
         active_sessions: 0,
+        batch_capacity: 0.0,
         version: "test".into(),
         addrs: Vec::new(),
         reachability: Reachability::Unknown,

@@ -115,3 +115,64 @@ async fn concurrent_sessions_share_passes_and_get_exactly_their_own_outputs() ->
     exec.shutdown();
     Ok(())
 }
+
+/// Runs `plan` as session `id` on `exec`, step by step.
+async fn run_session(exec: Executor, id: SessionId, plan: Vec<Tensor>) -> Result<()> {
+    exec.open(id, PeerId::random(), 0, 6, 1024, None).await?;
+    let mut pos = 0;
+    for (seq, x) in plan.iter().enumerate() {
+        let frame = hidden_to_frame(x, DType::F32)?;
+        exec.step(id, seq as u64 + 1, pos, frame).await?;
+        pos += x.dim(1)?;
+    }
+    exec.close(id);
+    Ok(())
+}
+
+/// A server measures its batch capacity (what it announces, and what
+/// routing divides its sessions by) before its first session, and keeps
+/// measuring it on its decode passes: at least one session and at most a
+/// pass's steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_executor_measures_its_batch_capacity() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = TinyModel::generate(TinySpec::new(TinyArch::Llama))?
+        .write_gguf(&dir.path().join("tiny.gguf"), GgmlDType::Q4_1)?;
+    let file = ModelFile::open(path)?;
+    let h = file.config().hidden_size;
+    let span = Arc::new(Span::load(&file, 0, 6, WeightMode::Fast)?);
+    let exec = Executor::start(span, ExecutorConfig::default())?;
+    let max = nomoat_node::server::executor::MAX_BATCH_STEPS as f32;
+    let probed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let cap = exec.stats().batch_capacity;
+            if cap > 0.0 {
+                return cap;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
+    assert!((1.0..=max).contains(&probed), "{probed}");
+    // The probe opened no session and ran no step that counts.
+    let st = exec.stats();
+    assert_eq!((st.sessions, st.steps, st.passes), (0, 0, 0), "{st:?}");
+    // One session alone, single steps.
+    run_session(exec.clone(), SessionId([1; 16]), steps(h, 1, 4, 8)?).await?;
+    // Eight at once: passes of several steps.
+    let tasks: Vec<_> = (0..8u8)
+        .map(|s| {
+            let plan = steps(h, s as usize + 2, 4, 24);
+            let exec = exec.clone();
+            tokio::spawn(async move { run_session(exec, SessionId([s + 2; 16]), plan?).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let st = exec.stats();
+    assert!(st.max_batch > 1, "no pass ran two sessions: {st:?}");
+    assert!((1.0..=max).contains(&st.batch_capacity), "{st:?}");
+    exec.shutdown();
+    Ok(())
+}

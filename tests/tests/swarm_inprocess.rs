@@ -778,6 +778,7 @@ async fn the_clients_own_measurements_win_over_announcements() -> Result<()> {
         free_kv_tokens: 1000,
         load: 0.0,
         active_sessions: 0,
+        batch_capacity: 0.0,
         version: String::new(),
         addrs: Vec::new(),
         reachability: nomoat_protocol::Reachability::Unknown,

@@ -107,8 +107,8 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
             };
             println!("model {} ({n} blocks): {cover}", short(m));
             println!(
-                "  {:<54} {:>8} {:>9} {:>10} {:>6} {:>9}",
-                "peer", "blocks", "rtt ms", "tokens/s", "load", "sessions"
+                "  {:<54} {:>8} {:>9} {:>10} {:>6} {:>9} {:>6}",
+                "peer", "blocks", "rtt ms", "tokens/s", "load", "sessions", "batch"
             );
             for (p, s) in rows.iter().filter(|(_, s)| &s.model_id == m) {
                 let rtt = net
@@ -116,13 +116,14 @@ pub(crate) async fn status(args: StatusArgs) -> Result<()> {
                     .map(|d| format!("{:.2}", d.as_secs_f64() * 1e3))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "  {:<54} {:>8} {:>9} {:>10.1} {:>6.2} {:>9}",
+                    "  {:<54} {:>8} {:>9} {:>10.1} {:>6.2} {:>9} {:>6.1}",
                     p.to_string(),
                     s.blocks.to_string(),
                     rtt,
                     s.throughput,
                     s.load,
-                    s.active_sessions
+                    s.active_sessions,
+                    s.batch_capacity
                 );
             }
         }
@@ -145,6 +146,7 @@ fn server_json(peer: &PeerId, s: &ServerInfo, rtt: Option<Duration>) -> serde_js
         "throughput": s.throughput,
         "load": s.load,
         "active_sessions": s.active_sessions,
+        "batch_capacity": s.batch_capacity,
         "free_kv_tokens": s.free_kv_tokens,
         "version": s.version,
         "reachability": format!("{:?}", s.reachability).to_lowercase(),

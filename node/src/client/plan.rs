@@ -20,6 +20,8 @@ fn estimates(net: &NetHandle, servers: &[ServerInfo]) -> Vec<ServerEstimate> {
                 observed_secs_per_block: peer.and_then(|p| net.observed_secs_per_block(&p)),
                 announced_throughput: s.throughput,
                 announced_load: s.load,
+                announced_sessions: s.active_sessions,
+                batch_capacity: s.batch_capacity,
                 own_sessions: peer.map_or(0, |p| net.own_sessions(&p)),
                 free_kv_tokens: s.free_kv_tokens,
                 backed_off: peer.is_some_and(|p| net.is_backed_off(&p)),

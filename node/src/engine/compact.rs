@@ -12,13 +12,11 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::k_quants::{
-    self, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
-};
+use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use super::q4_1::Q4_1;
+use super::kernels::{self, Q4_1, Q5_0, Q8_0};
 
 /// Whether candle may keep a repacked copy of a weight of this type, i.e.
 /// whether [`CompactMatMul`] is worth using for it.
@@ -33,15 +31,16 @@ pub(super) fn candle_repacks(dtype: GgmlDType) -> bool {
     }
 }
 
-/// Whether the engine multiplies a weight of this type through
-/// [`CompactMatMul`] in every quantized mode: Q4_1, which candle keeps but
-/// multiplies with a scalar loop (see `engine/q4_1.rs`).
+/// Whether the engine multiplies a weight of this type with a kernel of
+/// its own, through [`CompactMatMul`] in every quantized mode: Q4_1 and
+/// Q5_0, which candle keeps but multiplies with scalar loops, and Q8_0
+/// (see `engine/kernels`).
 pub(super) fn own_kernel(dtype: GgmlDType) -> bool {
-    dtype == GgmlDType::Q4_1
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0)
 }
 
 /// `x · Wᵀ` for a weight `W` (out × in) of a type that candle repacks, or
-/// of Q4_1, computed on its stored blocks.
+/// of one with a kernel of the engine's own, computed on its stored blocks.
 #[derive(Debug, Clone)]
 pub(super) struct CompactMatMul {
     weight: Arc<QTensor>,
@@ -119,13 +118,12 @@ impl CustomOp1 for CompactMatMul {
             GgmlDType::Q4_0 => {
                 k_quants::matmul((m, k, n), x, blocks::<BlockQ4_0>(&data)?, &mut dst)?
             }
-            GgmlDType::Q4_1 => super::q4_1::matmul((m, k, n), x, blocks::<Q4_1>(&data)?, &mut dst)?,
+            GgmlDType::Q4_1 => kernels::matmul((m, k, n), x, blocks::<Q4_1>(&data)?, &mut dst)?,
+            GgmlDType::Q5_0 => kernels::matmul((m, k, n), x, blocks::<Q5_0>(&data)?, &mut dst)?,
             GgmlDType::Q4K => k_quants::matmul((m, k, n), x, blocks::<BlockQ4K>(&data)?, &mut dst)?,
             GgmlDType::Q5K => k_quants::matmul((m, k, n), x, blocks::<BlockQ5K>(&data)?, &mut dst)?,
             GgmlDType::Q6K => k_quants::matmul((m, k, n), x, blocks::<BlockQ6K>(&data)?, &mut dst)?,
-            GgmlDType::Q8_0 => {
-                k_quants::matmul((m, k, n), x, blocks::<BlockQ8_0>(&data)?, &mut dst)?
-            }
+            GgmlDType::Q8_0 => kernels::matmul((m, k, n), x, blocks::<Q8_0>(&data)?, &mut dst)?,
             other => candle_core::bail!("no compact matmul for {other:?}"),
         }
         Ok((CpuStorage::F32(dst), Shape::from(dims)))
@@ -147,6 +145,7 @@ mod tests {
         let types = [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
@@ -185,7 +184,7 @@ mod tests {
     #[test]
     fn other_types_keep_candles_path() -> candle_core::Result<()> {
         let w = Tensor::zeros((32, 64), candle_core::DType::F32, &Device::Cpu)?;
-        assert!(CompactMatMul::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q5_0)?)).is_none());
+        assert!(CompactMatMul::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q5_1)?)).is_none());
         assert!(CompactMatMul::new(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?)).is_some());
         Ok(())
     }

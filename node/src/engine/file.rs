@@ -20,8 +20,8 @@ pub const MAX_SAFETENSORS_HEADER: u64 = 100 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WeightMode {
-    /// Keep formats that have a fast CPU kernel (Q4_0, Q4_1, Q8_0,
-    /// Q2_K..Q6_K); repack the others (Q5_0, Q5_1, Q5_K, Q8_1) into Q8_0
+    /// Keep formats that have a fast CPU kernel (Q4_0, Q4_1, Q5_0, Q8_0,
+    /// Q2_K..Q4_K, Q6_K); repack the others (Q5_1, Q5_K, Q8_1) into Q8_0
     /// at load time.
     #[default]
     Fast,

@@ -103,8 +103,10 @@ mod tests {
         // Q4_1 has a kernel of the engine's own: kept as stored.
         assert_eq!(loaded_bytes("Q4_1", &m[..], WeightMode::Fast), n / 32 * 20);
         assert_eq!(loaded_bytes("Q4_1", &m[..], WeightMode::Exact), n / 32 * 20);
-        // Q5_0 has none: repacked to Q8_0.
-        assert_eq!(loaded_bytes("Q5_0", &m[..], WeightMode::Fast), n / 32 * 34);
+        // So has Q5_0.
+        assert_eq!(loaded_bytes("Q5_0", &m[..], WeightMode::Fast), n / 32 * 22);
+        // Q5_1 has none: repacked to Q8_0.
+        assert_eq!(loaded_bytes("Q5_1", &m[..], WeightMode::Fast), n / 32 * 34);
         assert_eq!(loaded_bytes("F16", &m[..], WeightMode::Fast), n * 4);
         assert_eq!(loaded_bytes("Q8_0", &m[..], WeightMode::F32), n * 4);
         assert_eq!(loaded_bytes("Q8_0", &[576], WeightMode::Fast), 576 * 4);

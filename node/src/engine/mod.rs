@@ -16,12 +16,12 @@ mod compact;
 mod config;
 mod error;
 mod file;
+mod kernels;
 mod kv;
 mod local;
 mod memory;
 mod model;
 mod par;
-mod q4_1;
 mod sampling;
 mod tokenizer;
 

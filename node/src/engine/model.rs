@@ -17,12 +17,13 @@ use super::{EngineError, Result};
 pub const PREFILL_CHUNK: usize = 256;
 
 /// Whether the engine has a fast CPU kernel for a ggml type (candle's, or
-/// its own for Q4_1).
+/// its own for Q4_1 and Q5_0).
 pub(super) fn has_fast_kernel(dtype: GgmlDType) -> bool {
     matches!(
         dtype,
         GgmlDType::Q4_0
             | GgmlDType::Q4_1
+            | GgmlDType::Q5_0
             | GgmlDType::Q8_0
             | GgmlDType::Q2K
             | GgmlDType::Q3K

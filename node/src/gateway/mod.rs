@@ -525,6 +525,7 @@ fn peer_json(net: &NetHandle, s: &ServerInfo) -> serde_json::Value {
         "banned": peer.is_some_and(|p| net.is_banned(&p)),
         "load": s.load,
         "active_sessions": s.active_sessions,
+        "batch_capacity": s.batch_capacity,
         "free_kv_tokens": s.free_kv_tokens,
         "reachability": format!("{:?}", s.reachability).to_lowercase(),
         "connection": connection,

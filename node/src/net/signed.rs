@@ -95,6 +95,7 @@ mod tests {
             reachability: Reachability::Public,
             timestamp_ms: ts,
             active_sessions: 0,
+            batch_capacity: 0.0,
             hidden_size: 64,
             adapters: Vec::new(),
         }

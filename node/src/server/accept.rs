@@ -98,6 +98,7 @@ pub fn server_info(net: &NetHandle, exec: &Executor, cfg: &ServerConfig) -> Serv
         free_kv_tokens: st.free_kv_tokens.min(u32::MAX as usize) as u32,
         load: st.load(),
         active_sessions: st.sessions as u32,
+        batch_capacity: st.batch_capacity,
         version: env!("CARGO_PKG_VERSION").to_string(),
         // Addresses, reachability and time are filled in by the network
         // actor each time it publishes.

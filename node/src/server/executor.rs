@@ -45,6 +45,11 @@ pub const MAX_BATCH_STEPS: usize = 64;
 /// is decoding; while sessions decode its pieces adapt to their steps'
 /// time (see DESIGN.md, continuous batching).
 pub const MAX_PIECE: usize = crate::engine::PREFILL_CHUNK;
+/// One-token steps of the start-up probe's batched passes.
+const PROBE_BATCH: usize = 4;
+/// Rounds of the start-up probe, each a pass of one step and a pass of
+/// [`PROBE_BATCH`], after one unmeasured warm-up pass.
+const PROBE_ROUNDS: usize = 3;
 /// Steps of at most this many positions are decode steps: they run whole
 /// in every pass; longer ones are prompts, cut into pieces.
 const DECODE_ROWS: usize = 8;
@@ -180,6 +185,9 @@ pub struct ExecutorStats {
     pub passes: u64,
     /// The most steps one pass has run together.
     pub max_batch: usize,
+    /// Sessions one decode pass adds before it takes twice one session's
+    /// step ([`BatchCost::capacity`]); 0 until measured.
+    pub batch_capacity: f32,
     /// Sessions still running on a span the server moved away from.
     pub draining: usize,
     /// The most sessions it holds at once (`--max-sessions`).
@@ -191,6 +199,68 @@ impl ExecutorStats {
     /// as its load.
     pub fn load(&self) -> f32 {
         (self.sessions as f32 / self.max_sessions.max(1) as f32).min(1.0)
+    }
+}
+
+/// What a decode pass costs by the number of its steps: about
+/// `single + (b - 1) * extra` seconds for `b` one-token steps, both terms
+/// averaged (EMA) over the passes that measure them. The capacity the
+/// server announces is `single / extra`: the sessions a pass adds before
+/// it takes twice one step alone. A server that batches well (its
+/// products bound by reading weights) has a large one; one bound by
+/// arithmetic, a small one.
+#[derive(Debug, Clone, Default)]
+pub struct BatchCost {
+    single: Option<f64>,
+    extra: Option<f64>,
+}
+
+impl BatchCost {
+    /// Weight of a new pass in the averages.
+    const NEW: f64 = 0.1;
+
+    fn ema(old: Option<f64>, new: f64) -> f64 {
+        old.map_or(new, |o| (1.0 - Self::NEW) * o + Self::NEW * new)
+    }
+
+    /// A decode pass of `steps` one-token steps took `secs`.
+    pub fn observe(&mut self, steps: usize, secs: f64) {
+        if steps == 0 || !secs.is_finite() || secs <= 0.0 {
+            return;
+        }
+        if steps == 1 {
+            self.single = Some(Self::ema(self.single, secs));
+        } else if let Some(one) = self.single {
+            let extra = ((secs - one) / (steps - 1) as f64).max(0.0);
+            self.extra = Some(Self::ema(self.extra, extra));
+        }
+    }
+
+    /// Sessions a pass adds before it takes twice one step alone, once
+    /// both terms are measured: at least 1, at most [`MAX_BATCH_STEPS`].
+    pub fn capacity(&self) -> Option<f64> {
+        let (one, extra) = (self.single?, self.extra?);
+        let max = MAX_BATCH_STEPS as f64;
+        Some(if extra * max <= one {
+            max
+        } else {
+            (one / extra).clamp(1.0, max)
+        })
+    }
+
+    /// What one step alone would have taken, from a pass of `steps` that
+    /// took `secs` (`secs` itself until the capacity is known).
+    pub fn alone(&self, steps: usize, secs: f64) -> f64 {
+        match self.capacity() {
+            Some(c) if steps > 1 => secs / (1.0 + (steps - 1) as f64 / c),
+            _ => secs,
+        }
+    }
+
+    /// The span changed length by `factor`: both terms scale with it.
+    fn rescale(&mut self, factor: f64) {
+        self.single = self.single.map(|t| t * factor);
+        self.extra = self.extra.map(|t| t * factor);
     }
 }
 
@@ -281,6 +351,7 @@ impl Executor {
             sessions: HashMap::new(),
             stats: stats.clone(),
             ema: None,
+            batch_cost: BatchCost::default(),
             running: Vec::new(),
             decode_pass: None,
             piece: FIRST_PIECE,
@@ -401,6 +472,8 @@ struct Worker {
     sessions: HashMap<SessionId, Session>,
     stats: Arc<Mutex<ExecutorStats>>,
     ema: Option<f32>,
+    /// What a decode pass costs by the number of its steps.
+    batch_cost: BatchCost,
     /// Steps admitted and not yet finished, in arrival order: a long one
     /// runs a piece per pass.
     running: Vec<Running>,
@@ -452,6 +525,8 @@ impl Worker {
     /// one read of the weights. A long step runs a piece per pass, so it
     /// never holds up the others' decode steps for long.
     fn run(mut self, rx: std::sync::mpsc::Receiver<Job>) {
+        self.probe();
+        self.publish_stats();
         let sweep =
             (self.cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut stop = false;
@@ -506,6 +581,54 @@ impl Worker {
         // Steps admitted before the shutdown still get their answers.
         while !self.running.is_empty() {
             self.pass();
+        }
+    }
+
+    /// Measures the batch cost before the first session, so that the
+    /// server announces a batch capacity from the start: on scratch caches,
+    /// a warm-up pass, then [`PROBE_ROUNDS`] rounds of a pass of one
+    /// one-token step and one of [`PROBE_BATCH`]. A failure only leaves the
+    /// cost to be measured on traffic.
+    fn probe(&mut self) {
+        let span = self.span.clone();
+        let pass = |steps: usize| -> crate::engine::Result<f64> {
+            let h = span.config().hidden_size;
+            let x = candle_core::Tensor::zeros(
+                (1, 1, h),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )?;
+            let mut caches = (0..steps)
+                .map(|_| span.new_cache_range(span.start(), span.end(), 1))
+                .collect::<crate::engine::Result<Vec<_>>>()?;
+            let mut batch: Vec<BatchStep<'_>> = caches
+                .iter_mut()
+                .map(|cache| BatchStep {
+                    x: &x,
+                    pos: 0,
+                    cache,
+                })
+                .collect();
+            let began = Instant::now();
+            span.forward_batch(&mut batch, None)?;
+            Ok(began.elapsed().as_secs_f64())
+        };
+        let began = Instant::now();
+        let mut measure = || -> crate::engine::Result<()> {
+            pass(PROBE_BATCH)?;
+            for _ in 0..PROBE_ROUNDS {
+                self.batch_cost.observe(1, pass(1)?);
+                self.batch_cost.observe(PROBE_BATCH, pass(PROBE_BATCH)?);
+            }
+            Ok(())
+        };
+        match measure() {
+            Ok(()) => tracing::debug!(
+                "batch capacity {:.1} sessions (probed in {:?})",
+                self.batch_cost.capacity().unwrap_or(0.0),
+                began.elapsed()
+            ),
+            Err(e) => tracing::warn!("the batch probe failed ({e}); measuring on traffic instead"),
         }
     }
 
@@ -583,6 +706,7 @@ impl Worker {
         if let Some(e) = self.ema {
             st.throughput = e;
         }
+        st.batch_capacity = self.batch_cost.capacity().unwrap_or(0.0) as f32;
     }
 
     fn handle(&mut self, job: Job) {
@@ -628,6 +752,7 @@ impl Worker {
                     span.end() - span.start(),
                 );
                 self.ema = self.ema.map(|e| e * old as f32 / new.max(1) as f32);
+                self.batch_cost.rescale(new as f64 / old.max(1) as f64);
                 self.span = span;
             }
             Job::Shutdown => unreachable!("the worker stops before handling Shutdown"),
@@ -943,10 +1068,15 @@ impl Worker {
         }
         self.last_pass = secs;
         self.running.retain(|r| r.reply.is_some());
-        // Decode speed of the span: a pass of one-token steps gives each
-        // of them a token in `secs`.
+        // Decode speed of the span for one session alone: a pass of `b`
+        // one-token steps gives each of them a token in `secs`, which is
+        // `1 + (b - 1) / capacity` times one step alone.
         if one_token_steps > 0 && decode_only && secs > 0.0 {
-            let tps = (1.0 / secs) as f32;
+            if one_token_steps == plan.len() {
+                self.batch_cost.observe(one_token_steps, secs);
+            }
+            let alone = self.batch_cost.alone(one_token_steps, secs);
+            let tps = (1.0 / alone) as f32;
             self.ema = Some(match self.ema {
                 Some(e) => 0.9 * e + 0.1 * tps,
                 None => tps,
@@ -1037,5 +1167,43 @@ impl Worker {
                     .collect()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BatchCost;
+
+    #[test]
+    fn batch_cost_measures_what_each_further_step_adds() {
+        let mut c = BatchCost::default();
+        assert_eq!(c.capacity(), None);
+        // Passes of several steps before any single one say nothing yet.
+        c.observe(4, 0.010);
+        assert_eq!(c.capacity(), None);
+        assert_eq!(c.alone(4, 0.010), 0.010);
+        for _ in 0..50 {
+            c.observe(1, 0.004);
+            c.observe(4, 0.0085); // 1.5 ms per further step
+        }
+        let cap = c.capacity().expect("both terms measured");
+        assert!((cap - 4.0 / 1.5).abs() < 0.05, "{cap}");
+        // A pass of four is 1 + 3 / capacity times one step alone.
+        assert!((c.alone(4, 0.0085) - 0.004).abs() < 1e-4);
+        assert_eq!(c.alone(1, 0.004), 0.004);
+        // Free further steps: the most a pass runs.
+        let mut free = BatchCost::default();
+        free.observe(1, 0.004);
+        free.observe(8, 0.003);
+        assert_eq!(free.capacity(), Some(super::MAX_BATCH_STEPS as f64));
+        // Steps that cost more than one alone each: at least 1.
+        let mut serial = BatchCost::default();
+        serial.observe(1, 0.004);
+        serial.observe(3, 0.020);
+        assert_eq!(serial.capacity(), Some(1.0));
+        // Nonsense times are ignored.
+        serial.observe(2, f64::NAN);
+        serial.observe(2, -1.0);
+        assert_eq!(serial.capacity(), Some(1.0));
     }
 }

@@ -185,6 +185,7 @@ mod tests {
             free_kv_tokens: 100,
             load: 0.0,
             active_sessions: 0,
+            batch_capacity: 0.0,
             version: String::new(),
             addrs: Vec::new(),
             reachability: Reachability::Unknown,

@@ -454,6 +454,7 @@ async fn fake_identity(
             free_kv_tokens: u32::MAX,
             load: 0.0,
             active_sessions: 0,
+            batch_capacity: 0.0,
             version: env!("CARGO_PKG_VERSION").into(),
             addrs: net.listen_addrs().iter().map(|a| a.to_vec()).collect(),
             reachability: Reachability::Public,

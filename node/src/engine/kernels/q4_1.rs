@@ -16,14 +16,13 @@ use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-/// Values per block.
-const QK: usize = 32;
+use super::{check_len, dequantize_q8, quantize_q8, FourRows, QK};
 
 /// A Q4_1 block as ggml lays it out: scale, minimum, then 32 unsigned
 /// nibbles (values `j` and `j + 16` share byte `j`, low nibble first).
 #[derive(Debug, Clone, PartialEq)]
 #[repr(C)]
-pub(super) struct Q4_1 {
+pub(in crate::engine) struct Q4_1 {
     d: f16,
     m: f16,
     qs: [u8; QK / 2],
@@ -33,7 +32,7 @@ pub(super) struct Q4_1 {
 /// `s = d * Σ qs`.
 #[derive(Debug, Clone, PartialEq)]
 #[repr(C)]
-pub(super) struct Q8_1 {
+pub(in crate::engine) struct Q8_1 {
     d: f16,
     s: f16,
     qs: [i8; QK],
@@ -42,14 +41,6 @@ pub(super) struct Q8_1 {
 const _: () = assert!(std::mem::size_of::<Q4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<Q8_1>() == 36);
 
-fn check_len(n: usize, blocks: usize) {
-    // Real asserts: the SIMD loop below reads through raw pointers.
-    assert!(
-        n.is_multiple_of(QK) && n / QK <= blocks,
-        "a Q4_1 product of {n} values over {blocks} blocks"
-    );
-}
-
 impl GgmlType for Q8_1 {
     const DTYPE: GgmlDType = GgmlDType::Q8_1;
     const BLCK_SIZE: usize = QK;
@@ -57,26 +48,14 @@ impl GgmlType for Q8_1 {
 
     fn to_float(xs: &[Self], ys: &mut [f32]) {
         for (x, y) in xs.iter().zip(ys.chunks_exact_mut(QK)) {
-            let d = x.d.to_f32();
-            for (q, v) in x.qs.iter().zip(y.iter_mut()) {
-                *v = f32::from(*q) * d;
-            }
+            dequantize_q8(&x.qs, x.d, y);
         }
     }
 
-    /// ggml's `quantize_row_q8_1`: round to nearest, ties away from zero.
+    /// ggml's `quantize_row_q8_1`.
     fn from_float(xs: &[f32], ys: &mut [Self]) {
         for (x, y) in xs.chunks_exact(QK).zip(ys.iter_mut()) {
-            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in y.qs.iter_mut().zip(x) {
-                // |v * id| <= 127, so the cast cannot saturate.
-                let r = (v * id).round() as i8;
-                *q = r;
-                sum += i32::from(r);
-            }
+            let (d, sum) = quantize_q8(x, &mut y.qs);
             y.d = f16::from_f32(d);
             y.s = f16::from_f32(sum as f32 * d);
         }
@@ -136,9 +115,9 @@ impl GgmlType for Q4_1 {
     }
 
     fn vec_dot(n: usize, xs: &[Self], ys: &[Q8_1]) -> f32 {
-        check_len(n, xs.len().min(ys.len()));
+        check_len("Q4_1", n, xs.len().min(ys.len()));
         #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
+        if super::simd::available() {
             #[allow(unsafe_code)]
             // SAFETY: the CPU has AVX2, FMA and F16C (checked above); both slices
             // hold at least n / 32 blocks (checked by `check_len`).
@@ -155,25 +134,8 @@ impl GgmlType for Q4_1 {
         xs3: &[Self],
         ys: &[Q8_1],
     ) -> (f32, f32, f32, f32) {
-        let shortest = [xs0.len(), xs1.len(), xs2.len(), xs3.len(), ys.len()]
-            .into_iter()
-            .min()
-            .unwrap_or(0);
-        check_len(n, shortest);
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            let rows = [xs0.as_ptr(), xs1.as_ptr(), xs2.as_ptr(), xs3.as_ptr()];
-            #[allow(unsafe_code)]
-            // SAFETY: as in `vec_dot`, for every row.
-            let [a, b, c, d] = unsafe { avx2::vec_dot_4(n / QK, rows, ys.as_ptr()) };
-            return (a, b, c, d);
-        }
-        (
-            Self::vec_dot_unopt(n, xs0, ys),
-            Self::vec_dot_unopt(n, xs1, ys),
-            Self::vec_dot_unopt(n, xs2, ys),
-            Self::vec_dot_unopt(n, xs3, ys),
-        )
+        let [a, b, c, d] = super::vec_dot_4(n, [xs0, xs1, xs2, xs3], ys);
+        (a, b, c, d)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Q8_1]) -> f32 {
@@ -190,101 +152,31 @@ impl GgmlType for Q4_1 {
     }
 }
 
-/// `dst = x · wᵀ` for `m` input rows of `k` values and `n` Q4_1 weight
-/// rows (`w` holds `n * k / 32` blocks). One input row goes through
-/// candle's tiled matmul; several (a prompt, or a batch of sessions) go
-/// four weight rows by two inputs at a time, each weight block unpacked
-/// once for both, split over the compute threads by weight rows. Either
-/// way every output has the same bits.
-pub(super) fn matmul(
-    (m, k, n): (usize, usize, usize),
-    x: &[f32],
-    w: &[Q4_1],
-    dst: &mut [f32],
-) -> candle_core::Result<()> {
-    let nb = k / QK;
-    if !k.is_multiple_of(QK) || w.len() < n * nb || x.len() < m * k || dst.len() < m * n {
-        candle_core::bail!(
-            "a Q4_1 product of ({m}, {k}) by ({n}, {k}) over {} blocks, {} inputs, {} outputs",
-            w.len(),
-            x.len(),
-            dst.len()
-        );
-    }
+#[allow(unsafe_code)]
+impl FourRows for Q4_1 {
+    const NAME: &'static str = "Q4_1";
+
     #[cfg(target_arch = "x86_64")]
-    if m > 1 && avx2::available() {
-        let zero = Q8_1 {
-            d: f16::ZERO,
-            s: f16::ZERO,
-            qs: [0; QK],
-        };
-        let mut xq = vec![zero; m * nb];
-        for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(nb)).take(m) {
-            Q8_1::from_float(row, q);
-        }
-        let out = super::par::SharedOut::new(dst);
-        let out = &out;
-        let xq = &xq;
-        let quads = n / 4;
-        candle_core::utils::barrier_pool().execute_chunked(quads, |range| {
-            for quad in range {
-                let col = 4 * quad;
-                let rows = [0, 1, 2, 3].map(|j| w[(col + j) * nb..].as_ptr());
-                let mut r = 0;
-                while r + 2 <= m {
-                    let ys = [xq[r * nb..].as_ptr(), xq[(r + 1) * nb..].as_ptr()];
-                    #[allow(unsafe_code)]
-                    // SAFETY: AVX2, FMA and F16C are there (checked
-                    // above); every row pointer has `nb` blocks after it
-                    // (w holds n * nb, xq holds m * nb: checked above).
-                    let v = unsafe { avx2::dot_4x2(nb, rows, ys) };
-                    out.put(r * n + col, &v[0]);
-                    out.put((r + 1) * n + col, &v[1]);
-                    r += 2;
-                }
-                if r < m {
-                    #[allow(unsafe_code)]
-                    // SAFETY: as above.
-                    let v = unsafe { avx2::vec_dot_4(nb, rows, xq[r * nb..].as_ptr()) };
-                    out.put(r * n + col, &v);
-                }
-            }
-        });
-        // The last n % 4 weight rows, one by one as candle's matmul does.
-        for col in 4 * quads..n {
-            let wr = &w[col * nb..(col + 1) * nb];
-            for r in 0..m {
-                out.put(
-                    r * n + col,
-                    &[Q4_1::vec_dot(k, wr, &xq[r * nb..(r + 1) * nb])],
-                );
-            }
-        }
-        return Ok(());
+    #[allow(unsafe_code)]
+    unsafe fn dot_4(nb: usize, x: [*const Self; 4], y: *const Q8_1) -> [f32; 4] {
+        // SAFETY: the caller's.
+        unsafe { avx2::vec_dot_4(nb, x, y) }
     }
-    candle_core::quantized::k_quants::matmul((m, k, n), x, w, dst)
+
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    unsafe fn dot_4x2(nb: usize, x: [*const Self; 4], y: [*const Q8_1; 2]) -> [[f32; 4]; 2] {
+        // SAFETY: the caller's.
+        unsafe { avx2::dot_4x2(nb, x, y) }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
+    use super::super::simd::{f32_of, hsum, vnni};
     use super::{Q4_1, Q8_1};
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
-
-    pub(super) fn available() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-
-    #[inline(always)]
-    unsafe fn f32_of(h: half::f16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
-    }
 
     /// The 32 weights of a block as bytes 0..16: the low nibbles in the
     /// lower lane (values 0..16), the high ones in the upper (16..32).
@@ -295,19 +187,18 @@ mod avx2 {
         _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
     }
 
-    /// Σ q_w q_x of a block as 8 f32 partial sums: u8 x i8 pairs into i16
-    /// (at most 2 * 15 * 128: no saturation), pairs of those into i32.
+    /// Σ q_w q_x of a block as 8 f32 partial sums: u8 x i8 products summed
+    /// in fours by one instruction with VNNI (`WIDE`), else pairs into i16
+    /// (at most 2 * 15 * 128: no saturation) and pairs of those into i32.
+    /// Both give the same integers.
     #[inline(always)]
-    unsafe fn block_sums(qx: __m256i, qy: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(qx, qy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(acc: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)))
+    unsafe fn block_sums<const WIDE: bool>(qx: __m256i, qy: __m256i) -> __m256 {
+        let sums = if WIDE {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), _mm256_set1_epi16(1))
+        };
+        _mm256_cvtepi32_ps(sums)
     }
 
     /// Σ over `nb` blocks, as ggml's AVX2 `ggml_vec_dot_q4_1_q8_1`.
@@ -315,8 +206,8 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `x` and `y` point to `nb` blocks
     /// each.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn vec_dot(nb: usize, x: *const Q4_1, y: *const Q8_1) -> f32 {
+    #[inline(always)]
+    unsafe fn vec_dot_k<const WIDE: bool>(nb: usize, x: *const Q4_1, y: *const Q8_1) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for i in 0..nb {
@@ -324,7 +215,7 @@ mod avx2 {
             mins += f32_of(x.m) * f32_of(y.s);
             let d = _mm256_set1_ps(f32_of(x.d) * f32_of(y.d));
             let qy = _mm256_loadu_si256(y.qs.as_ptr().cast::<__m256i>());
-            acc = _mm256_fmadd_ps(d, block_sums(nibbles(x), qy), acc);
+            acc = _mm256_fmadd_ps(d, block_sums::<WIDE>(nibbles(x), qy), acc);
         }
         hsum(acc) + mins
     }
@@ -341,8 +232,12 @@ mod avx2 {
     ///
     /// # Safety
     /// As [`vec_dot`], for each of the four rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn vec_dot_4(nb: usize, x: [*const Q4_1; 4], y: *const Q8_1) -> [f32; 4] {
+    #[inline(always)]
+    unsafe fn vec_dot_4_k<const WIDE: bool>(
+        nb: usize,
+        x: [*const Q4_1; 4],
+        y: *const Q8_1,
+    ) -> [f32; 4] {
         let mut acc = [_mm256_setzero_ps(); 4];
         // Lanes 2r + 1 sum row r's m * s terms (lanes 2r are unused).
         let mut mins = _mm256_setzero_ps();
@@ -370,7 +265,7 @@ mod avx2 {
             mins = _mm256_add_ps(mins, dm);
             for r in 0..4 {
                 let d = _mm256_permutevar8x32_ps(dm, lane[r]);
-                acc[r] = _mm256_fmadd_ps(d, block_sums(nibbles(rows[r]), qy), acc[r]);
+                acc[r] = _mm256_fmadd_ps(d, block_sums::<WIDE>(nibbles(rows[r]), qy), acc[r]);
             }
         }
         let mut m = [0f32; 8];
@@ -391,8 +286,8 @@ mod avx2 {
     ///
     /// # Safety
     /// As [`vec_dot`], for each of the four rows and two inputs.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_4x2(
+    #[inline(always)]
+    unsafe fn dot_4x2_k<const WIDE: bool>(
         nb: usize,
         x: [*const Q4_1; 4],
         y: [*const Q8_1; 2],
@@ -428,7 +323,7 @@ mod avx2 {
                 mins[c] = _mm256_add_ps(mins[c], dm);
                 for r in 0..4 {
                     let d = _mm256_permutevar8x32_ps(dm, lane[r]);
-                    acc[c][r] = _mm256_fmadd_ps(d, block_sums(qx[r], qy), acc[c][r]);
+                    acc[c][r] = _mm256_fmadd_ps(d, block_sums::<WIDE>(qx[r], qy), acc[c][r]);
                 }
             }
         }
@@ -442,10 +337,47 @@ mod avx2 {
         }
         out
     }
+
+    /// Entry points: `$name` runs the AVX2 kernel `$k`, or its VNNI form
+    /// where the CPU has AVX-512 VNNI; both give the same bits.
+    macro_rules! entry {
+        ($name:ident, $avx2:ident, $vnni:ident, $k:ident, ($($a:ident: $t:ty),*) -> $r:ty) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $avx2($($a: $t),*) -> $r {
+                $k::<false>($($a),*)
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            pub(super) unsafe fn $vnni($($a: $t),*) -> $r {
+                $k::<true>($($a),*)
+            }
+
+            /// # Safety
+            /// The CPU has AVX2, FMA and F16C; every pointer has `nb`
+            /// blocks after it.
+            #[inline(always)]
+            pub(super) unsafe fn $name($($a: $t),*) -> $r {
+                if vnni() {
+                    $vnni($($a),*)
+                } else {
+                    $avx2($($a),*)
+                }
+            }
+        };
+    }
+
+    entry!(vec_dot, vec_dot_avx2, vec_dot_vnni, vec_dot_k,
+        (nb: usize, x: *const Q4_1, y: *const Q8_1) -> f32);
+    entry!(vec_dot_4, vec_dot_4_avx2, vec_dot_4_vnni, vec_dot_4_k,
+        (nb: usize, x: [*const Q4_1; 4], y: *const Q8_1) -> [f32; 4]);
+    entry!(dot_4x2, dot_4x2_avx2, dot_4x2_vnni, dot_4x2_k,
+        (nb: usize, x: [*const Q4_1; 4], y: [*const Q8_1; 2]) -> [[f32; 4]; 2]);
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::matmul;
+    use super::super::tests::{dequantized_dot, values};
     use super::*;
 
     fn blocks_of(values: &[f32]) -> (Vec<Q4_1>, Vec<f32>) {
@@ -472,19 +404,6 @@ mod tests {
         q
     }
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        // A small deterministic generator: no dependence on rand's streams.
-        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     /// The SIMD dot product (where the CPU has one) and the portable loop
     /// agree to f32 rounding, and both are the dot product of the values
     /// the blocks stand for.
@@ -496,11 +415,7 @@ mod tests {
             let xq = q8(&x);
             let mut x_back = vec![0f32; n];
             Q8_1::to_float(&xq, &mut x_back);
-            let exact: f64 = w_back
-                .iter()
-                .zip(&x_back)
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum();
+            let exact = dequantized_dot(&w_back, &x_back);
             let fast = Q4_1::vec_dot(n, &w, &xq);
             let slow = Q4_1::vec_dot_unopt(n, &w, &xq);
             let scale: f64 = w_back.iter().map(|v| f64::from(v.abs())).sum::<f64>() + 1.0;
@@ -572,6 +487,40 @@ mod tests {
         let z = q8(&[0f32; QK]);
         assert_eq!(z[0].d.to_f32(), 0.0);
         assert_eq!(z[0].qs, [0; QK]);
+    }
+
+    /// With AVX-512 VNNI the kernels give exactly the AVX2 kernels' bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vnni_kernels_give_the_avx2_bits() {
+        if !super::super::simd::vnni() {
+            eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernels run here");
+            return;
+        }
+        let n = 1536;
+        let nb = n / QK;
+        let rows: Vec<_> = (0..4).map(|r| blocks_of(&values(n, 80 + r)).0).collect();
+        let ys = [q8(&values(n, 90)), q8(&values(n, 91))];
+        let x = [0, 1, 2, 3].map(|r| rows[r].as_ptr());
+        let y = [ys[0].as_ptr(), ys[1].as_ptr()];
+        let bits4 = |v: [f32; 4]| v.map(f32::to_bits);
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has both feature sets (checked above); every
+        // pointer has nb blocks after it.
+        unsafe {
+            let (a, b) = (avx2::dot_4x2_avx2(nb, x, y), avx2::dot_4x2_vnni(nb, x, y));
+            assert_eq!(a.map(bits4), b.map(bits4));
+            let (a, b) = (
+                avx2::vec_dot_4_avx2(nb, x, y[0]),
+                avx2::vec_dot_4_vnni(nb, x, y[0]),
+            );
+            assert_eq!(bits4(a), bits4(b));
+            let (a, b) = (
+                avx2::vec_dot_avx2(nb, x[0], y[0]),
+                avx2::vec_dot_vnni(nb, x[0], y[0]),
+            );
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
     }
 
     #[test]
