@@ -219,9 +219,10 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
     json["prefill_s"] = prefill_s.into();
     let st = exec.stats();
     println!(
-        "executor: {} steps in {} passes, at most {} steps in one",
-        st.steps, st.passes, st.max_batch
+        "executor: {} steps in {} passes, at most {} steps in one; batch capacity {:.1} sessions (announced: what one pass adds before it takes twice one step)",
+        st.steps, st.passes, st.max_batch, st.batch_capacity
     );
+    json["batch_capacity"] = st.batch_capacity.into();
     if let Some(rss) = peak_rss() {
         // The KV caches: 9 sessions of up to max_len positions, allocated
         // as they grew.
