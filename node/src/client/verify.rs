@@ -800,8 +800,26 @@ impl ShadowCtx {
                 .is_ok_and(|p| !avoid.contains(&p) && p != self.net.peer_id())
         });
         let (a, b) = (self.key.1.start, self.key.1.end);
+        // As few peers as possible: one server holding every block when
+        // there is one, so that a disagreement leaves the most peers for
+        // the chain that settles it (it must share none with either side).
+        let whole: Vec<_> = servers
+            .iter()
+            .filter(|s| s.blocks.start <= a && b <= s.blocks.end)
+            .cloned()
+            .collect();
         let route =
-            super::plan::plan_range(&self.net, &self.model_id, a, b, &servers, self.max_length)
+            super::plan::plan_range(&self.net, &self.model_id, a, b, &whole, self.max_length)
+                .or_else(|_| {
+                    super::plan::plan_range(
+                        &self.net,
+                        &self.model_id,
+                        a,
+                        b,
+                        &servers,
+                        self.max_length,
+                    )
+                })
                 .map_err(|e| format!("no other chain runs blocks {}: {e}", self.key.1))?;
         let mut s = RemoteSession::open_with(
             &self.net,

@@ -16,7 +16,9 @@ mod q4_1;
 mod q5_0;
 
 pub(super) use q4_1::Q4_1;
-pub(super) use q5_0::{Q5_0, Q8_0};
+pub(super) use q5_0::Q5_0;
+#[cfg(target_arch = "x86_64")]
+pub(super) use q5_0::Q8_0;
 
 /// Values per block of the formats here.
 const QK: usize = 32;
