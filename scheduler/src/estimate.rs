@@ -31,6 +31,11 @@ pub const ROUTE_JITTER: f64 = 0.25;
 /// itself (known at once, unlike announced load).
 pub const OWN_SESSION_LOAD: f64 = 0.1;
 
+/// The most batch capacity a server's announcement is believed for: the
+/// most steps a server's pass runs. A larger claim (a server boasting to
+/// draw sessions) counts as this.
+pub const MAX_BATCH_CAPACITY: f64 = 64.0;
+
 /// How much slower than alone a new session's steps run on a server, as
 /// the factor's excess over 1 (the `load` of a [`Candidate`]).
 ///
@@ -44,7 +49,7 @@ pub const OWN_SESSION_LOAD: f64 = 0.1;
 pub fn session_load(s: &ServerEstimate) -> f64 {
     if s.batch_capacity > 0.0 {
         let open = f64::from(s.announced_sessions).max(s.own_sessions as f64);
-        return open / f64::from(s.batch_capacity).max(1.0);
+        return open / f64::from(s.batch_capacity).clamp(1.0, MAX_BATCH_CAPACITY);
     }
     f64::from(s.announced_load) + OWN_SESSION_LOAD * s.own_sessions as f64
 }
@@ -295,9 +300,13 @@ mod tests {
         // This client's own sessions count when the announcement lags.
         batching.own_sessions = 6;
         assert!((session_load(&batching) - 0.75).abs() < 1e-9);
-        // A capacity below one session counts as one.
+        // A capacity below one session counts as one, a boast above the
+        // most steps a pass runs as that.
         serial.batch_capacity = 0.25;
         assert!((session_load(&serial) - 2.0).abs() < 1e-9);
+        serial.batch_capacity = 1e9;
+        assert!((session_load(&serial) - 2.0 / MAX_BATCH_CAPACITY).abs() < 1e-9);
+        serial.batch_capacity = 0.25;
         // No capacity announced: the share of session slots, as before.
         serial.batch_capacity = 0.0;
         assert!((session_load(&serial) - 0.25).abs() < 1e-9);

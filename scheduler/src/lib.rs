@@ -59,7 +59,7 @@ pub use chunks::{ChunkQueue, Penalty, Requeued, Take};
 pub use coverage::{all_splits, chain, coverage_gaps, even_splits};
 pub use estimate::{
     candidates, claimed_speeds, fill_with_median, median, median_or, session_load, ServerEstimate,
-    OWN_SESSION_LOAD, ROUTE_JITTER, UNKNOWN_BLOCKS_PER_S, UNKNOWN_RTT,
+    MAX_BATCH_CAPACITY, OWN_SESSION_LOAD, ROUTE_JITTER, UNKNOWN_BLOCKS_PER_S, UNKNOWN_RTT,
 };
 pub use nomoat_protocol::{BlockRange, RangeError};
 pub use placement::{block_throughput, choose_span, should_move, Placed, DEFAULT_MOVE_MARGIN};
