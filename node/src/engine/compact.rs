@@ -12,15 +12,15 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::k_quants::{self, BlockQ4_0, BlockQ5K, GgmlType};
 #[cfg(not(target_arch = "x86_64"))]
-use candle_core::quantized::k_quants::BlockQ8_0;
-use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8_0};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-#[cfg(target_arch = "x86_64")]
-use super::kernels::Q8_0;
 use super::kernels::{self, Q4_1, Q5_0};
+#[cfg(target_arch = "x86_64")]
+use super::kernels::{Q4K, Q6K, Q8_0};
 
 /// Whether candle may keep a repacked copy of a weight of this type, i.e.
 /// whether [`CompactMatMul`] is worth using for it.
@@ -38,11 +38,13 @@ pub(super) fn candle_repacks(dtype: GgmlDType) -> bool {
 /// Whether the engine multiplies a weight of this type with a kernel of
 /// its own, through [`CompactMatMul`] in every quantized mode: Q4_1 and
 /// Q5_0, which candle keeps but multiplies with scalar loops, and on
-/// x86-64 Q8_0 (see `engine/kernels`; elsewhere candle's NEON Q8_0 kernel
-/// is the faster).
+/// x86-64 Q8_0, Q4_K and Q6_K, which it multiplies row by row on the
+/// stored blocks (see `engine/kernels`; elsewhere candle's NEON kernels
+/// are the faster).
 pub(super) fn own_kernel(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0)
-        || (cfg!(target_arch = "x86_64") && dtype == GgmlDType::Q8_0)
+    use GgmlDType as D;
+    matches!(dtype, D::Q4_1 | D::Q5_0)
+        || (cfg!(target_arch = "x86_64") && matches!(dtype, D::Q8_0 | D::Q4K | D::Q6K))
 }
 
 /// `x · Wᵀ` for a weight `W` (out × in) of a type that candle repacks, or
@@ -126,8 +128,14 @@ impl CustomOp1 for CompactMatMul {
             }
             GgmlDType::Q4_1 => kernels::matmul((m, k, n), x, blocks::<Q4_1>(&data)?, &mut dst)?,
             GgmlDType::Q5_0 => kernels::matmul((m, k, n), x, blocks::<Q5_0>(&data)?, &mut dst)?,
+            #[cfg(target_arch = "x86_64")]
+            GgmlDType::Q4K => kernels::matmul((m, k, n), x, blocks::<Q4K>(&data)?, &mut dst)?,
+            #[cfg(not(target_arch = "x86_64"))]
             GgmlDType::Q4K => k_quants::matmul((m, k, n), x, blocks::<BlockQ4K>(&data)?, &mut dst)?,
             GgmlDType::Q5K => k_quants::matmul((m, k, n), x, blocks::<BlockQ5K>(&data)?, &mut dst)?,
+            #[cfg(target_arch = "x86_64")]
+            GgmlDType::Q6K => kernels::matmul((m, k, n), x, blocks::<Q6K>(&data)?, &mut dst)?,
+            #[cfg(not(target_arch = "x86_64"))]
             GgmlDType::Q6K => k_quants::matmul((m, k, n), x, blocks::<BlockQ6K>(&data)?, &mut dst)?,
             #[cfg(target_arch = "x86_64")]
             GgmlDType::Q8_0 => kernels::matmul((m, k, n), x, blocks::<Q8_0>(&data)?, &mut dst)?,

@@ -138,6 +138,9 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
     // Aggregate decode speed by number of sessions, in rounds so noise hits
     // every count alike.
     let mut base = 1u8;
+    // The most KV cache the open sessions reserved at once (their
+    // max_length on these blocks; sampled when each measurement ends).
+    let mut kv_peak = 0u64;
     let mut results: Vec<(usize, Vec<f64>)> =
         args.sessions.iter().map(|&n| (n, Vec::new())).collect();
     for _round in 0..2 {
@@ -147,6 +150,7 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
             let t = Instant::now();
             decode_all(&exec, h, &sessions, args.steps).await?;
             agg.push((*n * args.steps) as f64 / t.elapsed().as_secs_f64());
+            kv_peak = kv_peak.max(exec.stats().reserved_kv_bytes);
             for (id, _) in sessions {
                 exec.close(id);
             }
@@ -200,6 +204,7 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
     }
     prefill.await??;
     let prefill_s = t_prefill.elapsed().as_secs_f64();
+    kv_peak = kv_peak.max(exec.stats().reserved_kv_bytes);
     let (i50, i99) = (pct(idle.clone(), 0.5), pct(idle, 0.99));
     let (b50, b99) = (pct(busy.clone(), 0.5), pct(busy.clone(), 0.99));
     println!(
@@ -233,6 +238,21 @@ pub(crate) async fn bench_batch(args: BenchBatchArgs) -> Result<()> {
             rss0 as f64 / 1048576.0
         );
         json["peak_rss_bytes"] = rss.into();
+        // The memory a server of k of the model's L blocks may take: k/L
+        // of the blocks' weights, the KV its sessions reserved, 100 MiB more.
+        let (k, l) = (b - a, cfg.num_blocks.max(1));
+        let share = all_blocks as f64 * k as f64 / l as f64;
+        let budget = share + kv_peak as f64 + 100.0 * 1048576.0;
+        println!(
+            "memory for {k} of {l} blocks: peak RSS {:.1} MiB against {:.1} MiB ({k}/{l} of the blocks' weights {:.1} + KV reserved {:.1} + 100): {}",
+            rss as f64 / 1048576.0,
+            budget / 1048576.0,
+            share / 1048576.0,
+            kv_peak as f64 / 1048576.0,
+            if (rss as f64) <= budget { "within" } else { "OVER" }
+        );
+        json["kv_peak_bytes"] = kv_peak.into();
+        json["memory_budget_bytes"] = (budget as u64).into();
     }
     exec.shutdown();
     println!("{json}");

@@ -206,12 +206,116 @@ macro_rules! four_rows {
                 // SAFETY: the caller's.
                 unsafe { avx2::dot::<Self, 4, 2>(nb, x, y) }
             }
+
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn dot_4x4(
+                nb: usize,
+                x: [*const Self; 4],
+                y: [*const Q8_0; 4],
+            ) -> [[f32; 4]; 4] {
+                // SAFETY: the caller's.
+                unsafe { avx2::dot_4x4::<Self>(nb, x, y) }
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            fn matmul_wide(
+                mkn: (usize, usize, usize),
+                x: &[f32],
+                w: &[Self],
+                dst: &mut [f32],
+            ) -> bool {
+                matmul_wide(mkn, x, w, dst)
+            }
         }
     };
 }
 
 four_rows!(Q5_0, "Q5_0");
 four_rows!(Q8_0, "Q8_0");
+
+/// [`FourRows::matmul_wide`] of a format here: several input rows by
+/// the AVX-512 VNNI kernel, every input pair and every weight pair built
+/// once ([`avx2::WideIn`], [`avx2::WideW`]). `false` (nothing done) on
+/// CPUs without VNNI.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn matmul_wide<T: avx2::Symmetric + FourRows + GgmlType<VecDotType = Q8_0>>(
+    (m, k, n): (usize, usize, usize),
+    x: &[f32],
+    w: &[T],
+    dst: &mut [f32],
+) -> bool {
+    if !super::simd::vnni() {
+        return false;
+    }
+    let nb = k / QK;
+    let pairs = nb.div_ceil(2);
+    // The caller checked the sizes; these asserts keep the raw reads below
+    // in bounds whatever it does.
+    assert!(
+        k.is_multiple_of(QK) && w.len() >= n * nb && x.len() >= m * k && dst.len() >= m * n,
+        "a {} product of ({m}, {k}) by ({n}, {k})",
+        T::NAME
+    );
+    let mut xq = vec![Q8_0::zeros(); m * nb];
+    for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(nb)).take(m) {
+        Q8_0::from_float(row, q);
+    }
+    let mut ins: Vec<avx2::WideIn> = Vec::with_capacity(m * pairs);
+    for r in 0..m {
+        // SAFETY: the CPU has VNNI (checked above); row r of `xq` has nb
+        // blocks; `ins` has room for m * pairs entries, and each is
+        // written before `set_len` counts it.
+        unsafe {
+            avx2::wide_inputs::<T>(nb, xq[r * nb..].as_ptr(), ins.as_mut_ptr().add(r * pairs))
+        };
+    }
+    // SAFETY: every entry was written above.
+    unsafe { ins.set_len(m * pairs) };
+    let ins = &ins;
+    let out = crate::engine::par::SharedOut::new(dst);
+    let out = &out;
+    let quads = n / 4;
+    candle_core::utils::barrier_pool().execute_chunked(quads, |range| {
+        let mut ws: Vec<[avx2::WideW; 4]> = Vec::with_capacity(pairs);
+        for quad in range {
+            let col = 4 * quad;
+            let rows = [0, 1, 2, 3].map(|j| w[(col + j) * nb..].as_ptr());
+            // SAFETY: as above; every row has nb blocks (w holds n * nb).
+            unsafe {
+                avx2::wide_weights::<T>(nb, rows, ws.as_mut_ptr());
+                ws.set_len(pairs);
+            }
+            let mut r = 0;
+            while r + 4 <= m {
+                let ys = [0, 1, 2, 3].map(|j| ins[(r + j) * pairs..].as_ptr());
+                // SAFETY: `ws` and every input row hold `pairs` entries.
+                let v = unsafe { avx2::wide_tile::<4>(pairs, ws.as_ptr(), ys) };
+                for (j, v) in v.iter().enumerate() {
+                    out.put((r + j) * n + col, v);
+                }
+                r += 4;
+            }
+            while r < m {
+                // SAFETY: as above.
+                let v = unsafe {
+                    avx2::wide_tile::<1>(pairs, ws.as_ptr(), [ins[r * pairs..].as_ptr()])
+                };
+                out.put(r * n + col, &v[0]);
+                r += 1;
+            }
+        }
+    });
+    // The last n % 4 weight rows, one by one (the same kernel, so the same
+    // bits).
+    for col in 4 * quads..n {
+        let wr = &w[col * nb..(col + 1) * nb];
+        for r in 0..m {
+            out.put(r * n + col, &[T::vec_dot(k, wr, &xq[r * nb..(r + 1) * nb])]);
+        }
+    }
+    true
+}
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
@@ -231,6 +335,12 @@ mod avx2 {
         unsafe fn unpack<const WIDE: bool>(&self) -> __m256i;
         /// Σ q_w q_x in eight i32 lanes (lane `l` for values `4l..4l + 4`).
         unsafe fn sums<const WIDE: bool>(w: __m256i, qy: __m256i) -> __m256i;
+        /// What the 32 values' unsigned codes ([`codes`](Self::codes)) are
+        /// more than the values, in steps of `d`.
+        const OFFSET: u8;
+        /// The values plus [`OFFSET`](Self::OFFSET), as unsigned bytes in
+        /// order (for the AVX-512 kernel, whose products are u8 x i8).
+        unsafe fn codes(&self) -> __m256i;
     }
 
     /// Σ of u8 x i8 products in lanes of four: one instruction with VNNI,
@@ -285,6 +395,13 @@ mod avx2 {
             let offset = dot_u8_i8::<WIDE>(_mm256_set1_epi8(16), qy);
             _mm256_sub_epi32(dot_u8_i8::<WIDE>(w, qy), offset)
         }
+
+        const OFFSET: u8 = 16;
+
+        #[inline(always)]
+        unsafe fn codes(&self) -> __m256i {
+            self.unpack::<true>()
+        }
     }
 
     impl Symmetric for Q8_0 {
@@ -303,6 +420,15 @@ mod avx2 {
         #[inline(always)]
         unsafe fn sums<const WIDE: bool>(w: __m256i, qy: __m256i) -> __m256i {
             dot_u8_i8::<WIDE>(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qy, w))
+        }
+
+        const OFFSET: u8 = 128;
+
+        /// `q + 128`, i.e. the sign bit flipped.
+        #[inline(always)]
+        unsafe fn codes(&self) -> __m256i {
+            let q = _mm256_loadu_si256(self.qs.as_ptr().cast::<__m256i>());
+            _mm256_xor_si256(q, _mm256_set1_epi8(-128))
         }
     }
 
@@ -324,6 +450,8 @@ mod avx2 {
             let mut dw = [0f32; R];
             let mut qx = [_mm256_setzero_si256(); R];
             for r in 0..R {
+                // As in `wide_step`.
+                _mm_prefetch::<_MM_HINT_T0>(x[r].wrapping_add(i + 32).cast());
                 let row = &*x[r].add(i);
                 dw[r] = f32_of(row.d());
                 qx[r] = row.unpack::<WIDE>();
@@ -357,13 +485,231 @@ mod avx2 {
         kernel::<T, R, C, false>(nb, x, y)
     }
 
+    /// The scales of two blocks, `a` in lanes 0..8 and `b` in lanes 8..16.
+    #[inline(always)]
+    unsafe fn scales2(a: half::f16, b: half::f16) -> __m512 {
+        let bits = i32::from(a.to_bits()) | (i32::from(b.to_bits()) << 16);
+        let two = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+        _mm512_permutexvar_ps(
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+            two,
+        )
+    }
+
+    /// Blocks `i` and, if `TWO`, `i + 1` of `R` weight rows against `C`
+    /// inputs, added to `acc`: lanes 0..8 take block `i`, lanes 8..16
+    /// block `i + 1` (or nothing: a zero product added).
+    #[inline(always)]
+    unsafe fn wide_step<T: Symmetric, const R: usize, const C: usize, const TWO: bool>(
+        i: usize,
+        x: &[*const T; R],
+        y: &[*const Q8_0; C],
+        acc: &mut [[__m512; R]; C],
+    ) {
+        let zero = half::f16::ZERO;
+        let mut dw = [_mm512_setzero_ps(); R];
+        let mut qx = [_mm512_setzero_si512(); R];
+        for r in 0..R {
+            // Decode reads each weight once, from memory, and the
+            // hardware prefetcher alone leaves the core waiting: ask for
+            // the line 32 blocks ahead (past the row's end is harmless, a
+            // prefetch never faults).
+            _mm_prefetch::<_MM_HINT_T0>(x[r].wrapping_add(i + 32).cast());
+            let b0 = &*x[r].add(i);
+            if TWO {
+                let b1 = &*x[r].add(i + 1);
+                qx[r] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(b0.codes()), b1.codes());
+                dw[r] = scales2(b0.d(), b1.d());
+            } else {
+                qx[r] = _mm512_zextsi256_si512(b0.codes());
+                dw[r] = scales2(b0.d(), zero);
+            }
+        }
+        for c in 0..C {
+            let y0 = &*y[c].add(i);
+            let q0 = _mm256_loadu_si256(y0.qs.as_ptr().cast::<__m256i>());
+            let (qy, dy) = if TWO {
+                let y1 = &*y[c].add(i + 1);
+                let q1 = _mm256_loadu_si256(y1.qs.as_ptr().cast::<__m256i>());
+                (
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1),
+                    scales2(y0.d, y1.d),
+                )
+            } else {
+                (_mm512_zextsi256_si512(q0), scales2(y0.d, zero))
+            };
+            // -OFFSET Σ q_x in each lane, so that one instruction per row
+            // gives Σ (code - OFFSET) q_x = Σ q_w q_x, exactly.
+            let offset = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                _mm512_set1_epi8(T::OFFSET as i8),
+                qy,
+            );
+            let start = _mm512_sub_epi32(_mm512_setzero_si512(), offset);
+            for r in 0..R {
+                let s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, qx[r], qy));
+                acc[c][r] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], dy), s, acc[c][r]);
+            }
+        }
+    }
+
+    /// The AVX-512 VNNI form of [`kernel`]: two blocks per 512-bit step,
+    /// so each (row, input) pair takes four instructions per 64 values.
+    /// Its sums run in sixteen lanes (even blocks in lanes 0..8, odd ones
+    /// in 8..16, added at the end), another order than the AVX2 kernel's
+    /// eight: on one machine every product has the same bits however it
+    /// is computed, across machines they may differ in the last bits.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn dot_vnni<T: Symmetric, const R: usize, const C: usize>(
         nb: usize,
         x: [*const T; R],
         y: [*const Q8_0; C],
     ) -> [[f32; R]; C] {
-        kernel::<T, R, C, true>(nb, x, y)
+        let mut acc = [[_mm512_setzero_ps(); R]; C];
+        let mut i = 0;
+        while i + 2 <= nb {
+            wide_step::<T, R, C, true>(i, &x, &y, &mut acc);
+            i += 2;
+        }
+        if i < nb {
+            wide_step::<T, R, C, false>(i, &x, &y, &mut acc);
+        }
+        let mut out = [[0f32; R]; C];
+        for c in 0..C {
+            for r in 0..R {
+                let a = acc[c][r];
+                let lo = _mm512_castps512_ps256(a);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                out[c][r] = hsum(_mm256_add_ps(lo, hi));
+            }
+        }
+        out
+    }
+
+    /// Two blocks of one input row as [`dot_vnni`] uses them, built once
+    /// for every weight row: the 64 bytes, the two scales over sixteen
+    /// lanes, and each lane's `-OFFSET Σ q_x`.
+    #[repr(C, align(64))]
+    pub(super) struct WideIn {
+        qy: __m512i,
+        dy: __m512,
+        start: __m512i,
+    }
+
+    /// Two blocks of one weight row as [`dot_vnni`] unpacks them, built
+    /// once for every input row.
+    #[repr(C, align(64))]
+    pub(super) struct WideW {
+        codes: __m512i,
+        dw: __m512,
+    }
+
+    /// The [`WideIn`]s of an input row of `nb` blocks, into `out`
+    /// (`nb.div_ceil(2)` of them); an odd last block is paired with zeros,
+    /// as in [`dot_vnni`].
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 VNNI; `y` has `nb` blocks after it and `out`
+    /// room for the pairs.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn wide_inputs<T: Symmetric>(nb: usize, y: *const Q8_0, out: *mut WideIn) {
+        for p in 0..nb.div_ceil(2) {
+            let i = 2 * p;
+            let y0 = &*y.add(i);
+            let q0 = _mm256_loadu_si256(y0.qs.as_ptr().cast::<__m256i>());
+            let (qy, dy) = if i + 1 < nb {
+                let y1 = &*y.add(i + 1);
+                let q1 = _mm256_loadu_si256(y1.qs.as_ptr().cast::<__m256i>());
+                (
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1),
+                    scales2(y0.d, y1.d),
+                )
+            } else {
+                (_mm512_zextsi256_si512(q0), scales2(y0.d, half::f16::ZERO))
+            };
+            let offset = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(),
+                _mm512_set1_epi8(T::OFFSET as i8),
+                qy,
+            );
+            let start = _mm512_sub_epi32(_mm512_setzero_si512(), offset);
+            out.add(p).write(WideIn { qy, dy, start });
+        }
+    }
+
+    /// The [`WideW`]s of four weight rows of `nb` blocks, pair by pair.
+    ///
+    /// # Safety
+    /// As [`wide_inputs`], for each row.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn wide_weights<T: Symmetric>(
+        nb: usize,
+        x: [*const T; 4],
+        out: *mut [WideW; 4],
+    ) {
+        for p in 0..nb.div_ceil(2) {
+            let i = 2 * p;
+            let mut four = [const {
+                WideW {
+                    codes: unsafe { std::mem::zeroed() },
+                    dw: unsafe { std::mem::zeroed() },
+                }
+            }; 4];
+            for r in 0..4 {
+                let b0 = &*x[r].add(i);
+                four[r] = if i + 1 < nb {
+                    let b1 = &*x[r].add(i + 1);
+                    WideW {
+                        codes: _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(b0.codes()),
+                            b1.codes(),
+                        ),
+                        dw: scales2(b0.d(), b1.d()),
+                    }
+                } else {
+                    WideW {
+                        codes: _mm512_zextsi256_si512(b0.codes()),
+                        dw: scales2(b0.d(), half::f16::ZERO),
+                    }
+                };
+            }
+            out.add(p).write(four);
+        }
+    }
+
+    /// Four weight rows against `C` inputs on blocks built beforehand: the
+    /// operations of [`dot_vnni`], in its order, without unpacking a block
+    /// again for every group of inputs.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 VNNI; `w` and each `y` have `pairs` entries.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn wide_tile<const C: usize>(
+        pairs: usize,
+        w: *const [WideW; 4],
+        y: [*const WideIn; C],
+    ) -> [[f32; 4]; C] {
+        let mut acc = [[_mm512_setzero_ps(); 4]; C];
+        for p in 0..pairs {
+            let w = &*w.add(p);
+            for c in 0..C {
+                let yi = &*y[c].add(p);
+                for r in 0..4 {
+                    let s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(yi.start, w[r].codes, yi.qy));
+                    acc[c][r] = _mm512_fmadd_ps(_mm512_mul_ps(w[r].dw, yi.dy), s, acc[c][r]);
+                }
+            }
+        }
+        let mut out = [[0f32; 4]; C];
+        for c in 0..C {
+            for r in 0..4 {
+                let a = acc[c][r];
+                let lo = _mm512_castps512_ps256(a);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                out[c][r] = hsum(_mm256_add_ps(lo, hi));
+            }
+        }
+        out
     }
 
     /// `R` weight rows against `C` inputs, with AVX-512 VNNI where the CPU
@@ -384,21 +730,32 @@ mod avx2 {
             dot_avx2::<T, R, C>(nb, x, y)
         }
     }
+
+    /// Four weight rows against four inputs: one AVX-512 kernel (its 32
+    /// registers hold the sixteen sums), or two AVX2 ones of two inputs
+    /// (whose 16 registers would not).
+    ///
+    /// # Safety
+    /// As [`dot`].
+    #[inline(always)]
+    pub(super) unsafe fn dot_4x4<T: Symmetric>(
+        nb: usize,
+        x: [*const T; 4],
+        y: [*const Q8_0; 4],
+    ) -> [[f32; 4]; 4] {
+        if vnni() {
+            return dot_vnni::<T, 4, 4>(nb, x, y);
+        }
+        let [a, b] = dot_avx2::<T, 4, 2>(nb, x, [y[0], y[1]]);
+        let [c, d] = dot_avx2::<T, 4, 2>(nb, x, [y[2], y[3]]);
+        [a, b, c, d]
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::matmul;
-    use super::super::tests::{dequantized_dot, values};
+    use super::super::tests::{blocks_of, dequantized_dot, rows_alone_and_together, values};
     use super::*;
-
-    fn blocks_of<T: GgmlType>(values: &[f32]) -> (Vec<T>, Vec<f32>) {
-        let mut q = vec![T::zeros(); values.len() / QK];
-        T::from_float(values, &mut q);
-        let mut back = vec![0f32; values.len()];
-        T::to_float(&q, &mut back);
-        (q, back)
-    }
 
     /// The codes round trip: a block of every code in order dequantizes to
     /// `d * (code - 16)`, and the quantizer is within half a step, or a
@@ -428,7 +785,7 @@ mod tests {
     /// The SIMD product (where the CPU has one) and the portable loop have
     /// the same bits, and both are the dot product of the values the
     /// blocks stand for.
-    fn products_agree<T: GgmlType<VecDotType = Q8_0>>() {
+    fn products_agree<T: Values + GgmlType<VecDotType = Q8_0>>() {
         for (n, seed) in [(32, 1), (896, 2), (1536, 3), (4864, 4)] {
             let (w, w_back) = blocks_of::<T>(&values(n, seed));
             let (xq, x_back) = blocks_of::<Q8_0>(&values(n, seed + 100));
@@ -440,8 +797,56 @@ mod tests {
                 (f64::from(slow) - exact).abs() < 1e-5 * scale,
                 "{slow} {exact}"
             );
+            assert!(
+                (f64::from(fast) - exact).abs() < 1e-5 * scale,
+                "{fast} {exact}"
+            );
+            #[cfg(target_arch = "x86_64")]
+            if super::super::simd::vnni() {
+                // The AVX-512 kernel's order, portably.
+                let wide = wide_unopt::<T>(&w, &xq);
+                assert_eq!(fast.to_bits(), wide.to_bits(), "{:?} {n}", T::DTYPE);
+                continue;
+            }
             assert_eq!(fast.to_bits(), slow.to_bits(), "{:?} {n}", T::DTYPE);
         }
+    }
+
+    /// The integer values of a block, times its scale.
+    trait Values: GgmlType {
+        fn values(&self) -> (f32, [i32; QK]);
+    }
+
+    impl Values for Q5_0 {
+        fn values(&self) -> (f32, [i32; QK]) {
+            (self.d.to_f32(), std::array::from_fn(|j| self.code(j) - 16))
+        }
+    }
+
+    impl Values for Q8_0 {
+        fn values(&self) -> (f32, [i32; QK]) {
+            (
+                self.d.to_f32(),
+                std::array::from_fn(|j| i32::from(self.qs[j])),
+            )
+        }
+    }
+
+    /// The AVX-512 kernel's sixteen-lane order in plain loops: even blocks
+    /// in one set of eight lanes, odd ones in another, the two added lane
+    /// by lane at the end.
+    fn wide_unopt<T: Values>(xs: &[T], ys: &[Q8_0]) -> f32 {
+        let mut acc = [[0f32; 8]; 2];
+        for (i, (x, y)) in xs.iter().zip(ys).enumerate() {
+            let (dw, w) = x.values();
+            let d = dw * y.d.to_f32();
+            lanes(
+                &mut acc[i % 2],
+                d,
+                (0..QK).map(|j| w[j] * i32::from(y.qs[j])),
+            );
+        }
+        hsum8(std::array::from_fn(|l| acc[0][l] + acc[1][l]))
     }
 
     #[test]
@@ -466,16 +871,7 @@ mod tests {
         }
         let (k, n) = (896, 14);
         let (w, _) = blocks_of::<T>(&values(n * k, 40));
-        for m in [1usize, 2, 3, 8] {
-            let x = values(m * k, 50 + m as u32);
-            let mut all = vec![0f32; m * n];
-            matmul((m, k, n), &x, &w, &mut all).unwrap();
-            for r in 0..m {
-                let mut one = vec![0f32; n];
-                matmul((1, k, n), &x[r * k..(r + 1) * k], &w, &mut one).unwrap();
-                assert!(all[r * n..(r + 1) * n] == one[..], "m {m} row {r}");
-            }
-        }
+        rows_alone_and_together((k, n), &w, &[1, 2, 3, 4, 5, 8, 9]);
     }
 
     #[test]
@@ -484,37 +880,51 @@ mod tests {
         same_bits_alone_and_together::<Q8_0>();
     }
 
-    /// With AVX-512 VNNI the kernels give exactly the AVX2 kernels' bits.
+    /// With AVX-512 VNNI the kernels give the bits of their order in plain
+    /// loops, for every tile shape, odd and even block counts; the AVX2
+    /// kernels give the portable loop's, and the two agree to rounding.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_vnni_kernels_give_the_avx2_bits() {
+    fn the_vnni_and_avx2_kernels_give_their_orders_bits() {
         if !super::super::simd::vnni() {
             eprintln!("this CPU has no AVX-512 VNNI: only the AVX2 kernels run here");
             return;
         }
-        fn compare<T: avx2::Symmetric + GgmlType>() {
-            let nb = 4864 / QK;
-            let rows: Vec<Vec<T>> = (0..4)
-                .map(|r| blocks_of::<T>(&values(nb * QK, 60 + r)).0)
-                .collect();
-            let ys: Vec<Vec<Q8_0>> = (0..2)
-                .map(|c| blocks_of::<Q8_0>(&values(nb * QK, 70 + c)).0)
-                .collect();
-            let x = [0, 1, 2, 3].map(|r| rows[r].as_ptr());
-            let y = [ys[0].as_ptr(), ys[1].as_ptr()];
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has both feature sets (checked above); every
-            // pointer has nb blocks after it.
-            let (a, b) = unsafe {
-                (
-                    avx2::dot_avx2::<T, 4, 2>(nb, x, y),
-                    avx2::dot_vnni::<T, 4, 2>(nb, x, y),
-                )
-            };
-            assert_eq!(
-                a.map(|r| r.map(f32::to_bits)),
-                b.map(|r| r.map(f32::to_bits))
-            );
+        fn compare<T: avx2::Symmetric + Values + GgmlType<VecDotType = Q8_0>>() {
+            for nb in [4864 / QK, 27, 1] {
+                let rows: Vec<Vec<T>> = (0..4)
+                    .map(|r| blocks_of::<T>(&values(nb * QK, 60 + r)).0)
+                    .collect();
+                let ys: Vec<Vec<Q8_0>> = (0..4)
+                    .map(|c| blocks_of::<Q8_0>(&values(nb * QK, 70 + c)).0)
+                    .collect();
+                let x = [0, 1, 2, 3].map(|r| rows[r].as_ptr());
+                let y = [0, 1, 2, 3].map(|c| ys[c].as_ptr());
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU has both feature sets (checked above);
+                // every pointer has nb blocks after it.
+                let (a, b, one) = unsafe {
+                    (
+                        avx2::dot_4x4::<T>(nb, x, y),
+                        avx2::dot_avx2::<T, 4, 2>(nb, x, [y[0], y[1]]),
+                        avx2::dot_vnni::<T, 1, 1>(nb, [x[2]], [y[3]]),
+                    )
+                };
+                assert_eq!(one[0][0].to_bits(), a[3][2].to_bits(), "nb {nb}");
+                for c in 0..4 {
+                    for r in 0..4 {
+                        let wide = wide_unopt(&rows[r], &ys[c]);
+                        assert_eq!(a[c][r].to_bits(), wide.to_bits(), "nb {nb} {r} {c}");
+                        let n = nb * QK;
+                        let narrow = T::vec_dot_unopt(n, &rows[r], &ys[c]);
+                        if c < 2 {
+                            assert_eq!(b[c][r].to_bits(), narrow.to_bits(), "nb {nb} {r} {c}");
+                        }
+                        let tol = n as f32 * 1e-6 * (1.0 + narrow.abs());
+                        assert!((wide - narrow).abs() <= tol, "{wide} {narrow}");
+                    }
+                }
+            }
         }
         compare::<Q5_0>();
         compare::<Q8_0>();
